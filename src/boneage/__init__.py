@@ -1,0 +1,6 @@
+"""boneage: pediatric bone age assessment from left-hand radiographs."""
+
+from boneage.errors import BoneAgeInputError
+
+__version__ = "0.1.0"
+__all__ = ["BoneAgeInputError", "__version__"]

@@ -1,0 +1,113 @@
+"""One radiograph in, one clinical result out: prediction, SD score, heatmap and report.
+
+The CLI, the batch job and the web app all call ``assess_image`` so they give the same answer, the same
+warnings and the same report for the same file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from boneage.clinical import Assessment, assess, format_months, parse_age
+from boneage.inference import Prediction, Predictor
+from boneage.io import Radiograph
+from boneage.report import write_html_report
+
+AGE_CONFLICT_MONTHS = 1.0
+
+
+@dataclass
+class Result:
+    prediction: Prediction
+    assessment: Assessment
+    heatmap_png: bytes | None = None
+
+    @property
+    def radiograph_png(self) -> bytes:
+        return png_bytes(self.prediction.image) if self.prediction.image is not None else b""
+
+    def to_dict(self, images: bool = False) -> dict[str, Any]:
+        """JSON-safe result; ``images`` adds the heatmap (and the model's input) as base64 PNG."""
+        data = {
+            "file": self.prediction.source,
+            **self.assessment.to_dict(),
+            "tta_views_months": [round(v, 2) for v in self.prediction.views_months],
+        }
+        if images:
+            data["heatmap_png_base64"] = (
+                base64.b64encode(self.heatmap_png).decode() if self.heatmap_png else None
+            )
+            data["input_png_base64"] = base64.b64encode(self.radiograph_png).decode()
+        return data
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heatmap_overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
+    """Grad-CAM in a jet colour map blended over the greyscale input, so anatomy stays readable."""
+    from matplotlib import colormaps
+
+    grey = np.repeat(np.asarray(image, dtype=np.float32)[..., None] / 255.0, 3, axis=2)
+    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    blend = (1 - alpha) * grey + alpha * heat
+    return png_bytes(np.clip(np.rint(blend * 255), 0, 255).astype(np.uint8))
+
+
+def resolve_age(given: str | float | None, radiograph: Radiograph | None) -> tuple[float | None, list[str]]:
+    """Chronological age in months: the flag wins over the DICOM dates, and a disagreement is reported."""
+    months = parse_age(given)
+    header = radiograph.chronological_age_months if radiograph is not None else None
+    notes: list[str] = []
+    if header is not None and (header < 0 or header > 240):
+        notes.append(f"DICOM dates give an implausible age ({header:.0f} months); ignored")
+        header = None
+    if months is not None and header is not None and abs(months - header) > AGE_CONFLICT_MONTHS:
+        notes.append(
+            f"age given as {format_months(months)} but the DICOM dates say {format_months(header)}; "
+            f"using {format_months(months)}"
+        )
+    return (months if months is not None else header), notes
+
+
+def assess_image(
+    predictor: Predictor,
+    image: str | Path | bytes | Radiograph,
+    sex: str | None = None,
+    age: str | float | None = None,
+    *,
+    name: str | None = None,
+    heatmap: bool = True,
+) -> Result:
+    """Predict, compare with the Greulich & Pyle reference, and draw the heatmap for one radiograph."""
+    pred = predictor.predict(image, sex, name=name)
+    chron, notes = resolve_age(age, pred.radiograph)
+    result = assess(
+        pred.bone_age_months,
+        pred.sex,
+        chron,
+        uncertainty_months=pred.uncertainty_months,
+        warnings=[*pred.warnings, *notes],
+    )
+    heat = None
+    if heatmap and pred.image is not None:
+        heat = heatmap_overlay_png(pred.image, predictor.heatmap(pred))
+    return Result(pred, result, heat)
+
+
+def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name: str | None = None) -> Path:
+    """The one-page HTML report for a result (radiograph, heatmap, SD chart, numbers, caveats)."""
+    stem = name or Path(result.prediction.source).stem or "report"
+    return write_html_report(
+        result.assessment, result.radiograph_png, result.heatmap_png, out_dir, stem, model_info=predictor.info
+    )

@@ -1,0 +1,184 @@
+"""Metrics in months, per-group tables and the two plots a bone-age paper shows.
+
+``evaluate`` runs a ``Predictor`` over a labelled image folder; ``metrics`` works on any predictions, so a
+result table can be recomputed from a saved ``preds.csv`` without the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from boneage.data import ImageCache
+from boneage.inference import Predictor
+from boneage.labels import read_labels
+
+
+def age_band(months: np.ndarray, width_years: int = 2) -> np.ndarray:
+    lo = (np.asarray(months) // (12 * width_years)).astype(int) * width_years
+    return np.array([f"{a}-{a + width_years}y" for a in lo])
+
+
+def metrics(pred: np.ndarray, ref: np.ndarray, male: np.ndarray | None = None) -> dict[str, Any]:
+    """MAE, RMSE, median AE and bias in months; by sex and by 2-year band of the reference age."""
+    pred, ref = np.asarray(pred, dtype=float), np.asarray(ref, dtype=float)
+    err = pred - ref
+    out: dict[str, Any] = {
+        "n": int(len(err)),
+        "mae_months": float(np.mean(np.abs(err))) if len(err) else float("nan"),
+        "rmse_months": float(np.sqrt(np.mean(err**2))) if len(err) else float("nan"),
+        "median_ae_months": float(np.median(np.abs(err))) if len(err) else float("nan"),
+        "bias_months": float(np.mean(err)) if len(err) else float("nan"),
+        "mae_baseline_mean_months": float(np.mean(np.abs(ref - ref.mean()))) if len(err) else float("nan"),
+    }
+    if male is not None:
+        male = np.asarray(male, dtype=bool)
+        out["mae_by_sex"] = {
+            sex: {"n": int(mask.sum()), "mae_months": float(np.mean(np.abs(err[mask])))}
+            for sex, mask in (("female", ~male), ("male", male))
+            if mask.any()
+        }
+    bands = age_band(ref)
+    out["mae_by_age_band"] = {
+        band: {"n": int((bands == band).sum()), "mae_months": float(np.mean(np.abs(err[bands == band])))}
+        for band in sorted(set(bands), key=lambda b: int(b.split("-")[0]))
+    }
+    return out
+
+
+@dataclass
+class EvaluationReport:
+    predictions: pd.DataFrame  # id, boneage, male, predicted, uncertainty, error
+    metrics: dict[str, Any]
+
+    def table(self) -> pd.DataFrame:
+        """Per-group MAE as a tidy table (group, value, n, MAE), for printing and result files."""
+        rows = [("all", "all", self.metrics["n"], self.metrics["mae_months"])]
+        for sex, m in self.metrics.get("mae_by_sex", {}).items():
+            rows.append(("sex", sex, m["n"], m["mae_months"]))
+        for band, m in self.metrics["mae_by_age_band"].items():
+            rows.append(("age band", band, m["n"], m["mae_months"]))
+        return pd.DataFrame(rows, columns=["group", "value", "n", "mae_months"])
+
+
+def evaluate(
+    predictor: Predictor,
+    labels: pd.DataFrame,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Predict every labelled image (needs ``id``, ``path``, ``boneage``, ``male``) and score it."""
+    if cache_dir is not None:
+        images = ImageCache(cache_dir, predictor.preprocess).load(labels, workers=workers, progress=progress)
+    else:
+        images = (
+            np.stack([predictor.prepare(p)[1] for p in labels["path"]])
+            if len(labels)
+            else np.zeros((0, predictor.preprocess.size, predictor.preprocess.size), dtype=np.uint8)
+        )
+    male = labels["male"].to_numpy(dtype=bool)
+    mean, spread, _ = predictor.predict_arrays(images, male)
+    preds = pd.DataFrame(
+        {
+            "id": labels["id"].astype(str).to_numpy(),
+            "boneage": labels["boneage"].to_numpy(dtype=float),
+            "male": male,
+            "predicted": np.round(mean, 3),
+            "uncertainty": np.round(spread, 3),
+        }
+    )
+    preds["error"] = preds["predicted"] - preds["boneage"]
+    return EvaluationReport(preds, metrics(mean, preds["boneage"].to_numpy(), male))
+
+
+def evaluate_folder(
+    predictor: Predictor, images: str | Path, labels_csv: str | Path, **kwargs: Any
+) -> EvaluationReport:
+    return evaluate(predictor, read_labels(labels_csv, images), **kwargs)
+
+
+def plot_predictions(preds: pd.DataFrame, out_dir: str | Path, title: str = "") -> list[Path]:
+    """Predicted-vs-reference scatter and a Bland-Altman plot, as PNGs in ``out_dir``."""
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref, pred = preds["boneage"].to_numpy(float), preds["predicted"].to_numpy(float)
+    colors = np.where(preds["male"].to_numpy(bool), "tab:blue", "tab:red")
+    mae = float(np.mean(np.abs(pred - ref))) if len(ref) else float("nan")
+
+    fig = Figure(figsize=(6, 6), dpi=100)
+    ax = fig.subplots()
+    ax.scatter(ref, pred, s=10, c=colors, alpha=0.7)
+    lim = [0, max(240.0, float(np.nanmax(np.r_[ref, pred, 0])) + 6)]
+    ax.plot(lim, lim, "k--", lw=1)
+    ax.set(
+        xlim=lim,
+        ylim=lim,
+        xlabel="reference bone age (months)",
+        ylabel="predicted bone age (months)",
+        title=f"{title} MAE {mae:.2f} months (n={len(ref)}); red: female, blue: male".strip(),
+    )
+    scatter = out / "pred_vs_ref.png"
+    fig.savefig(scatter, bbox_inches="tight")
+
+    fig = Figure(figsize=(7, 5), dpi=100)
+    ax = fig.subplots()
+    mean, diff = (ref + pred) / 2, pred - ref
+    bias, sd = float(np.mean(diff)), float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+    ax.scatter(mean, diff, s=10, c=colors, alpha=0.7)
+    for y, style in ((bias, "-"), (bias + 1.96 * sd, "--"), (bias - 1.96 * sd, "--")):
+        ax.axhline(y, color="k", ls=style, lw=1)
+    ax.set(
+        xlabel="mean of predicted and reference (months)",
+        ylabel="predicted − reference (months)",
+        title=f"Bland-Altman: bias {bias:+.2f}, limits of agreement ±{1.96 * sd:.2f} months",
+    )
+    bland = out / "bland_altman.png"
+    fig.savefig(bland, bbox_inches="tight")
+    return [scatter, bland]
+
+
+def make_bundle(
+    checkpoint: str | Path, out_path: str | Path, *, version: str = "0.1.0", progress: bool = False
+) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint → bundled model, with its validation MAE (recomputed, with and without TTA, on the run's
+    own split) and the TTA spread seen on real hands (the threshold for the 'unlike a hand' warning)."""
+    import datetime
+
+    from boneage.data import BoneAgeDataModule
+    from boneage.inference import save_bundle
+    from boneage.training import git_commit
+
+    predictor = Predictor.load(checkpoint)
+    cfg = predictor.cfg
+    dm = BoneAgeDataModule(cfg, progress=progress)
+    dm.setup("fit")
+    assert dm.labels is not None
+    val = dm.labels.iloc[dm.val_idx].reset_index(drop=True)
+    report = evaluate(predictor, val, cache_dir=cfg.data.cache_dir, progress=progress)
+    plain = Predictor.load(checkpoint, tta=False)
+    report_plain = evaluate(plain, val, cache_dir=cfg.data.cache_dir, progress=progress)
+    meta = {
+        "version": version,
+        "backbone": cfg.model.backbone,
+        "input_size": cfg.preprocess.size,
+        "trained_on": f"{len(dm.train_idx)} RSNA Pediatric Bone Age 2017 training radiographs "
+        "(shared 1,001-image sample, stratified 4:1 split)",
+        "validation_images": len(val),
+        "val_mae_months": round(report.metrics["mae_months"], 3),
+        "val_mae_no_tta_months": round(report_plain.metrics["mae_months"], 3),
+        "val_rmse_months": round(report.metrics["rmse_months"], 3),
+        "tta_spread_p99_months": round(float(np.percentile(report.predictions["uncertainty"], 99)) * 1.5, 2),
+        "created": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
+        "source_checkpoint": Path(checkpoint).name,
+        "licence": "RSNA Pediatric Bone Age data: non-commercial research and education use only",
+    }
+    return save_bundle(predictor, out_path, meta), meta

@@ -1,0 +1,324 @@
+"""``Predictor``: load a checkpoint or the bundled model once, then predict bone age with TTA.
+
+A checkpoint carries its config (preprocessing, backbone, target statistics), so the predictor rebuilds the
+exact training-time input from a raw file with nothing else to go on. The bundled model is the same thing
+as fp16 safetensors with the config in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from boneage.config import Config, config_from_dict
+from boneage.errors import BoneAgeInputError
+from boneage.io import Radiograph, read_radiograph
+from boneage.models import BoneAgeNet, read_state_dict
+from boneage.preprocess import Preprocess
+
+BUNDLED_NAME = "model.safetensors"
+
+# (horizontal flip, rotation in degrees, zoom): small, label-preserving views whose spread is the uncertainty
+TTA_VIEWS: list[tuple[bool, float, float]] = [
+    (False, 0.0, 1.0),
+    (True, 0.0, 1.0),
+    (False, 8.0, 1.0),
+    (False, -8.0, 1.0),
+    (False, 0.0, 0.92),
+    (True, 0.0, 1.08),
+]
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("boneage") / "assets" / BUNDLED_NAME))
+
+
+def normalize_sex(sex: str | bool | None, source: str | None = None) -> str | None:
+    if sex is None or sex == "":
+        return None
+    if isinstance(sex, bool):
+        return "male" if sex else "female"
+    low = str(sex).strip().lower()
+    if low in {"m", "male", "boy", "1", "true"}:
+        return "male"
+    if low in {"f", "female", "girl", "0", "false"}:
+        return "female"
+    raise BoneAgeInputError(f"sex must be female or male, got {sex!r}", source)
+
+
+def tta_batch(images: torch.Tensor, views: list[tuple[bool, float, float]]) -> torch.Tensor:
+    """(B, 1, S, S) → (V·B, 1, S, S), view-major, with kornia's deterministic flips, rotations and zooms."""
+    import kornia.geometry.transform as KT
+
+    out = []
+    for flip, angle, zoom in views:
+        x = images.flip(-1) if flip else images
+        if angle:
+            x = KT.rotate(x, torch.full((x.shape[0],), float(angle), device=x.device))
+        if zoom != 1.0:
+            x = KT.scale(x, torch.full((x.shape[0], 2), float(zoom), device=x.device))
+        out.append(x)
+    return torch.cat(out, 0)
+
+
+@dataclass
+class Prediction:
+    """A bone-age estimate for one radiograph, plus what the clinical layer needs to report it."""
+
+    source: str
+    sex: str
+    bone_age_months: float
+    uncertainty_months: float
+    views_months: list[float]
+    radiograph: Radiograph | None = None
+    image: np.ndarray | None = None  # the preprocessed uint8 input the model saw
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "sex": self.sex,
+            "bone_age_months": round(self.bone_age_months, 2),
+            "bone_age_years": round(self.bone_age_months / 12, 2),
+            "uncertainty_months": round(self.uncertainty_months, 2),
+            "warnings": list(self.warnings),
+        }
+
+
+class Predictor:
+    """Model + preprocessing + TTA; ``runtime='onnx'`` runs the network through onnxruntime on the CPU."""
+
+    def __init__(
+        self,
+        model: BoneAgeNet,
+        cfg: Config,
+        meta: dict[str, Any] | None = None,
+        *,
+        device: str = "cpu",
+        tta: bool = True,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.cfg = cfg
+        self.meta = meta or {}
+        self.device = torch.device(device)
+        p = cfg.preprocess
+        self.preprocess = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+        self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
+        self.onnx_session: Any = None
+
+    # ---- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, *, device: str = "cpu", tta: bool = True, runtime: str = "torch"
+    ) -> Predictor:
+        """``path`` None → the bundled model; ``.ckpt`` from ``boneage train``; ``.safetensors`` bundle."""
+        p = Path(path) if path is not None else bundled_model_path()
+        if not p.is_file():
+            if path is None:
+                raise BoneAgeInputError("no bundled model in this installation; pass --checkpoint CKPT")
+            raise BoneAgeInputError("checkpoint not found", p)
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("boneage", "{}"))
+            if "config" not in meta:
+                raise BoneAgeInputError("safetensors file has no boneage metadata", p)
+        else:
+            try:
+                blob = torch.load(p, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                raise BoneAgeInputError(f"not a readable checkpoint ({type(exc).__name__})", p) from None
+            hp = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
+            if "config" not in hp:
+                raise BoneAgeInputError("checkpoint has no boneage config (not from boneage train?)", p)
+            meta = {"config": hp["config"], "source": str(p)}
+        cfg = config_from_dict(meta["config"])
+        m = cfg.model
+        model = BoneAgeNet(m.backbone, m.head, m.sex_units, m.dropout, m.in_chans)
+        missing, unexpected = model.load_state_dict(read_state_dict(p), strict=False)
+        if missing:
+            raise BoneAgeInputError(f"checkpoint lacks {len(missing)} model tensors (e.g. {missing[0]})", p)
+        predictor = cls(model, cfg, meta, device=device, tta=tta)
+        if runtime == "onnx" or (runtime == "auto" and device == "cpu"):
+            predictor.use_onnx(required=runtime == "onnx")
+        return predictor
+
+    def use_onnx(self, path: str | Path | None = None, *, required: bool = True) -> bool:
+        """Switch the network to onnxruntime (exported on the fly unless ``path`` names an .onnx file)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            if required:
+                raise BoneAgeInputError(
+                    "onnxruntime is not installed (pip install 'boneage[onnx]')"
+                ) from None
+            return False
+        if path is None:
+            import tempfile
+
+            path = Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx"
+            export_onnx(self, path)
+        opts = ort.SessionOptions()
+        self.onnx_session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return True
+
+    # ---- prediction ----------------------------------------------------------------------------------
+    @property
+    def info(self) -> dict[str, Any]:
+        """Model facts for reports and the API: backbone, input size, validation MAE when known."""
+        facts = {k: v for k, v in self.meta.items() if k != "config"}
+        facts.update({"backbone": self.cfg.model.backbone, "input_size": self.cfg.preprocess.size})
+        return facts
+
+    def _network(self, images: torch.Tensor, male: torch.Tensor) -> np.ndarray:
+        if self.onnx_session is not None:
+            out = self.onnx_session.run(None, {"image": images.numpy(), "male": male.numpy()})[0]
+            return np.asarray(out, dtype=np.float32).reshape(-1)
+        with torch.inference_mode():
+            return self.model(images.to(self.device), male.to(self.device)).float().cpu().numpy()
+
+    def predict_arrays(
+        self, images: np.ndarray, male: np.ndarray, batch_size: int = 16
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Preprocessed uint8 images (N, S, S) → (mean, spread, per-view) bone age in months."""
+        means, spreads, all_views = [], [], []
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float().div_(255)
+            x = x.unsqueeze(1)
+            s = torch.as_tensor(np.asarray(male[start : start + batch_size], dtype=np.float32))
+            v = len(self.views)
+            out = self._network(tta_batch(x, self.views), s.repeat(v)).reshape(v, -1)
+            means.append(out.mean(0))
+            spreads.append(out.std(0) if v > 1 else np.zeros(out.shape[1], dtype=np.float32))
+            all_views.append(out.T)
+        if not means:
+            empty = np.zeros(0, dtype=np.float32)
+            return empty, empty, np.zeros((0, len(self.views)), dtype=np.float32)
+        return np.concatenate(means), np.concatenate(spreads), np.concatenate(all_views)
+
+    def prepare(
+        self, image: str | Path | bytes | Radiograph, name: str | None = None
+    ) -> tuple[Radiograph, np.ndarray, list[str]]:
+        """Read and preprocess; a right hand (DICOM laterality R) is mirrored to look like the left."""
+        rad = image if isinstance(image, Radiograph) else read_radiograph(image, name=name)
+        pixels, warnings = rad.pixels, []
+        if rad.laterality == "R":
+            pixels = pixels[:, ::-1]
+            warnings.append("right hand (DICOM laterality R) mirrored to match the left-hand training data")
+        return rad, self.preprocess(pixels), warnings
+
+    def predict(
+        self,
+        image: str | Path | bytes | Radiograph,
+        sex: str | bool | None = None,
+        *,
+        name: str | None = None,
+    ) -> Prediction:
+        """Bone age of one radiograph; ``sex`` may come from the DICOM header, and a given flag wins."""
+        rad, prepared, warnings = self.prepare(image, name=name)
+        given = normalize_sex(sex, rad.source)
+        header = rad.sex
+        if given and header and given != header:
+            warnings.append(f"sex given as {given} but the DICOM header says {header}; using {given}")
+        final = given or header
+        if final is None:
+            raise BoneAgeInputError(
+                "sex is required (--sex female|male) and the file does not state it", rad.source
+            )
+        mean, spread, views = self.predict_arrays(prepared[None], np.array([final == "male"]))
+        pred = Prediction(
+            rad.source,
+            final,
+            float(mean[0]),
+            float(spread[0]),
+            [float(v) for v in views[0]],
+            radiograph=rad,
+            image=prepared,
+            warnings=warnings,
+        )
+        pred.warnings += self.plausibility_warnings(pred)
+        return pred
+
+    def plausibility_warnings(self, pred: Prediction) -> list[str]:
+        """Flags for an input unlike a hand radiograph: the views disagree far more than on real hands."""
+        out = []
+        limit = float(self.meta.get("tta_spread_p99_months", 12.0))
+        if pred.uncertainty_months > limit:
+            out.append(
+                f"the prediction is unstable across test-time views (±{pred.uncertainty_months:.1f} months, "
+                f"more than {limit:.1f} seen on 99% of training radiographs): is this a left-hand radiograph?"
+            )
+        if not math.isfinite(pred.bone_age_months):
+            out.append("the model returned no finite prediction")
+        return out
+
+    def heatmap(self, pred: Prediction) -> np.ndarray:
+        """Grad-CAM over the last feature stage: where the network looked (float (S, S) in [0, 1])."""
+        from pytorch_grad_cam import GradCAM
+
+        if pred.image is None:
+            raise ValueError("prediction has no preprocessed image")
+        model = self.model.float().eval()
+        male = torch.tensor([1.0 if pred.sex == "male" else 0.0], device=self.device)
+
+        class _Bound(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = model
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net(x, male.expand(x.shape[0])).unsqueeze(1)
+
+        layer_name = model.backbone.feature_info[-1]["module"]
+        target = model.backbone.get_submodule(layer_name)
+        x = torch.from_numpy(pred.image).float().div(255)[None, None].to(self.device)
+        with GradCAM(model=_Bound(), target_layers=[target]) as cam:
+            grayscale = cam(input_tensor=x, targets=[lambda out: out.sum()])
+        return np.asarray(grayscale[0], dtype=np.float32)
+
+
+def export_onnx(predictor: Predictor, path: str | Path, opset: int = 17) -> Path:
+    """The network (image, male) → months as ONNX with a dynamic batch axis; TTA stays in Python."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = predictor.cfg.preprocess.size
+    model = predictor.model.float().eval().cpu()
+    dummy = (torch.rand(2, 1, size, size), torch.tensor([0.0, 1.0]))
+    torch.onnx.export(
+        model,
+        dummy,
+        str(out),
+        input_names=["image", "male"],
+        output_names=["bone_age_months"],
+        dynamic_axes={"image": {0: "batch"}, "male": {0: "batch"}, "bone_age_months": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    return out
+
+
+def save_bundle(predictor: Predictor, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """fp16 safetensors with the config and model-card facts in its metadata: one file, under 25 MB."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous()
+        for k, v in predictor.model.state_dict().items()
+    }
+    meta = {
+        **{k: v for k, v in predictor.meta.items() if k != "source"},
+        **(extra or {}),
+        "config": predictor.cfg.to_dict(),
+    }
+    save_file(state, str(out), metadata={"boneage": json.dumps(meta)})
+    return out

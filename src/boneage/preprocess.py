@@ -1,0 +1,133 @@
+"""Deterministic preprocessing shared by training and inference: hand crop, contrast, letterbox.
+
+The same object runs on a training image, a cached image and a clinician's upload, so the model always
+sees the input it was trained on. Its settings travel inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+_WORK_SIZE = 256  # the hand is located on a copy this large: fast and robust to noise
+
+
+def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    img = Image.fromarray(pixels.astype(np.float32), mode="F")
+    return np.asarray(img.resize((max(1, width), max(1, height)), Image.BILINEAR), dtype=np.float32)
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=128, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -> tuple[int, int, int, int]:
+    """Bounding box (top, bottom, left, right) of the largest bright object, which on a hand film is the hand.
+
+    Collimator bands, lead markers and labels are separate, smaller objects once thin bridges are opened,
+    so they fall outside the box. When the search finds nothing plausible the whole image is kept.
+    """
+    h, w = pixels.shape
+    scale = _WORK_SIZE / max(h, w)
+    small = _resize(pixels, round(w * scale), round(h * scale)) if scale < 1 else pixels.astype(np.float32)
+    small = ndimage.uniform_filter(small, size=3)
+    sh, sw = small.shape
+    lo, hi = np.percentile(small, [1, 99])
+    if hi - lo < 1e-3:
+        return 0, h, 0, w
+    norm = np.clip((small - lo) / (hi - lo), 0, 1)
+    mask = norm > _otsu(norm)
+    mask = ndimage.binary_opening(mask, iterations=2)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return 0, h, 0, w
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    biggest = int(np.argmax(sizes)) + 1
+    rows, cols = np.nonzero(labels == biggest)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    if (bottom - top) * (right - left) < min_area * sh * sw:
+        return 0, h, 0, w
+    pad_r, pad_c = round(margin * sh), round(margin * sw)
+    top, bottom = max(0, top - pad_r), min(sh, bottom + pad_r)
+    left, right = max(0, left - pad_c), min(sw, right + pad_c)
+    inv = 1 / scale if scale < 1 else 1.0
+    return (
+        int(top * inv),
+        min(h, int(np.ceil(bottom * inv))),
+        int(left * inv),
+        min(w, int(np.ceil(right * inv))),
+    )
+
+
+def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Fit the long side to ``size`` and pad the short side with black, keeping the hand's proportions."""
+    h, w = pixels.shape
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = Image.fromarray(pixels.astype(np.float32), mode="F")
+    resample = Image.BILINEAR if scale >= 1 else Image.BOX
+    resized = np.asarray(img.resize((nw, nh), resample), dtype=np.float32)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out
+
+
+def _clahe(pixels: np.ndarray) -> np.ndarray:
+    import kornia
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    out = kornia.enhance.equalize_clahe(t, clip_limit=2.0, grid_size=(8, 8))
+    return out[0, 0].numpy()
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Radiograph (float greyscale in [0, 1]) → square uint8 image of ``size`` pixels."""
+
+    size: int = 512
+    crop: bool = True
+    contrast: str = "percentile"
+    low_percentile: float = 0.5
+    high_percentile: float = 99.5
+
+    def __post_init__(self) -> None:
+        if self.contrast not in {"percentile", "clahe", "none"}:
+            raise ValueError(f"unknown contrast method {self.contrast!r} (percentile, clahe or none)")
+        if self.size < 32:
+            raise ValueError("preprocess size must be at least 32 pixels")
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if self.crop:
+            top, bottom, left, right = hand_box(pixels)
+            pixels = pixels[top:bottom, left:right]
+        if self.contrast == "percentile":
+            lo, hi = np.percentile(pixels, [self.low_percentile, self.high_percentile])
+            pixels = np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1)
+        elif self.contrast == "clahe":
+            pixels = _clahe(pixels)
+        out = letterbox(pixels, self.size)
+        return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        """A short hash of the settings: a cache built with other settings is never reused by mistake."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,292 @@
+"""Human-readable output: an SD chart and a single self-contained HTML report.
+
+The HTML is one file with images inlined and no external resources, so it can be mailed, archived or
+opened offline on a hospital workstation without leaking anything to a CDN.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from boneage import __version__
+from boneage.clinical import REFERENCE_CITATION, Assessment, format_months, reference_sd, sd_table
+
+__all__ = ["DISCLAIMER", "safe_stem", "sd_chart_png", "write_html_report"]
+
+DISCLAIMER = (
+    "Research use only — not a medical device. "
+    "Model trained on RSNA Pediatric Bone Age data (non-commercial research licence)."
+)
+
+_CHART_MAX_YEARS = 19.0
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> bytes:
+    """Plot the patient against the ±2 SD band so the z-score can be seen, not just read.
+
+    The band is chronological age ± 2·SD(age) around the identity line, the same definition the SD score
+    uses; the Brush Foundation mean is drawn for context. Uses the object-oriented Agg API (no pyplot
+    state), so it is safe to call from a web server thread.
+    """
+    sex = assessment.sex
+    ages_y = np.linspace(0.0, _CHART_MAX_YEARS, 229)
+    sds_y = np.array([reference_sd(a * 12.0, sex)[1] for a in ages_y]) / 12.0
+    table = sd_table()
+    mean_rows = table[["chronological_age_years", f"{sex}_mean_bone_age_months"]].dropna()
+
+    fig = Figure(figsize=(6.4, 5.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.fill_between(
+        ages_y,
+        ages_y - 2 * sds_y,
+        ages_y + 2 * sds_y,
+        color="#9ecae1",
+        alpha=0.45,
+        label="±2 SD (Greulich & Pyle)",
+    )
+    ax.plot(ages_y, ages_y, color="#3182bd", lw=1.0, ls="--", label="bone age = chronological age")
+    ax.plot(
+        mean_rows.iloc[:, 0],
+        mean_rows.iloc[:, 1] / 12.0,
+        color="#636363",
+        lw=1.2,
+        marker=".",
+        label=f"Brush Foundation mean ({sex})",
+    )
+
+    bone_y = assessment.bone_age_months / 12.0
+    unc_y = (assessment.uncertainty_months or 0.0) / 12.0
+    if assessment.chronological_age_months is not None:
+        chron_y = assessment.chronological_age_months / 12.0
+        ax.errorbar(
+            [chron_y],
+            [bone_y],
+            yerr=[unc_y] if unc_y > 0 else None,
+            fmt="o",
+            color="#d62728",
+            ms=7,
+            capsize=4,
+            zorder=5,
+            label="patient",
+        )
+    else:
+        if unc_y > 0:
+            ax.axhspan(bone_y - unc_y, bone_y + unc_y, color="#d62728", alpha=0.15, lw=0)
+        ax.axhline(
+            bone_y,
+            color="#d62728",
+            lw=1.5,
+            label=f"predicted bone age {format_months(assessment.bone_age_months)} (no age given)",
+        )
+
+    top = max(_CHART_MAX_YEARS, bone_y + unc_y + 0.5)
+    bottom = min(0.0, bone_y - unc_y - 0.5)
+    ax.set_xlim(0.0, _CHART_MAX_YEARS)
+    ax.set_ylim(bottom, top)
+    ax.set_xlabel("chronological age (years)")
+    ax.set_ylabel("bone age (years)")
+    ax.set_title(f"Bone age vs chronological age — {sex}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.text(
+        0.01,
+        0.01,
+        "Reference: Greulich & Pyle 1959 (Brush Foundation); values transcribed from public code",
+        fontsize=6,
+        color="#555555",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def safe_stem(name: str) -> str:
+    """A file stem that cannot escape the output folder or hide itself (no separators, no leading dots)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:120]
+    return stem or "report"
+
+
+def _image_mime(data: bytes, what: str) -> str:
+    if data.startswith(_PNG_MAGIC):
+        return "image/png"
+    if data.startswith(_JPEG_MAGIC):
+        return "image/jpeg"
+    raise ValueError(f"{what} must be PNG or JPEG bytes")
+
+
+def _data_uri(data: bytes, what: str) -> str:
+    return f"data:{_image_mime(data, what)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}".replace("-", "−")
+
+
+def _result_rows(a: Assessment) -> list[tuple[str, str]]:
+    rows = [
+        ("Sex", a.sex),
+        ("Bone age", f"{a.bone_age_months:.1f} months ({format_months(a.bone_age_months)})"),
+    ]
+    if a.uncertainty_months is not None:
+        rows.append(("Uncertainty", f"± {a.uncertainty_months:.1f} months"))
+    if a.chronological_age_months is None:
+        rows.append(("Chronological age", "not given"))
+    else:
+        rows.append(
+            (
+                "Chronological age",
+                f"{a.chronological_age_months:.1f} months ({format_months(a.chronological_age_months)})",
+            )
+        )
+    if a.difference_months is not None:
+        rows.append(("Difference (bone − chronological)", f"{_signed(a.difference_months, 1)} months"))
+    if a.sd_months is not None:
+        rows.append(("Reference SD at this age", f"{a.sd_months:.2f} months"))
+    if a.sd_score is not None:
+        rows.append(("SD score (z)", _signed(a.sd_score, 2)))
+    rows.append(("Flag", a.flag if a.flag is not None else "— (needs chronological age)"))
+    return rows
+
+
+def _model_rows(model_info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if not model_info:
+        return []
+    info = dict(model_info)
+    rows: list[tuple[str, str]] = []
+    if "backbone" in info:
+        rows.append(("Backbone", str(info.pop("backbone"))))
+    for key in ("val_mae_months", "validation_mae_months", "val_mae", "validation_mae", "mae"):
+        if key in info:
+            value = info.pop(key)
+            text = (
+                f"{value:.2f} months"
+                if isinstance(value, (int, float)) and math.isfinite(value)
+                else str(value)
+            )
+            rows.append(("Validation MAE", text))
+            break
+    for key, value in info.items():
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            rows.append((str(key), str(value)))
+    return rows
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    body = "\n".join(
+        f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>" for label, value in rows
+    )
+    return f"<table>\n{body}\n</table>"
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.5em; }
+.images { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; flex: 1 1 300px; } figure img { max-width: 100%; height: auto; border: 1px solid #ccc; }
+figcaption { font-size: 0.85em; color: #555; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; font-weight: 600; }
+.flag-advanced, .flag-delayed { color: #b30000; font-weight: 700; }
+.warnings li { color: #8a4b00; }
+.citation { font-size: 0.85em; color: #444; }
+footer { margin-top: 2em; padding-top: 0.7em; border-top: 1px solid #ccc; font-size: 0.9em; color: #555; }
+"""
+
+
+def write_html_report(
+    assessment: Assessment,
+    radiograph_png: bytes,
+    heatmap_png: bytes | None,
+    out_dir: str | Path,
+    name: str,
+    *,
+    model_info: dict | None = None,
+) -> Path:
+    """Write ``out_dir/<safe name>.html``: one offline file a clinician can open, archive or forward."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{safe_stem(name)}.html"
+    if target.resolve().parent != out.resolve():  # belt and braces: safe_stem already removed separators
+        raise ValueError(f"report name {name!r} would leave {out}")
+
+    e = html.escape
+    figures = [
+        f'<figure><img alt="radiograph" src="{_data_uri(radiograph_png, "radiograph")}">'
+        "<figcaption>Radiograph</figcaption></figure>"
+    ]
+    if heatmap_png is not None:
+        figures.append(
+            f'<figure><img alt="heatmap" src="{_data_uri(heatmap_png, "heatmap")}">'
+            "<figcaption>Saliency heatmap (where the model looked)</figcaption></figure>"
+        )
+    chart_uri = _data_uri(sd_chart_png(assessment), "chart")
+    figures.append(
+        f'<figure><img alt="SD chart" src="{chart_uri}">'
+        "<figcaption>Bone age against the Greulich &amp; Pyle ±2 SD band</figcaption></figure>"
+    )
+
+    flag_class = f"flag-{assessment.flag}" if assessment.flag else "flag-none"
+    if assessment.warnings:
+        warnings_html = (
+            '<ul class="warnings">\n'
+            + "\n".join(f"<li>{e(str(w))}</li>" for w in assessment.warnings)
+            + "\n</ul>"
+        )
+    else:
+        warnings_html = "<p>None.</p>"
+    model_rows = _model_rows(model_info)
+    model_html = _table(model_rows) if model_rows else "<p>Not provided.</p>"
+    flag_text = e(assessment.flag or "not assessed")
+
+    document = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Bone age report — {e(str(name))}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>Bone age report — {e(str(name))}</h1>
+<p>Predicted bone age <strong>{e(format_months(assessment.bone_age_months))}</strong>
+({e(f"{assessment.bone_age_months:.1f}")} months); flag: <span class="{e(flag_class)}">{flag_text}</span></p>
+<div class="images">
+{chr(10).join(figures)}
+</div>
+<h2>Result</h2>
+{_table(_result_rows(assessment))}
+<h2>Warnings</h2>
+{warnings_html}
+<h2>Model</h2>
+{model_html}
+<h2>Reference</h2>
+<p class="citation">{e(REFERENCE_CITATION)} SD score = (bone age − chronological age) / SD at the
+chronological age, SD interpolated linearly between tabulated ages; |z| &gt; 2 is called advanced or
+delayed.</p>
+<footer>{e(DISCLAIMER)}<br>Generated by boneage {e(__version__)}.</footer>
+</body>
+</html>
+"""
+    target.write_text(document, encoding="utf-8")
+    return target

@@ -1,0 +1,172 @@
+"""The chart is a real PNG and the HTML report is self-contained, complete and escaped."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneage.clinical import REFERENCE_CITATION, assess
+from boneage.report import safe_stem, sd_chart_png, write_html_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (32, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def radiograph() -> bytes:
+    return _png((200, 200, 200))
+
+
+@pytest.fixture(scope="module")
+def heatmap() -> bytes:
+    return _png((255, 0, 0))
+
+
+def _open_png(data: bytes) -> Image.Image:
+    assert data.startswith(PNG_MAGIC)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.format == "PNG"
+    return image
+
+
+def test_chart_png_with_age(tmp_path: Path) -> None:
+    result = assess(150.0, "male", 120.0, uncertainty_months=6.0)
+    out = tmp_path / "chart.png"
+    data = sd_chart_png(result, out)
+    image = _open_png(data)
+    assert 300 <= image.width <= 2000 and 300 <= image.height <= 2000
+    assert out.read_bytes() == data
+
+
+def test_chart_png_without_age_and_extremes() -> None:
+    for result in (
+        assess(90.0, "female"),
+        assess(5.0, "F", 1.0),
+        assess(239.0, "male", 230.0, uncertainty_months=12.0),
+    ):
+        image = _open_png(sd_chart_png(result))
+        assert image.width >= 300 and image.height >= 300
+
+
+def test_chart_has_no_software_url() -> None:
+    assert b"matplotlib.org" not in sd_chart_png(assess(90.0, "female"))
+
+
+def _images(text: str) -> list[str]:
+    return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+
+
+def test_html_report_contents(tmp_path: Path, radiograph: bytes, heatmap: bytes) -> None:
+    result = assess(150.0, "male", 120.0, uncertainty_months=6.0, warnings=["left hand not detected"])
+    path = write_html_report(
+        result,
+        radiograph,
+        heatmap,
+        tmp_path / "out",
+        "patient-001",
+        model_info={"backbone": "efficientnet_b0", "val_mae_months": 7.25},
+    )
+    assert path == tmp_path / "out" / "patient-001.html"
+    text = path.read_text(encoding="utf-8")
+    sd = 9.79
+    z = 30.0 / sd  # 3.06
+    for expected in [
+        "150.0 months",
+        "12 y 6 m",  # bone age
+        "120.0 months",
+        "10 y 0 m",  # chronological age
+        "+30.0 months",  # difference
+        f"+{z:.2f}",  # SD score
+        "9.79 months",  # reference SD
+        "advanced",
+        "± 6.0 months",
+        "left hand not detected",
+        "efficientnet_b0",
+        "7.25 months",
+        "male",
+    ]:
+        assert expected in text, expected
+    assert REFERENCE_CITATION.replace("&", "&amp;") in text
+    assert "not a medical device" in text
+    assert "Research use only — not a medical device." in text
+    assert "RSNA Pediatric Bone Age data (non-commercial research licence)" in text
+    images = _images(text)
+    assert text.count("data:image/png;base64,") == 3
+    assert len(images) == 3
+    decoded = [base64.b64decode(b) for b in images]
+    assert radiograph in decoded and heatmap in decoded
+    for blob in decoded:
+        _open_png(blob)
+
+
+def test_html_report_without_heatmap_or_age(tmp_path: Path, radiograph: bytes) -> None:
+    path = write_html_report(assess(100.0, "female"), radiograph, None, tmp_path, "p2")
+    text = path.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64,") == 2
+    assert "not given" in text
+    assert "8 y 4 m" in text
+    assert "Not provided." in text  # no model info
+
+
+def test_html_report_is_self_contained(tmp_path: Path, radiograph: bytes, heatmap: bytes) -> None:
+    path = write_html_report(assess(150.0, "male", 120.0), radiograph, heatmap, tmp_path, "x")
+    text = path.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    assert "//" not in re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
+    assert not re.search(r"<(script|link|iframe|object|embed)\b", text, re.IGNORECASE)
+    assert not re.search(r"""\b(src|href)=["'](?!data:)""", text)
+
+
+def test_html_report_escapes_everything(tmp_path: Path, radiograph: bytes) -> None:
+    evil = "<script>alert('x')</script>"
+    result = assess(100.0, "male", 100.0, warnings=[f"bad {evil}"])
+    path = write_html_report(
+        result,
+        radiograph,
+        None,
+        tmp_path,
+        f"a{evil}",
+        model_info={"backbone": evil, "note": '"><img src=x onerror=alert(1)>'},
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    assert "&lt;script&gt;" in text
+    assert "<img src=x" not in text
+    assert "onerror=alert(1)&gt;" in text
+    assert path.parent == tmp_path
+    assert "<" not in path.name and "/" not in path.name
+
+
+@pytest.mark.parametrize("name", ["../../evil", "/etc/passwd", "..\\..\\evil", "..", "a/../../b", ".hidden"])
+def test_html_report_name_stays_inside(tmp_path: Path, radiograph: bytes, name: str) -> None:
+    out = tmp_path / "reports"
+    path = write_html_report(assess(100.0, "male"), radiograph, None, out, name)
+    assert path.parent.resolve() == out.resolve()
+    assert path.exists()
+    assert not path.name.startswith(".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+
+
+def test_safe_stem() -> None:
+    assert safe_stem("../../evil") == "evil"
+    assert safe_stem("patient 001.dcm") == "patient_001.dcm"
+    assert safe_stem("..") == "report"
+    assert safe_stem("") == "report"
+    assert "/" not in safe_stem("a/b\\c") and "\\" not in safe_stem("a/b\\c")
+
+
+def test_rejects_non_image_bytes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PNG or JPEG"):
+        write_html_report(assess(100.0, "male"), b"not an image", None, tmp_path, "x")
