@@ -4,16 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint train-quick clean
+.PHONY: run test lint train-quick notebook clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch and torchvision first, pinned to the builds this workplace serves from its local disk
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[test,onnx,web]"
+	$(BIN)/pip install -q -e ".[test,onnx,tune]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,6 +24,10 @@ test: $(STAMP)
 
 train-quick: $(STAMP)
 	$(BIN)/boneage train configs/quick.yaml
+
+notebook: $(STAMP)
+	$(BIN)/pip install -q -e ".[notebook]"
+	$(BIN)/jupyter lab notebooks/demo.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -49,3 +49,49 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
     return save_bundle(make_tiny_predictor(), path)
+
+
+def make_tiny_train_config(shared_sample: Path, cache_dir: Path, **sections: dict):
+    """A training config small enough for CI: 40 real radiographs at 32 px, a tiny timm network, 1 epoch
+    on the CPU. ``sections`` update fields, e.g. ``train={"epochs": 2}``."""
+    from boneage.config import Config
+
+    cfg = Config()
+    cfg.name = "tiny"
+    cfg.data.images = str(shared_sample / "images")
+    cfg.data.labels = str(shared_sample / "labels.csv")
+    cfg.data.limit = 40
+    cfg.data.cache_dir = str(cache_dir)
+    cfg.data.num_workers = 1
+    cfg.preprocess.size = 32
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.pretrained = "none"
+    cfg.model.head = [16]
+    cfg.model.sex_units = 8
+    cfg.model.dropout = 0.0
+    cfg.train.epochs = 1
+    cfg.train.batch_size = 16
+    cfg.trainer.accelerator = "cpu"
+    cfg.trainer.devices = 1
+    cfg.trainer.progress_bar = False
+    cfg.trainer.log_every_n_steps = 1
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One preprocessed-image cache for every tiny training run of the session (same settings, same key)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(shared_sample: Path, tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(run_dir, summary) of a 1-epoch tiny training run on 40 real radiographs at 32 px."""
+    from boneage.training import train
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    summary = train(make_tiny_train_config(shared_sample, tiny_cache_dir), run_dir, progress=False)
+    return run_dir, summary

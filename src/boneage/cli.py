@@ -68,7 +68,7 @@ def train(
     cfg = load_config(config, set_)
     folder = run_dir or Path("runs") / cfg.name
     summary = run_training(cfg, folder, progress=progress)
-    out.print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))  # plain print: rich would wrap long paths inside the JSON
 
 
 @app.command()
@@ -284,7 +284,7 @@ def bundle(
     from boneage.evaluation import make_bundle
 
     path, meta = make_bundle(checkpoint, out_path, version=version)
-    out.print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
+    print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -299,6 +299,20 @@ def serve(
     from boneage.web import serve as run_server
 
     run_server(host=host, port=port, checkpoint=checkpoint)
+
+
+
+def _register_subcommands() -> None:
+    """Sub-apps live with their modules (which import heavy libraries lazily) and are attached here."""
+    from boneage.cache import cache_app
+    from boneage.experiments import experiments_app, tune_command
+
+    app.add_typer(cache_app, name="cache")
+    app.add_typer(experiments_app, name="experiments")
+    app.command("tune")(tune_command)
+
+
+_register_subcommands()
 
 
 def main() -> None:  # pragma: no cover - console entry point

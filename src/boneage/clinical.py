@@ -1,7 +1,7 @@
 """Turn a predicted bone age into what a clinician reads: SD score against Greulich & Pyle, flag, warnings.
 
 The reference is the Brush Foundation table behind the Greulich & Pyle atlas (packaged as
-``boneage/data/brush_foundation_sd.csv``). The SD score follows the convention of that reference:
+``boneage/reference/brush_foundation_sd.csv``). The SD score follows the convention of that reference:
 ``z = (bone age - chronological age) / SD(chronological age, sex)``, SD interpolated linearly between
 tabulated ages and clamped (with a warning) outside them.
 """
@@ -134,7 +134,7 @@ def normalize_sex(sex: str) -> str:
 
 @lru_cache(maxsize=1)
 def _load_table() -> pd.DataFrame:
-    source = resources.files("boneage").joinpath("data", "brush_foundation_sd.csv")
+    source = resources.files("boneage").joinpath("reference", "brush_foundation_sd.csv")
     with source.open("r", encoding="utf-8") as handle:
         table = pd.read_csv(handle, comment="#")
     table["chronological_age_months"] = table["chronological_age_years"] * 12.0

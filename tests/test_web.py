@@ -1,0 +1,365 @@
+"""The web app through FastAPI's TestClient, with the tiny model so it runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import boneage.web as web
+from boneage.web import create_app
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRACEBACK_MARKERS = ("Traceback", 'File "', "site-packages")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(tiny_bundle, workers=2)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def radiographs(shared_sample: Path) -> list[tuple[Path, str]]:
+    """Three real radiographs with their sex, a girl and two boys if the sample has them."""
+    with open(shared_sample / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    girls = [r for r in rows if r["male"].strip().lower() in ("false", "0")]
+    boys = [r for r in rows if r["male"].strip().lower() in ("true", "1")]
+    picked = (girls[:1] + boys[:2]) if girls and len(boys) >= 2 else rows[:3]
+    return [(shared_sample / "images" / f"{r['id']}.png",
+             "male" if r["male"].strip().lower() in ("true", "1") else "female") for r in picked]
+
+
+def _png(size: tuple[int, int] = (96, 128)) -> bytes:
+    ramp = np.linspace(0, 255, size[0] * size[1], dtype=np.float64).reshape(size[1], size[0])
+    buf = io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _post(client: TestClient, data: bytes, name: str = "hand.png", **form: str):
+    files = {"image": (name, data, "application/octet-stream")}
+    return client.post("/api/v1/predict", files=files, data=form)
+
+
+def _assert_one_line_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail and "\n" not in detail
+    assert not any(marker in response.text for marker in TRACEBACK_MARKERS), response.text
+    return detail
+
+
+def _is_png(b64: str) -> bool:
+    raw = base64.b64decode(b64, validate=True)
+    with Image.open(io.BytesIO(raw)) as im:
+        im.verify()
+    return raw.startswith(PNG_MAGIC)
+
+
+# ---- service endpoints ---------------------------------------------------------------------------------
+def test_health_and_model(client: TestClient) -> None:
+    health = client.get("/api/v1/health").json()
+    assert health["model_loaded"] is True and health["model_error"] is None
+    assert health["max_upload_mb"] == 20
+    model = client.get("/api/v1/model").json()
+    assert model["backbone"] == "test_efficientnet" and model["input_size"] == 64
+    assert model["val_mae_months"] == 99.0 and model["version"] == "test"
+    assert "RSNA" in model["training_data"] and "not a medical device" in model["disclaimer"]
+    assert "config" not in model and "source" not in model
+
+
+def test_model_loads_lazily_without_lifespan(tiny_bundle: Path) -> None:
+    lazy = TestClient(create_app(tiny_bundle))  # no `with`: startup never ran
+    assert lazy.get("/api/v1/health").json()["model_loaded"] is False
+    assert lazy.get("/api/v1/model").status_code == 200
+    assert lazy.get("/api/v1/health").json()["model_loaded"] is True
+
+
+def test_missing_model_is_503_and_reported(tmp_path: Path) -> None:
+    with TestClient(create_app(tmp_path / "absent.safetensors")) as missing:
+        health = missing.get("/api/v1/health").json()
+        assert health["model_loaded"] is False and "not found" in health["model_error"]
+        assert str(tmp_path) not in missing.get("/api/v1/health").text  # no server paths leak
+        detail = _assert_one_line_error(_post(missing, _png(), sex="female"), 503)
+        assert "model not available" in detail
+        assert missing.get("/").status_code == 200  # the page still loads and can show the reason
+
+
+def test_openapi_and_docs(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/v1/predict", "/api/v1/health", "/api/v1/model"} <= set(paths)
+    assert client.get("/docs").status_code == 200
+
+
+# ---- the page ------------------------------------------------------------------------------------------
+def test_page_is_offline_and_has_the_form(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    for needle in ('id="predict-form"', 'name="image"', 'type="file"', 'name="sex"', 'name="age"',
+                   'id="bone-age"', 'id="heatmap"', 'id="sd-chart"', 'id="error"', "Research use only",
+                   "not a medical device", "non-commercial research licence"):
+        assert needle in html
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assets = {"/static/app.js": "javascript", "/static/style.css": "text/css"}
+    for url, kind in assets.items():
+        asset = client.get(url)
+        assert asset.status_code == 200 and kind in asset.headers["content-type"]
+        assert not re.search(r"https?://", asset.text), url
+    assert not re.search(r"https?://", html)
+    assert client.get("/static/../web.py").status_code == 404
+
+
+# ---- predictions ---------------------------------------------------------------------------------------
+def test_predict_real_radiographs(client: TestClient, radiographs: list[tuple[Path, str]]) -> None:
+    for path, sex in radiographs:
+        response = _post(client, path.read_bytes(), name=path.name, sex=sex, age="90m")
+        assert response.status_code == 200, response.text
+        r = response.json()
+        assert r["sex"] == sex and r["file"] == path.name
+        numbers = ["bone_age_months", "bone_age_years", "uncertainty_months", "chronological_age_months",
+                   "difference_months", "sd_months", "sd_score"]
+        for key in numbers:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
+        assert r["chronological_age_months"] == pytest.approx(90.0)
+        assert r["difference_months"] == pytest.approx(r["bone_age_months"] - 90.0, abs=0.01)
+        assert r["flag"] in {"normal", "advanced", "delayed"}
+        assert re.fullmatch(r"\d+ y \d+ m", r["bone_age_text"]) and r["chronological_age_text"] == "7 y 6 m"
+        assert len(r["tta_views_months"]) == 6 and isinstance(r["warnings"], list)
+        for key in ("heatmap_png_base64", "input_png_base64", "sd_chart_png_base64"):
+            assert _is_png(r[key]), key
+        assert r["model"]["backbone"] == "test_efficientnet" and "Greulich" in r["reference"]
+
+
+def _dicom_bytes(png_path: Path, **header: str) -> bytes:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.asarray(Image.open(png_path).convert("L"))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "CR", "TEST"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_header_supplies_sex_and_age(client: TestClient, radiographs: list[tuple[Path, str]]) -> None:
+    dicom = _dicom_bytes(radiographs[0][0], PatientSex="F", PatientBirthDate="20100115", StudyDate="20170715")
+    response = _post(client, dicom, name="hand.dcm")  # no sex, no age in the form
+    assert response.status_code == 200, response.text
+    r = response.json()
+    assert r["sex"] == "female"
+    assert r["chronological_age_months"] == pytest.approx(90.0, abs=0.5)
+    assert math.isfinite(r["sd_score"]) and _is_png(r["heatmap_png_base64"])
+
+
+def test_upload_name_is_only_a_label(client: TestClient, radiographs: list[tuple[Path, str]]) -> None:
+    response = _post(client, b"not an image at all", name="../../etc/<b>passwd</b>.png", sex="male")
+    detail = _assert_one_line_error(response, 415)
+    assert "/" not in detail.split(":")[0] and "<" not in detail
+
+
+# ---- bad input: one line, 4xx, never a traceback -------------------------------------------------------
+def _truncated_png() -> bytes:
+    data = _png((256, 256))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "form", "status", "needle"),
+    [
+        (b"hello, I am a text file\n" * 20, "notes.png", {"sex": "female"}, 415, "not an image"),
+        (_truncated_png(), "cut.png", {"sex": "female"}, 422, "not a readable image"),
+        (PNG_MAGIC + b"\x00" * 200, "header-only.png", {"sex": "female"}, 422, "not a readable image"),
+        (b"", "empty.png", {"sex": "female"}, 422, "empty file"),
+        (_png(), "hand.png", {}, 422, "sex is required"),
+        (_png(), "hand.png", {"sex": "unknown"}, 422, "sex must be female or male"),
+        (_png(), "hand.png", {"sex": "male", "age": "500y"}, 422, "out of range"),
+        (_png(), "hand.png", {"sex": "male", "age": "-3m"}, 422, "age"),
+        (_png(), "hand.png", {"sex": "male", "age": "seven"}, 422, "cannot read age"),
+        (_png(), "hand.png", {"sex": "male", "age": "7"}, 422, "unit"),
+        (_png((8, 8)), "tiny.png", {"sex": "male"}, 422, "too small"),
+    ],
+    ids=["text-as-png", "truncated-png", "corrupt-png", "empty", "missing-sex", "bad-sex", "absurd-age",
+         "negative-age", "unreadable-age", "unitless-age", "too-small"],
+)
+def test_bad_input_is_a_one_line_4xx(client: TestClient, content: bytes, name: str, form: dict[str, str],
+                                     status: int, needle: str) -> None:
+    detail = _assert_one_line_error(_post(client, content, name=name, **form), status)
+    assert needle in detail
+
+
+def test_missing_image_field(client: TestClient) -> None:
+    detail = _assert_one_line_error(client.post("/api/v1/predict", data={"sex": "male"}), 422)
+    assert "image" in detail
+
+
+def test_oversize_upload_is_413(tiny_bundle: Path, radiographs: list[tuple[Path, str]]) -> None:
+    small = TestClient(create_app(tiny_bundle, max_upload_mb=0.05))  # 52 kB
+    real = radiographs[0][0].read_bytes()
+    assert len(real) > 0.05 * 1024 * 1024 + 64 * 1024  # refused on Content-Length alone
+    assert "0.05 MB" in _assert_one_line_error(_post(small, real, sex="male"), 413)
+    # just over the file limit but within the multipart allowance: caught by the bounded read
+    _assert_one_line_error(_post(small, PNG_MAGIC + b"\x00" * 60_000, sex="male"), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: bytes are counted as they arrive
+        yield (b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n" + PNG_MAGIC)
+        for _ in range(20):
+            yield b"\x00" * 16384
+        yield b"\r\n--BOUNDARY--\r\n"
+
+    response = small.post("/api/v1/predict", content=chunks(),
+                          headers={"content-type": "multipart/form-data; boundary=BOUNDARY"})
+    _assert_one_line_error(response, 413)
+
+
+def test_unexpected_error_is_generic_500(client: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internal detail /srv/model")
+
+    monkeypatch.setattr(web, "assess_image", broken)
+    with caplog.at_level(logging.ERROR, logger="boneage.web"):
+        response = _post(client, _png(), sex="female")
+    detail = _assert_one_line_error(response, 500)
+    assert "secret" not in response.text and "RuntimeError" not in response.text and "server log" in detail
+    assert any(record.exc_info and "secret" in str(record.exc_info[1]) for record in caplog.records)
+
+
+def test_request_log_line(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="boneage.web"):
+        client.get("/api/v1/health")
+        _post(client, b"", sex="female")
+    lines = [record.getMessage() for record in caplog.records if record.name == "boneage.web"]
+    assert any(re.fullmatch(r"GET /api/v1/health 200 \d+\.\d ms", line) for line in lines), lines
+    assert any(re.fullmatch(r"POST /api/v1/predict 422 \d+\.\d ms", line) for line in lines), lines
+
+
+# ---- concurrency ---------------------------------------------------------------------------------------
+def test_concurrent_predictions_all_succeed(client: TestClient, radiographs: list[tuple[Path, str]]) -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        path, sex = radiographs[i % len(radiographs)]
+        try:
+            response = _post(client, path.read_bytes(), name=path.name, sex=sex, age="10y")
+            assert response.status_code == 200, response.text
+            assert math.isfinite(response.json()["bone_age_months"])
+            results.append(response.status_code)
+        except BaseException as exc:  # collected so the main thread can report it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert results == [200] * 8
+
+
+def test_event_loop_stays_responsive_during_inference(client: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                                      radiographs: list[tuple[Path, str]]) -> None:
+    """Predictions that block their worker thread must not delay /health on the event loop."""
+    real_assess = web.assess_image
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def slow_assess(*args: object, **kwargs: object):
+        entered.release()
+        release.wait(timeout=60)
+        return real_assess(*args, **kwargs)
+
+    monkeypatch.setattr(web, "assess_image", slow_assess)
+    path, sex = radiographs[0]
+    statuses: list[int] = []
+    workers = [threading.Thread(target=lambda: statuses.append(
+        _post(client, path.read_bytes(), name=path.name, sex=sex).status_code)) for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        assert entered.acquire(timeout=60), "no prediction started"
+        start = time.perf_counter()
+        health = client.get("/api/v1/health")
+        elapsed = time.perf_counter() - start
+        assert health.status_code == 200 and elapsed < 5.0, elapsed
+        assert not release.is_set()  # the prediction really was still running
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(timeout=120)
+    assert statuses == [200, 200]
+
+
+def test_body_limit_counts_streamed_bytes_and_stops_reading() -> None:
+    """Without Content-Length the cap must cut the stream short, not read it all and then refuse."""
+    import anyio
+
+    received: list[int] = []
+    sent: list[dict] = []
+
+    async def reads_everything(scope, receive, send) -> None:
+        while True:
+            message = await receive()
+            if not message.get("more_body"):
+                break
+        raise AssertionError("the whole body was read")
+
+    async def receive() -> dict:
+        received.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": len(received) < 10}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    app = web._BodyLimitMiddleware(reads_everything, max_bytes=2500, detail="too big")
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/predict", "headers": []}
+    anyio.run(app, scope, receive, send)
+    assert sent[0]["status"] == 413 and b"too big" in sent[1]["body"]
+    assert len(received) == 3
+
+
+def test_serve_loads_first_then_runs_uvicorn(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    from boneage.errors import BoneAgeInputError
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
+        web.serve(checkpoint=tmp_path / "absent.safetensors")  # fails before binding a port
+    assert calls == []
+    web.serve(host="127.0.0.1", port=8123, checkpoint=tiny_bundle)
+    assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+    assert calls[0]["port"] == 8123 and calls[0]["app"].state.service.predictor is not None
