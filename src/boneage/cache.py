@@ -30,13 +30,12 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from boneage.errors import BoneAgeInputError
+from boneage.errors import BoneAgeInputError, exit_on_user_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -672,7 +671,7 @@ def auto_cache_path(cfg: Config) -> Path:
     from boneage.preprocess import Preprocess
 
     p, d = cfg.preprocess, cfg.data
-    prep = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+    prep = Preprocess.from_config(p)
     fmt = d.shard_format + (str(d.shard_quality) if d.shard_format == "jpeg" else "")
     return Path(d.cache_dir) / f"shards-{p.size}px-{prep.key()}-{fmt}"
 
@@ -688,7 +687,7 @@ def training_cache(cfg: Config, progress: bool = True) -> tuple[ShardCache, pd.D
     from boneage.preprocess import Preprocess
 
     d, p = cfg.data, cfg.preprocess
-    prep = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+    prep = Preprocess.from_config(p)
     build = {
         "fmt": d.shard_format,
         "quality": d.shard_quality,
@@ -735,30 +734,16 @@ def _raise_failures(report: BuildReport) -> None:
 
 # --------------------------------------------------------------------------------------------- CLI
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 cache_app = typer.Typer(
     no_args_is_help=True,
     help="Shard caches of preprocessed radiographs: build once, train anywhere from the cache alone.",
 )
 
 
-def _user_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BoneAgeInputError as exc:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @cache_app.command("build")
-@_user_errors
+@exit_on_user_error
 def build_command(
     out: Annotated[Path, typer.Option(help="cache folder (created; re-running adds only new ids)")],
     images: Annotated[Path | None, typer.Option(help="radiographs (default: config data.images)")] = None,
@@ -820,7 +805,7 @@ def build_command(
 
 
 @cache_app.command("verify")
-@_user_errors
+@exit_on_user_error
 def verify_command(
     cache: Annotated[Path, typer.Argument(help="cache folder")],
     drop_corrupt: Annotated[

@@ -9,15 +9,13 @@ import csv
 import json
 import logging
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from boneage.errors import BoneAgeInputError
+from boneage.errors import BoneAgeInputError, exit_on_user_error
 
 app = typer.Typer(
     add_completion=False,
@@ -26,21 +24,10 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
-F = TypeVar("F", bound=Callable[..., Any])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 
 
-def user_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BoneAgeInputError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _quiet_libraries() -> None:
@@ -53,7 +40,7 @@ def _quiet_libraries() -> None:
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/quick.yaml")],
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<name>)")] = None,
@@ -72,7 +59,7 @@ def train(
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def evaluate(
     images: Annotated[Path, typer.Option(help="folder of radiographs named <id>.png")],
     labels: Annotated[Path, typer.Option(help="RSNA label CSV (training, validation or test layout)")],
@@ -139,7 +126,7 @@ BATCH_FIELDS = [
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def predict(
     images: Annotated[list[Path], typer.Argument(help="radiograph file(s) (PNG, JPEG, DICOM) or a folder")],
     sex: Annotated[str | None, typer.Option(help="female or male (default: DICOM PatientSex)")] = None,
@@ -258,7 +245,7 @@ def _print_result(result: Any) -> None:
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def export(
     out_path: Annotated[Path, typer.Option("--out", help="output file, e.g. model.onnx")],
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
@@ -274,7 +261,7 @@ def export(
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def bundle(
     checkpoint: Annotated[Path, typer.Option(help="best.ckpt of a training run")],
     out_path: Annotated[Path, typer.Option("--out", help="output .safetensors")] = Path("model.safetensors"),
@@ -289,7 +276,7 @@ def bundle(
 
 
 @app.command()
-@user_errors
+@exit_on_user_error
 def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,

@@ -185,7 +185,7 @@ class BoneAgeDataModule(L.LightningDataModule):
             labels = labels.iloc[: d.limit].reset_index(drop=True)
         self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
         p = self.cfg.preprocess
-        prep = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+        prep = Preprocess.from_config(p)
         images = ImageCache(d.cache_dir, prep).load(
             labels, workers=max(1, d.num_workers), progress=self.progress
         )

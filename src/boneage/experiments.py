@@ -26,15 +26,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 import yaml
 
 from boneage.config import Config, build_config
-from boneage.errors import BoneAgeInputError
+from boneage.errors import BoneAgeInputError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -686,24 +685,12 @@ def tune(
 
 # ---- command line (``boneage experiments ...`` and ``boneage tune``) -------------------------------------
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 experiments_app = typer.Typer(
     no_args_is_help=True,
     help="Grids of training runs from configs/experiments/NAME.yaml, and their result tables.",
 )
 
 
-def _user_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BoneAgeInputError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _quiet() -> None:
@@ -718,7 +705,7 @@ def _quiet() -> None:
 
 
 @experiments_app.command("list")
-@_user_errors
+@exit_on_user_error
 def list_command(
     experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
 ) -> None:
@@ -731,7 +718,7 @@ def list_command(
 
 
 @experiments_app.command("run")
-@_user_errors
+@exit_on_user_error
 def run_command(
     name: Annotated[
         str, typer.Argument(help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
@@ -775,7 +762,7 @@ def run_command(
 
 
 @experiments_app.command("report")
-@_user_errors
+@exit_on_user_error
 def report_command(
     name: Annotated[str, typer.Argument(help="experiment name or YAML path")],
     runs_dir: Annotated[Path, typer.Option(help="folder holding NAME/VARIANT runs")] = Path("runs"),
@@ -788,7 +775,7 @@ def report_command(
     typer.echo((Path(runs_dir) / exp.name / "report.md").read_text())
 
 
-@_user_errors
+@exit_on_user_error
 def tune_command(
     config: Annotated[Path, typer.Argument(help="YAML config to tune, e.g. configs/quick.yaml")],
     trials: Annotated[int, typer.Option(help="finished trials the study should hold")] = 20,

@@ -109,7 +109,7 @@ class Predictor:
         self.meta = meta or {}
         self.device = torch.device(device)
         p = cfg.preprocess
-        self.preprocess = Preprocess(p.size, p.crop, p.contrast, p.low_percentile, p.high_percentile)
+        self.preprocess = Preprocess.from_config(p)
         self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
         self.onnx_session: Any = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -124,6 +125,11 @@ class Preprocess:
             pixels = _clahe(pixels)
         out = letterbox(pixels, self.size)
         return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+    @classmethod
+    def from_config(cls, section: Any) -> Preprocess:
+        """From the config's ``preprocess`` section (same field names), so no caller lists them again."""
+        return cls(**asdict(section))
 
     def to_dict(self) -> dict:
         return asdict(self)
