@@ -95,3 +95,15 @@ def trained_run(shared_sample: Path, tiny_cache_dir: Path, tmp_path_factory: pyt
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     summary = train(make_tiny_train_config(shared_sample, tiny_cache_dir), run_dir, progress=False)
     return run_dir, summary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Exported ONNX graphs go to a per-session folder, not the user's ~/.cache."""
+    previous = os.environ.get("BONEAGE_CACHE")
+    os.environ["BONEAGE_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("BONEAGE_CACHE", None)
+    else:
+        os.environ["BONEAGE_CACHE"] = previous

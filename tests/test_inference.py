@@ -230,3 +230,29 @@ def test_training_checkpoint_loads(trained_run: tuple[Path, dict], real_image: P
     for key, tensor in ckpt["state_dict"].items():
         if key.startswith("model."):
             assert torch.equal(predictor.model.state_dict()[key[len("model.") :]], tensor), key
+
+
+def test_auto_runtime_uses_a_cached_onnx_export(tiny_bundle, tmp_path, monkeypatch) -> None:
+    import boneage.inference as inference
+
+    monkeypatch.setenv("BONEAGE_CACHE", str(tmp_path))
+    first = Predictor.load(tiny_bundle, runtime="auto")
+    assert first.onnx_session is not None
+    exported = list((tmp_path / "onnx").glob("*.onnx"))
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [exported[0].name]  # no temporary left over
+
+    calls: list[object] = []
+    monkeypatch.setattr(inference, "export_onnx", lambda *args, **kwargs: calls.append(args))
+    second = Predictor.load(tiny_bundle, runtime="auto")
+    assert calls == [] and second.onnx_session is not None  # the second load reuses the graph
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 64, 64), dtype=np.uint8)
+    male = np.array([True, False, True])
+    torch_mean = Predictor.load(tiny_bundle, runtime="torch").predict_arrays(images, male)[0]
+    assert np.abs(second.predict_arrays(images, male)[0] - torch_mean).max() < 0.05
+
+
+def test_unknown_runtime_is_a_user_error(tiny_bundle) -> None:
+    with pytest.raises(BoneAgeInputError, match="runtime"):
+        Predictor.load(tiny_bundle, runtime="tensorrt")

@@ -69,12 +69,13 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object")] = False,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="reuse/keep preprocessed images here")] = None,
+    runtime: Annotated[str, typer.Option(help="torch, onnx or auto (onnxruntime when installed)")] = "auto",
 ) -> None:
     """MAE, RMSE, median AE, MAE by sex and 2-year age band of a model on a labelled folder."""
     from boneage.evaluation import evaluate_folder, plot_predictions
     from boneage.inference import Predictor
 
-    predictor = Predictor.load(checkpoint, tta=tta)
+    predictor = Predictor.load(checkpoint, tta=tta, runtime=runtime)
     report = evaluate_folder(predictor, images, labels, cache_dir=cache_dir, progress=not as_json)
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def predict(
     sex_from: Annotated[Path | None, typer.Option(help="batch: CSV giving each image id's sex")] = None,
     heatmap: Annotated[bool, typer.Option(help="compute the Grad-CAM heatmap (for --report)")] = True,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
-    runtime: Annotated[str, typer.Option(help="torch, onnx or auto (onnx when installed)")] = "torch",
+    runtime: Annotated[str, typer.Option(help="torch, onnx or auto (onnxruntime when installed)")] = "auto",
 ) -> None:
     """Bone age (months, years), SD score against Greulich & Pyle, uncertainty, heatmap and report."""
     from rich.progress import Progress

@@ -112,6 +112,7 @@ class Predictor:
         self.preprocess = Preprocess.from_config(p)
         self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
         self.onnx_session: Any = None
+        self.weights_path: Path | None = None  # set by load(); keys the cached ONNX export
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +148,9 @@ class Predictor:
         if missing:
             raise BoneAgeInputError(f"checkpoint lacks {len(missing)} model tensors (e.g. {missing[0]})", p)
         predictor = cls(model, cfg, meta, device=device, tta=tta)
+        predictor.weights_path = p
+        if runtime not in {"torch", "onnx", "auto"}:
+            raise BoneAgeInputError(f"unknown runtime {runtime!r} (torch, onnx or auto)")
         if runtime == "onnx" or (runtime == "auto" and device == "cpu"):
             predictor.use_onnx(required=runtime == "onnx")
         return predictor
@@ -162,13 +166,36 @@ class Predictor:
                 ) from None
             return False
         if path is None:
-            import tempfile
-
-            path = Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx"
-            export_onnx(self, path)
+            path = self._exported_onnx()
         opts = ort.SessionOptions()
         self.onnx_session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return True
+
+    def _exported_onnx(self) -> Path:
+        """The ONNX graph of these weights, exported once and kept in the user cache (keyed by the weights
+        file's hash and the torch version), so a CLI call or server start pays ~0.1 s instead of ~1.5 s."""
+        import hashlib
+        import os
+        import tempfile
+
+        source = self.weights_path
+        if source is None or not Path(source).is_file():
+            target = Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx"
+            return export_onnx(self, target)
+        digest = hashlib.sha1(Path(source).read_bytes()).hexdigest()[:16]
+        root = Path(os.environ.get("BONEAGE_CACHE") or Path.home() / ".cache" / "boneage") / "onnx"
+        target = root / f"{digest}-torch{torch.__version__.split('+')[0]}.onnx"
+        if target.is_file():
+            return target
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root)) / "model.onnx"
+        except OSError:  # read-only home: export to a temporary folder instead
+            return export_onnx(self, Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx")
+        export_onnx(self, tmp)
+        tmp.replace(target)  # atomic: a concurrent process never reads a half-written graph
+        tmp.parent.rmdir()
+        return target
 
     # ---- prediction ----------------------------------------------------------------------------------
     @property

@@ -210,7 +210,7 @@ class _Service:
         with self._load_lock:
             if self.predictor is None:
                 try:
-                    self.predictor = Predictor.load(self.checkpoint)
+                    self.predictor = Predictor.load(self.checkpoint, runtime="auto")
                 except BoneAgeInputError as exc:
                     self.load_error = exc.problem
                     log.error("model not loaded: %s", exc)
