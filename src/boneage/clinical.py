@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.errors import BoneAgeInputError
+from boneage.labels import parse_sex
 
 __all__ = [
     "MAX_AGE_MONTHS",
@@ -49,14 +50,6 @@ TRAINING_RANGE_MONTHS = (12.0, 228.0)
 #: |z| above this is conventionally called advanced / delayed.
 FLAG_THRESHOLD_Z = 2.0
 
-_SEX_ALIASES = {
-    "m": "male",
-    "male": "male",
-    "boy": "male",
-    "f": "female",
-    "female": "female",
-    "girl": "female",
-}
 
 _NUM = r"[-+]?\d+(?:[.,]\d+)?|[-+]?[.,]\d+"
 _AGE_RE = re.compile(
@@ -126,10 +119,10 @@ def format_months(months: float) -> str:
 
 def normalize_sex(sex: str) -> str:
     """Map the spellings people use to ``"male"``/``"female"``; the reference table differs by sex."""
-    key = sex.strip().lower() if isinstance(sex, str) else ""
-    if key not in _SEX_ALIASES:
+    found = parse_sex(sex, flags=False) if isinstance(sex, str) else None
+    if found is None:
         raise BoneAgeInputError(f"sex must be female or male, got {sex!r}")
-    return _SEX_ALIASES[key]
+    return found
 
 
 @lru_cache(maxsize=1)

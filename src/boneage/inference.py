@@ -20,6 +20,7 @@ import torch
 from boneage.config import Config, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
+from boneage.labels import parse_sex as normalize_sex
 from boneage.models import BoneAgeNet, read_state_dict
 from boneage.preprocess import Preprocess
 
@@ -38,19 +39,6 @@ TTA_VIEWS: list[tuple[bool, float, float]] = [
 
 def bundled_model_path() -> Path:
     return Path(str(resources.files("boneage") / "assets" / BUNDLED_NAME))
-
-
-def normalize_sex(sex: str | bool | None, source: str | None = None) -> str | None:
-    if sex is None or sex == "":
-        return None
-    if isinstance(sex, bool):
-        return "male" if sex else "female"
-    low = str(sex).strip().lower()
-    if low in {"m", "male", "boy", "1", "true"}:
-        return "male"
-    if low in {"f", "female", "girl", "0", "false"}:
-        return "female"
-    raise BoneAgeInputError(f"sex must be female or male, got {sex!r}", source)
 
 
 def tta_batch(images: torch.Tensor, views: list[tuple[bool, float, float]]) -> torch.Tensor:

@@ -31,6 +31,24 @@ _FALSE = {"false", "0", "0.0", "f", "no", "n"}
 _SEX = {"m": True, "male": True, "f": False, "female": False}
 
 
+_SEX_WORDS = {"m": "male", "male": "male", "boy": "male", "f": "female", "female": "female", "girl": "female"}
+_SEX_FLAGS = {"true": "male", "1": "male", "false": "female", "0": "female"}
+
+
+def parse_sex(value: object, source: str | Path | None = None, *, flags: bool = True) -> str | None:
+    """``"male"``/``"female"`` from the spellings forms, CSVs and DICOM headers use (``flags`` also admits
+    True/False and 1/0, as in RSNA's ``male`` column); ``None`` when not given, an error when unreadable."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        return "male" if value else "female"
+    key = str(value).strip().lower()
+    found = _SEX_WORDS.get(key) or (_SEX_FLAGS.get(key) if flags else None)
+    if found is None:
+        raise BoneAgeInputError(f"sex must be female or male, got {value!r}", source)
+    return found
+
+
 def _norm(col: str) -> str:
     """Header key: no BOM, no surrounding or repeated whitespace, lower case."""
     return " ".join(str(col).replace("\ufeff", "").split()).lower()
