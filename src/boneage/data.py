@@ -180,24 +180,29 @@ class BoneAgeDataModule(L.LightningDataModule):
             return
         if d.cache_format != "npy":
             raise BoneAgeInputError(f"unknown data.cache_format {d.cache_format!r} (npy or shards)")
-        labels = read_labels(d.labels, d.images)
+        labels = self.read_table()
         if d.limit:
             labels = labels.iloc[: d.limit].reset_index(drop=True)
-        self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
-        p = self.cfg.preprocess
-        prep = Preprocess.from_config(p)
-        images = ImageCache(d.cache_dir, prep).load(
+        self.train_idx, self.val_idx = self.split(labels)
+        images = ImageCache(d.cache_dir, Preprocess.from_config(self.cfg.preprocess)).load(
             labels, workers=max(1, d.num_workers), progress=self.progress
         )
         self.labels = labels
+        target, male = labels["boneage"], labels["male"].astype(float)
         self.train_set = BoneAgeDataset(
-            images[self.train_idx],
-            labels["male"].iloc[self.train_idx],
-            labels["boneage"].iloc[self.train_idx],
+            images[self.train_idx], male.iloc[self.train_idx], target.iloc[self.train_idx]
         )
         self.val_set = BoneAgeDataset(
-            images[self.val_idx], labels["male"].iloc[self.val_idx], labels["boneage"].iloc[self.val_idx]
+            images[self.val_idx], male.iloc[self.val_idx], target.iloc[self.val_idx]
         )
+
+    def read_table(self) -> pd.DataFrame:
+        """The tidy ``id, boneage, male, path`` table; other data sources override only this and ``split``."""
+        return read_labels(self.cfg.data.labels, self.cfg.data.images)
+
+    def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        d = self.cfg.data
+        return split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
 
     def _setup_shards(self) -> None:
         """``data.cache`` or ``data.cache_format: shards``: images (with ``data.cache`` also the labels) come

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 
 from boneage.config import Config, DataConfig
-from boneage.data import BoneAgeDataModule, BoneAgeDataset, ImageCache, split_indices
+from boneage.data import BoneAgeDataModule
 from boneage.errors import BoneAgeInputError
-from boneage.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -365,32 +364,15 @@ def group_split(
 class SourceDataModule(BoneAgeDataModule):
     """``BoneAgeDataModule`` for NIH and MURA: reads ``data.source`` and splits by patient."""
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.labels is not None:
-            return
+    def read_table(self) -> pd.DataFrame:
+        return read_source(self.cfg.data)
+
+    def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """By patient, so follow-up films of a validation patient never appear in training."""
         d = self.cfg.data
-        labels = read_source(d)
-        if d.limit:
-            labels = labels.iloc[: d.limit].reset_index(drop=True)
         if "patient" in labels:
-            self.train_idx, self.val_idx = group_split(
-                labels["patient"], d.val_fraction, d.seed, d.folds, d.fold
-            )
-        else:
-            self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
-        p = self.cfg.preprocess
-        prep = Preprocess.from_config(p)
-        images = ImageCache(d.cache_dir, prep).load(
-            labels, workers=max(1, d.num_workers), progress=self.progress
-        )
-        self.labels = labels
-        target, male = labels["boneage"], labels["male"].astype(float)
-        self.train_set = BoneAgeDataset(
-            images[self.train_idx], male.iloc[self.train_idx], target.iloc[self.train_idx]
-        )
-        self.val_set = BoneAgeDataset(
-            images[self.val_idx], male.iloc[self.val_idx], target.iloc[self.val_idx]
-        )
+            return group_split(labels["patient"], d.val_fraction, d.seed, d.folds, d.fold)
+        return super().split(labels)
 
 
 def make_datamodule(cfg: Config, progress: bool = True) -> BoneAgeDataModule:
