@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,15 +29,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".
 
 
 
-def _quiet_libraries() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-
-
 @app.command()
 @exit_on_user_error
 def train(
@@ -49,9 +39,10 @@ def train(
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, best.ckpt and last.ckpt to the run folder."""
     from boneage.config import load_config
+    from boneage.training import quiet_lightning
     from boneage.training import train as run_training
 
-    _quiet_libraries()
+    quiet_lightning()
     cfg = load_config(config, set_)
     folder = run_dir or Path("runs") / cfg.name
     summary = run_training(cfg, folder, progress=progress)

@@ -694,14 +694,9 @@ experiments_app = typer.Typer(
 
 
 def _quiet() -> None:
-    import warnings
+    from boneage.training import quiet_lightning  # here, not at the top: experiments.py imports fast
 
-    import lightning.pytorch  # noqa: F401  (first: importing it sets its loggers to INFO)
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    quiet_lightning()
 
 
 @experiments_app.command("list")

@@ -298,6 +298,18 @@ def _launch_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
+def quiet_lightning() -> None:
+    """Command-line training: keep Lightning's info lines and known-harmless warnings off the terminal."""
+    import logging
+    import warnings
+
+    # this module imported lightning.pytorch, which sets these loggers to INFO: lower them afterwards
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def _precision(cfg: Config) -> str:
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
