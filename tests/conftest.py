@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-bone-age-sample"
@@ -107,3 +108,54 @@ def _private_user_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("BONEAGE_CACHE", None)
     else:
         os.environ["BONEAGE_CACHE"] = previous
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray | None,
+    *,
+    photometric: str = "MONOCHROME2",
+    preamble: bool = True,
+    **header: object,
+) -> Path:
+    """Write a DICOM file with pydicom's own writer, as a modality would (8/16-bit, RGB, multi-frame,
+    with or without the preamble); ``header`` sets any DICOM keyword, e.g. ``PatientSex="F"``."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.PatientID = "TEST"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    if pixels is not None:
+        frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
+        rows, cols = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
+        ds.PhotometricInterpretation = photometric
+        bits = pixels.dtype.itemsize * 8
+        ds.BitsAllocated = bits
+        ds.BitsStored = bits if bits == 8 or photometric == "RGB" else 12
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 0
+        if photometric == "RGB":
+            ds.PlanarConfiguration = 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if preamble:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    else:
+        # Bare data set, no preamble, no "DICM", no file meta: what some old PACS exports look like.
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return path

@@ -8,12 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
-from conftest import make_tiny_predictor
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from conftest import make_tiny_predictor, write_dicom
 
 from boneage.errors import BoneAgeInputError
 from boneage.inference import TTA_VIEWS, Predictor, normalize_sex, save_bundle, tta_batch
@@ -28,30 +25,6 @@ def _hand_like(h: int = 160, w: int = 120) -> np.ndarray:
     img[30:80, 15:28] = 220  # thumb on the left
     img[20:70, 60:70] = 200
     return img
-
-
-def _dicom(path: Path, pixels: np.ndarray, **header: str) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientID = "TEST"
-    for key, value in header.items():
-        setattr(ds, key, value)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +93,7 @@ def test_normalize_sex() -> None:
 
 
 def test_dicom_sex_from_header(tmp_path: Path, bundle_predictor: Predictor) -> None:
-    path = _dicom(tmp_path / "hand.dcm", _hand_like(), PatientSex="M")
+    path = write_dicom(tmp_path / "hand.dcm", _hand_like(), PatientSex="M")
     pred = bundle_predictor.predict(path)
     assert pred.sex == "male"
     assert math.isfinite(pred.bone_age_months)
@@ -132,8 +105,8 @@ def test_dicom_sex_from_header(tmp_path: Path, bundle_predictor: Predictor) -> N
 
 def test_right_hand_is_mirrored(tmp_path: Path, bundle_predictor: Predictor) -> None:
     pixels = _hand_like()
-    left = _dicom(tmp_path / "left.dcm", pixels, PatientSex="F", ImageLaterality="L")
-    right = _dicom(tmp_path / "right.dcm", pixels, PatientSex="F", ImageLaterality="R")
+    left = write_dicom(tmp_path / "left.dcm", pixels, PatientSex="F", ImageLaterality="L")
+    right = write_dicom(tmp_path / "right.dcm", pixels, PatientSex="F", ImageLaterality="R")
     p_left, p_right = bundle_predictor.predict(left), bundle_predictor.predict(right)
     assert not any("mirrored" in w for w in p_left.warnings)
     assert any("mirrored" in w for w in p_right.warnings)
@@ -142,7 +115,7 @@ def test_right_hand_is_mirrored(tmp_path: Path, bundle_predictor: Predictor) -> 
 
 
 def test_heatmap_shape_and_range(tmp_path: Path, bundle_predictor: Predictor) -> None:
-    pred = bundle_predictor.predict(_dicom(tmp_path / "h.dcm", _hand_like(), PatientSex="F"))
+    pred = bundle_predictor.predict(write_dicom(tmp_path / "h.dcm", _hand_like(), PatientSex="F"))
     cam = bundle_predictor.heatmap(pred)
     assert cam.shape == (64, 64) == pred.image.shape
     assert cam.dtype == np.float32

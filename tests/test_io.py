@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_dicom
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEG2000Lossless
 
 from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph, sniff_format
@@ -31,52 +31,8 @@ def _png_bytes(im: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def _dicom(
-    tmp_path: Path,
-    pixels: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    preamble: bool = True,
-    name: str = "x.dcm",
-    **header: object,
-) -> Path:
-    """Write a DICOM file with pydicom's own writer, as a modality would."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientID = "TEST"
-    for key, value in header.items():
-        setattr(ds, key, value)
-    if pixels is not None:
-        frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
-        rows, cols = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
-        ds.PhotometricInterpretation = photometric
-        bits = pixels.dtype.itemsize * 8
-        ds.BitsAllocated = bits
-        ds.BitsStored = bits if bits == 8 or photometric == "RGB" else 12
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        if photometric == "RGB":
-            ds.PlanarConfiguration = 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    path = tmp_path / name
-    if preamble:
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    else:
-        # Bare data set, no preamble, no "DICM", no file meta: what some old PACS exports look like.
-        del ds.file_meta
-        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
-    return path
+def _dicom(tmp_path: Path, pixels: np.ndarray, *, name: str = "x.dcm", **kwargs: object) -> Path:
+    return write_dicom(tmp_path / name, pixels, **kwargs)
 
 
 def _ramp_u16(max_value: int = 4095) -> np.ndarray:

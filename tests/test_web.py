@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_dicom
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -145,33 +146,13 @@ def test_predict_real_radiographs(client: TestClient, radiographs: list[tuple[Pa
         assert r["model"]["backbone"] == "test_efficientnet" and "Greulich" in r["reference"]
 
 
-def _dicom_bytes(png_path: Path, **header: str) -> bytes:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    pixels = np.asarray(Image.open(png_path).convert("L"))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CR", "TEST"
-    for key, value in header.items():
-        setattr(ds, key, value)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def test_dicom_header_supplies_sex_and_age(client: TestClient, radiographs: list[tuple[Path, str]]) -> None:
-    dicom = _dicom_bytes(radiographs[0][0], PatientSex="F", PatientBirthDate="20100115", StudyDate="20170715")
+def test_dicom_header_supplies_sex_and_age(
+    client: TestClient, radiographs: list[tuple[Path, str]], tmp_path: Path
+) -> None:
+    pixels = np.asarray(Image.open(radiographs[0][0]).convert("L"))
+    path = write_dicom(tmp_path / "hand.dcm", pixels, PatientSex="F", PatientBirthDate="20100115",
+                       StudyDate="20170715")
+    dicom = path.read_bytes()
     response = _post(client, dicom, name="hand.dcm")  # no sex, no age in the form
     assert response.status_code == 200, response.text
     r = response.json()
