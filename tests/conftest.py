@@ -8,45 +8,58 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-bone-age-sample"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_SAMPLE = SHARED_DATA / "rsna-bone-age-sample"
+SHARED_299 = SHARED_DATA / "rsna-bone-age-299"
+
+
+def _shared(folder: Path) -> Path:
+    """A real data set next to the repo; missing data fails in CI (a silent skip hides a broken checkout)
+    and skips on a developer machine without it."""
+    if not (folder / "labels.csv").is_file() or not (folder / "images").is_dir():
+        message = f"shared RSNA data not found at {folder}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def shared_sample() -> Path:
-    """The real RSNA sample next to the repo; missing data fails in CI (a silent skip hides a broken
-    checkout) and skips on a developer machine without it."""
-    if not (SHARED_SAMPLE / "labels.csv").is_file() or not (SHARED_SAMPLE / "images").is_dir():
-        message = f"shared RSNA sample not found at {SHARED_SAMPLE}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return SHARED_SAMPLE
+    """The 1,001 real radiographs in their own aspect ratio (what a clinic sends)."""
+    return _shared(SHARED_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def shared_299() -> Path:
+    """The 12,375 real radiographs squashed to 299 x 299 (the training data of the bundled model)."""
+    return _shared(SHARED_299)
 
 
 def make_tiny_predictor(size: int = 64, seed: int = 0):
     """A randomly initialised tiny network with the real Predictor around it: fast, offline, deterministic."""
     import torch
 
-    from boneage.config import Config
     from boneage.inference import Predictor
     from boneage.models import BoneAgeNet
+    from boneage.spec import ModelSpec, PreprocessSpec
 
     torch.manual_seed(seed)
-    cfg = Config()
-    cfg.model.backbone = "test_efficientnet"
-    cfg.model.pretrained = "none"
-    cfg.model.head = [16]
-    cfg.model.dropout = 0.0
-    cfg.preprocess.size = size
-    model = BoneAgeNet("test_efficientnet", [16], sex_units=8, dropout=0.0, in_chans=1)
-    cfg.model.sex_units = 8
-    return Predictor(model, cfg, {"val_mae_months": 99.0, "version": "test"})
+    spec = ModelSpec(
+        preprocess=PreprocessSpec(size=size),
+        backbone="test_efficientnet",
+        head=[16],
+        sex_units=8,
+        dropout=0.0,
+    )
+    model = BoneAgeNet.from_spec(spec)
+    return Predictor(model, spec, {"val_mae_months": 99.0, "version": "test"})
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model saved in the bundled-model format (fp16 safetensors + JSON metadata)."""
-    from boneage.inference import save_bundle
+    from boneage.bundle import save_bundle
 
     path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
     return save_bundle(make_tiny_predictor(), path)
@@ -54,32 +67,31 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_tiny_train_config(shared_sample: Path, cache_dir: Path, **sections: dict):
     """A training config small enough for CI: 40 real radiographs at 32 px, a tiny timm network, 1 epoch
-    on the CPU. ``sections`` update fields, e.g. ``train={"epochs": 2}``."""
-    from boneage.config import Config
+    on the CPU. ``sections`` update fields, e.g. ``train={"epochs": 2}``; built (and validated) the way a
+    YAML file is."""
+    from boneage.config import build_config, deep_merge
 
-    cfg = Config()
-    cfg.name = "tiny"
-    cfg.data.images = str(shared_sample / "images")
-    cfg.data.labels = str(shared_sample / "labels.csv")
-    cfg.data.limit = 40
-    cfg.data.cache_dir = str(cache_dir)
-    cfg.data.num_workers = 1
-    cfg.preprocess.size = 32
-    cfg.model.backbone = "test_efficientnet"
-    cfg.model.pretrained = "none"
-    cfg.model.head = [16]
-    cfg.model.sex_units = 8
-    cfg.model.dropout = 0.0
-    cfg.train.epochs = 1
-    cfg.train.batch_size = 16
-    cfg.trainer.accelerator = "cpu"
-    cfg.trainer.devices = 1
-    cfg.trainer.progress_bar = False
-    cfg.trainer.log_every_n_steps = 1
-    for section, values in sections.items():
-        for key, value in values.items():
-            setattr(getattr(cfg, section), key, value)
-    return cfg
+    data = {
+        "name": "tiny",
+        "data": {
+            "images": str(shared_sample / "images"),
+            "labels": str(shared_sample / "labels.csv"),
+            "limit": 40,
+            "cache_dir": str(cache_dir),
+            "num_workers": 1,
+        },
+        "preprocess": {"size": 32},
+        "model": {
+            "backbone": "test_efficientnet",
+            "pretrained": "none",
+            "head": [16],
+            "sex_units": 8,
+            "dropout": 0.0,
+        },
+        "train": {"epochs": 1, "batch_size": 16},
+        "trainer": {"accelerator": "cpu", "devices": 1, "progress_bar": False, "log_every_n_steps": 1},
+    }
+    return build_config(deep_merge(data, sections))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from boneage.cache import (
     encode_image,
 )
 from boneage.config import Config
-from boneage.data import BoneAgeDataModule
+from boneage.data import datamodule_from_config
 from boneage.errors import BoneAgeInputError
 from boneage.preprocess import Preprocess
 
@@ -131,6 +131,17 @@ def test_rebuild_adds_only_new_ids_as_new_shards(tmp_path: Path, monkeypatch: py
     assert seen == [] and again.added == 0 and again.already == 9
 
 
+def test_build_reports_progress_through_a_callback(tmp_path: Path) -> None:
+    images, labels = _dataset(tmp_path, 3)
+    out = tmp_path / "cache"
+    calls: list[tuple[int, int]] = []
+    build_cache(out, PREP, labels, images, fmt="raw", workers=1, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    calls.clear()
+    build_cache(out, PREP, labels, images, fmt="raw", workers=1, progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing to encode, nothing to report
+
+
 def test_changed_label_updates_manifest_without_reencoding(tmp_path: Path) -> None:
     images, labels = _dataset(tmp_path, 4)
     out = tmp_path / "cache"
@@ -184,7 +195,7 @@ def test_flipped_bytes_are_detected_and_named(tmp_path: Path) -> None:
     # the training side sees the same error, before any image is decoded
     cfg = _cache_config(out, tmp_path)
     with pytest.raises(BoneAgeInputError, match=r"shard-00000\.bin"):
-        BoneAgeDataModule(cfg, progress=False).setup("fit")
+        datamodule_from_config(cfg, progress=False).setup("fit")
 
 
 def test_truncated_shard_is_detected_and_repair_rebuilds_it(tmp_path: Path) -> None:
@@ -249,10 +260,10 @@ def _items(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignor
 def test_samples_equal_the_uncached_path(tmp_path: Path, fmt: str) -> None:
     """Lossless shards give exactly the .npy cache's images, splits and labels; JPEG is within q95's error."""
     _dataset(tmp_path, 12)
-    plain = BoneAgeDataModule(_cache_config(None, tmp_path), progress=False)
+    plain = datamodule_from_config(_cache_config(None, tmp_path), progress=False)
     plain.setup("fit")
     cfg = _cache_config(None, tmp_path, cache_format="shards", shard_format=fmt, decode="worker")
-    shards = BoneAgeDataModule(cfg, progress=False)
+    shards = datamodule_from_config(cfg, progress=False)
     shards.setup("fit")
     assert np.array_equal(plain.train_idx, shards.train_idx) and np.array_equal(plain.val_idx, shards.val_idx)
     assert shards.target_stats == plain.target_stats
@@ -333,16 +344,16 @@ def test_training_runs_from_the_cache_alone(tmp_path: Path) -> None:
 def test_missing_cache_without_sources_is_a_user_error(tmp_path: Path) -> None:
     cfg = _cache_config(tmp_path / "nowhere", tmp_path)
     with pytest.raises(BoneAgeInputError, match="no shard cache"):
-        BoneAgeDataModule(cfg, progress=False).setup("fit")
+        datamodule_from_config(cfg, progress=False).setup("fit")
 
 
 def test_named_cache_is_built_when_missing_and_respects_preprocess(tmp_path: Path) -> None:
     _dataset(tmp_path, 12)
     out = tmp_path / "built-by-training"
-    dm = BoneAgeDataModule(_cache_config(out, tmp_path, shard_format="raw"), progress=False)
+    dm = datamodule_from_config(_cache_config(out, tmp_path, shard_format="raw"), progress=False)
     dm.setup("fit")
     assert ShardCache(out).count == 12 and len(dm.train_set) + len(dm.val_set) == 12
     other = _cache_config(out, tmp_path)
     other.preprocess.size = 48
     with pytest.raises(BoneAgeInputError, match="preprocess settings"):
-        BoneAgeDataModule(other, progress=False).setup("fit")
+        datamodule_from_config(other, progress=False).setup("fit")

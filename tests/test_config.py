@@ -207,7 +207,7 @@ def test_unknown_keys_and_bad_overrides(override: str, match: str) -> None:
         ("augment.enabled=maybe", "augment.enabled must be true or false"),
         ("augment.enabled=2", "augment.enabled must be true or false"),
         ("model.head=5", "model.head must be a list"),
-        ("model.head=[a, 5]", "model.head must be a number"),
+        ("model.head=[a, 5]", "model.head.0 must be a number"),
     ],
 )
 def test_type_errors(override: str, match: str) -> None:
@@ -241,3 +241,63 @@ def test_config_from_dict_checks_keys() -> None:
     data["train"]["bogus"] = 1
     with pytest.raises(BoneAgeInputError, match="train.bogus"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.optimizer=adamm", "train.optimizer='adamm' is not allowed (choose 'adam', 'adamw' or 'sgd')"),
+        ("data.source=nhi", "data.source='nhi' is not allowed"),
+        ("preprocess.contrast=clahee", "preprocess.contrast='clahee' is not allowed"),
+        ("model.task=regresion", "model.task='regresion' is not allowed"),
+        ("preprocess.geometry=stretch", "preprocess.geometry='stretch' is not allowed"),
+        ("train.schedule=linear", "train.schedule='linear' is not allowed"),
+    ],
+)
+def test_values_outside_the_allowed_set_fail_at_load(override: str, match: str) -> None:
+    """A typo in a value fails when the config is read, naming the key, the value and the choices."""
+    with pytest.raises(BoneAgeInputError, match=match.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.epochs=-3", "train.epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.lr=.nan", "train.lr must be a finite number"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.val_fraction=1", "data.val_fraction"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("augment.flip=2", "augment.flip"),
+        ("name=../../etc", "config key name"),
+        ("name=/tmp/x", "config key name"),
+        ("train.size_schedule={0: 8}", "train.size_schedule"),
+    ],
+)
+def test_values_out_of_range_fail_at_load(override: str, match: str) -> None:
+    with pytest.raises(BoneAgeInputError, match=match):
+        load_config(None, [override])
+
+
+def test_nested_run_names_are_allowed() -> None:
+    assert load_config(None, ["name=grid/variant-1"]).name == "grid/variant-1"
+
+
+def test_every_shipped_config_validates() -> None:
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if path.parent.name == "experiments":
+            continue  # grid files have their own layout (tests/test_experiments.py validates them)
+        load_config(path)
+
+
+def test_run_config_makes_the_model_spec() -> None:
+    cfg = load_config(REPO / "configs" / "bundled-v0.2.yaml")
+    spec = cfg.model_spec(100.0, 30.0)
+    assert spec.preprocess.geometry == "squash" and spec.preprocess.size == 224
+    assert (spec.backbone, spec.head) == ("tf_efficientnet_lite0", [512])
+    assert (spec.target_mean, spec.target_std) == (100, 30)
+    assert "pretrained" not in spec.model_dump()  # how it was initialised is training history, not the model
+    assert cfg.train.size_schedule == {0: 160, 5: 224} and cfg.train.ema_decay == pytest.approx(0.998)

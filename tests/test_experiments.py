@@ -16,8 +16,9 @@ import torch
 import yaml
 from PIL import Image
 
-from boneage.config import Config, ModelConfig, load_config
+from boneage.config import Config, ModelConfig, RunConfig, load_config
 from boneage.errors import BoneAgeInputError
+from boneage.models import BoneAgeNet, build_model
 
 TINY = {
     "data": {"val_fraction": 0.25, "num_workers": 1},
@@ -27,6 +28,11 @@ TINY = {
     "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
     "trainer": {"accelerator": "cpu", "devices": 1, "progress_bar": False, "log_every_n_steps": 1},
 }
+
+
+def _build(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0) -> BoneAgeNet:
+    """The network a run config's model section describes, initialised as its ``pretrained`` says."""
+    return build_model(RunConfig(model=cfg).model_spec(age_mean, age_std), cfg.pretrained)
 
 
 def make_rsna(root: Path, n: int = 28, seed: int = 0) -> tuple[Path, Path]:
@@ -76,20 +82,19 @@ def trainable(model: torch.nn.Module) -> int:
 
 
 def test_init_none_is_random_and_reported() -> None:
-    from boneage.models import build_model
 
     torch.manual_seed(0)
-    a = build_model(ModelConfig(backbone="test_efficientnet", pretrained="none", head=[16]))
+    a = _build(ModelConfig(backbone="test_efficientnet", pretrained="none", head=[16]))
     torch.manual_seed(1)
-    b = build_model(ModelConfig(backbone="test_efficientnet", pretrained="none", head=[16]))
+    b = _build(ModelConfig(backbone="test_efficientnet", pretrained="none", head=[16]))
     assert a.init_report == {"source": "none", "loaded": 0, "skipped": []}
     assert not torch.equal(a.backbone.conv_stem.weight, b.backbone.conv_stem.weight)
 
 
 def test_init_imagenet_loads_the_packaged_weights() -> None:
-    from boneage.models import _offline_imagenet_state, build_model
+    from boneage.models import _offline_imagenet_state
 
-    model = build_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[8]))
+    model = _build(ModelConfig(backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[8]))
     reference = _offline_imagenet_state("tf_efficientnet_lite0")
     assert reference is not None
     key = "blocks.6.0.conv_pw.weight"
@@ -98,31 +103,31 @@ def test_init_imagenet_loads_the_packaged_weights() -> None:
     assert torch.allclose(model.backbone.conv_stem.weight, reference["conv_stem.weight"].sum(1, keepdim=True))
     report = model.init_report
     assert report["source"].startswith("imagenet") and report["loaded"] == len(model.backbone.state_dict())
-    assert "head.0.weight" in report["skipped"] and "sex.0.weight" in report["skipped"]
+    assert "head.hidden.0.weight" in report["skipped"] and "sex.0.weight" in report["skipped"]
 
 
 def test_init_from_a_checkpoint_loads_matching_tensors_and_lists_skipped(tiny_run: Path) -> None:
-    from boneage.models import build_model, read_state_dict
+    from boneage.models import read_state_dict
 
     ckpt = tiny_run / "best.ckpt"
     source = read_state_dict(ckpt)
     # same backbone, wider head: backbone and sex branch load, the head's first layer cannot
     cfg = ModelConfig(backbone="test_efficientnet", pretrained=str(ckpt), head=[32], sex_units=4)
-    model = build_model(cfg, age_mean=100.0, age_std=30.0)
+    model = _build(cfg, age_mean=100.0, age_std=30.0)
     state = model.state_dict()
     assert torch.equal(state["backbone.conv_stem.weight"], source["backbone.conv_stem.weight"])
     assert torch.equal(state["sex.0.weight"], source["sex.0.weight"])
     report = model.init_report
     assert report["source"] == str(ckpt)
-    assert {"head.0.weight", "head.0.bias", "head.3.weight"} <= set(report["skipped"])
+    assert {"head.hidden.0.weight", "head.hidden.0.bias", "head.out.weight"} <= set(report["skipped"])
     assert not any(k.startswith("backbone.") for k in report["skipped"])
     # the new task's target statistics are kept, not the checkpoint's
     assert float(model.age_mean) == 100.0 and float(model.age_std) == 30.0
 
     with pytest.raises(BoneAgeInputError, match="no backbone tensor of the checkpoint fits"):
-        build_model(ModelConfig(backbone="test_resnet", pretrained=str(ckpt), head=[7], sex_units=3))
+        _build(ModelConfig(backbone="test_resnet", pretrained=str(ckpt), head=[7], sex_units=3))
     with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
-        build_model(ModelConfig(backbone="test_efficientnet", pretrained=str(tiny_run / "nope.ckpt")))
+        _build(ModelConfig(backbone="test_efficientnet", pretrained=str(tiny_run / "nope.ckpt")))
 
 
 def test_training_from_a_checkpoint_records_the_init_in_summary(
@@ -135,7 +140,7 @@ def test_training_from_a_checkpoint_records_the_init_in_summary(
     saved = json.loads((tmp_path / "from-ckpt" / "summary.json").read_text())
     assert saved["init"] == summary["init"]
     assert saved["init"]["source"] == str(tiny_run / "best.ckpt")
-    assert "head.0.weight" in saved["init"]["skipped"] and saved["init"]["loaded"] > 50
+    assert "head.hidden.0.weight" in saved["init"]["skipped"] and saved["init"]["loaded"] > 50
     assert saved["finished"] is True and saved["epochs_completed"] == 1
 
 
@@ -150,7 +155,7 @@ def test_freeze_counts_for_several_n(backbone: str) -> None:
     layers = parameterised_layers(model)
     total = sum(p.numel() for p in model.parameters())
     # counted from the output end: the head's dense layers, then the sex branch, then the backbone backwards
-    assert layers[-1] is model.head[-1] and layers[-3] is model.sex[0]
+    assert layers[-1] is model.head.out and layers[-3] is model.sex[0]
     counts = []
     for n in (1, 2, 3, 5, 10, len(layers) - 1):
         expected = sum(p.numel() for layer in layers[-n:] for p in layer.parameters(recurse=False))
@@ -170,7 +175,7 @@ def test_phase_one_trains_head_and_sex_branch_only() -> None:
     cfg = Config()
     cfg.model = ModelConfig(backbone="test_resnet", pretrained="none", head=[16], sex_units=4)
     cfg.finetune.head_epochs, cfg.finetune.layers = 2, "4"
-    module = BoneAgeModule(cfg.to_dict())
+    module = BoneAgeModule.from_config(cfg)
     head_and_sex = sum(p.numel() for p in [*module.model.head.parameters(), *module.model.sex.parameters()])
     assert [module.phase_for_epoch(e) for e in range(4)] == [1, 1, 2, 2]
     assert module.apply_phase(1) == head_and_sex == trainable(module.model)
@@ -179,9 +184,8 @@ def test_phase_one_trains_head_and_sex_branch_only() -> None:
 
     phase2 = module.apply_phase(2)
     assert phase2 == freeze_all_but(module.model, 4) and phase2 > head_and_sex
-    cfg.finetune.layers = "twenty"
     with pytest.raises(BoneAgeInputError, match="finetune.layers"):
-        BoneAgeModule(cfg.to_dict())
+        load_config(None, ["finetune.layers=twenty"])
 
 
 def test_two_phase_schedule_switches_optimiser_and_resumes_across_the_boundary(
@@ -265,7 +269,7 @@ def test_grid_runs_resumes_after_a_kill_and_reports(tiny_yaml: Path, tmp_path: P
     plan = run_grid("tiny-grid", runs_dir=runs, experiments_dir=exps, dry_run=True)
     assert [(r["variant"], r["layers"], r["status"]) for r in plan] == [
         ("all-layers", "all", "new"),
-        ("last-5", "5", "new"),
+        ("last-5", 5, "new"),
     ]
     assert not runs.exists()
 
@@ -280,7 +284,7 @@ def test_grid_runs_resumes_after_a_kill_and_reports(tiny_yaml: Path, tmp_path: P
     assert [(r["variant"], r["status"]) for r in again] == [("all-layers", "skipped"), ("last-5", "finished")]
     assert done.stat().st_mtime_ns == stamp  # untouched
     saved = load_config(runs / "tiny-grid" / "last-5" / "config.yaml")
-    assert saved.finetune.layers == "5" and saved.train.lr == 3e-3 and saved.name == "tiny-grid/last-5"
+    assert saved.finetune.layers == 5 and saved.train.lr == 3e-3 and saved.name == "tiny-grid/last-5"
 
     # a different config for an existing run folder is refused, not silently mixed
     changed = {"name": "tiny-grid", "base": str(tiny_yaml), "variants": {"last-5": {"train.epochs": 2}}}
@@ -351,7 +355,7 @@ def test_experiment_files_resolve_and_errors_are_readable(tmp_path: Path) -> Non
         list_experiments(shipped)
     )
     _, cfgs = resolve("chest-0-20-finetune", experiments_dir=shipped)
-    assert [c.finetune.layers for c in cfgs.values()] == ["20", "30", "50", "100"]
+    assert [c.finetune.layers for c in cfgs.values()] == [20, 30, 50, 100]
     c = cfgs["layers-20"]
     assert (c.model.pretrained, c.train.optimizer, c.train.lr, c.finetune.head_epochs) == (
         "runs/chest-0-20/best.ckpt",
@@ -361,7 +365,7 @@ def test_experiment_files_resolve_and_errors_are_readable(tmp_path: Path) -> Non
     )
     _, cfgs = resolve("chest-0-100-finetune", experiments_dir=shipped, max_epochs=4)
     assert [(c.finetune.layers, c.train.epochs, c.finetune.head_epochs) for c in cfgs.values()] == [
-        ("3", 4, 1),
+        (3, 4, 1),
         ("all", 4, 1),
     ]
     _, cfgs = resolve("backbones", experiments_dir=shipped)
@@ -423,7 +427,7 @@ def test_cli_experiments_and_tune_are_wired(tiny_yaml: Path, tmp_path: Path) -> 
 
 def test_tune_continues_its_study(tiny_yaml: Path, tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    from boneage.experiments import tune
+    from boneage.tuning import tune
 
     folder = tmp_path / "tune"
     kwargs = {"run_dir": folder, "sizes": (32,), "layers": ("5", "all"), "lr_range": (1e-4, 1e-2)}
@@ -458,7 +462,7 @@ def test_tune_continues_its_study(tiny_yaml: Path, tmp_path: Path) -> None:
 def test_tune_without_optuna_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tiny_yaml: Path) -> None:
     import builtins
 
-    from boneage.experiments import tune
+    from boneage.tuning import tune
 
     real_import = builtins.__import__
 

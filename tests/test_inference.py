@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import make_tiny_predictor, write_dicom
 
+from boneage.bundle import save_bundle
 from boneage.errors import BoneAgeInputError
-from boneage.inference import TTA_VIEWS, Predictor, normalize_sex, save_bundle, tta_batch
+from boneage.inference import TTA_VIEWS, Predictor, normalize_sex, tta_batch
 from boneage.io import read_radiograph
 
 
@@ -39,11 +40,11 @@ def real_image(shared_sample: Path) -> Path:
 
 def test_load_bundle_matches_the_saved_model(bundle_predictor: Predictor) -> None:
     p = bundle_predictor
-    assert p.cfg.model.backbone == "test_efficientnet"
+    assert p.spec.backbone == "test_efficientnet"
     assert p.preprocess.size == 64
     assert len(p.views) == 6
     assert p.info["backbone"] == "test_efficientnet" and p.info["input_size"] == 64
-    assert "config" not in p.info
+    assert "config" not in p.info and "spec" not in p.info
     original = make_tiny_predictor()  # the same seed as the bundle: the fp16 copy must agree closely
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 64, 64), dtype=np.uint8)
@@ -90,6 +91,11 @@ def test_normalize_sex() -> None:
     assert normalize_sex("F") == "female" and normalize_sex("Male") == "male"
     assert normalize_sex(True) == "male" and normalize_sex(False) == "female"
     assert normalize_sex(None) is None and normalize_sex("") is None
+    # typed by a person, 1/0/true mean nothing obvious: only the documented spellings are accepted
+    for typed in ("1", "0", "true", "yes"):
+        with pytest.raises(BoneAgeInputError, match="sex must be female or male"):
+            normalize_sex(typed)
+    assert normalize_sex("true", flags=True) == "male"  # a label file's `male` column
 
 
 def test_dicom_sex_from_header(tmp_path: Path, bundle_predictor: Predictor) -> None:
@@ -165,10 +171,14 @@ def test_save_bundle_is_small_fp16_with_metadata(tmp_path: Path) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["boneage"])
     assert set(tensors) == set(predictor.model.state_dict())
-    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    # weights in fp16; the four scalar normalisation buffers stay fp32 (127.6 must not become 127.625)
+    floats = {k: t.dtype for k, t in tensors.items() if t.is_floating_point()}
+    assert {d for k, d in floats.items() if not k.startswith(("age_", "pixel_"))} == {torch.float16}
+    assert {d for k, d in floats.items() if k.startswith(("age_", "pixel_"))} == {torch.float32}
     assert {t.dtype for t in tensors.values() if not t.is_floating_point()} <= {torch.int64}  # BN counters
     assert meta["val_mae_months"] == 12.5
-    assert meta["config"]["model"]["backbone"] == "test_efficientnet"
+    assert meta["spec"]["backbone"] == "test_efficientnet"
+    assert "config" not in meta  # nothing about how it was trained travels with the weights
     again = Predictor.load(path)
     assert again.meta["val_mae_months"] == 12.5
 
@@ -183,7 +193,7 @@ def test_load_errors(tmp_path: Path) -> None:
     assert str(junk) in str(info.value)
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, plain)
-    with pytest.raises(BoneAgeInputError, match="no boneage config"):
+    with pytest.raises(BoneAgeInputError, match="no boneage model spec"):
         Predictor.load(plain)
 
 
@@ -192,7 +202,7 @@ def test_training_checkpoint_loads(trained_run: tuple[Path, dict], real_image: P
     run_dir, _ = trained_run
     for name in ("best.ckpt", "last.ckpt"):
         predictor = Predictor.load(run_dir / name)
-        assert predictor.cfg.model.backbone == "test_efficientnet"
+        assert predictor.spec.backbone == "test_efficientnet"
         assert predictor.preprocess.size == 32
         pred = predictor.predict(real_image, "male")
         assert math.isfinite(pred.bone_age_months) and pred.uncertainty_months >= 0

@@ -9,10 +9,9 @@ import pytest
 import timm
 import torch
 
-from boneage.config import ModelConfig
+from boneage.config import PRESETS, ModelConfig, RunConfig
 from boneage.errors import BoneAgeInputError
 from boneage.models import (
-    PRESETS,
     BoneAgeNet,
     _offline_imagenet_state,
     build_model,
@@ -21,6 +20,11 @@ from boneage.models import (
     parameterised_layers,
     read_state_dict,
 )
+
+
+def _build(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0) -> BoneAgeNet:
+    """The network a run config's model section describes, initialised as its ``pretrained`` says."""
+    return build_model(RunConfig(model=cfg).model_spec(age_mean, age_std), cfg.pretrained)
 
 
 def _tiny_cfg(**kw) -> ModelConfig:
@@ -43,7 +47,7 @@ def _inputs(b: int = 3, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_output_is_months_of_shape_b() -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny_cfg(), age_mean=120.0, age_std=40.0).eval()
+    model = _build(_tiny_cfg(), age_mean=120.0, age_std=40.0).eval()
     image, male = _inputs()
     with torch.no_grad():
         out = model(image, male)
@@ -59,7 +63,7 @@ def test_output_is_months_of_shape_b() -> None:
 
 def test_sex_input_matters() -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny_cfg()).eval()
+    model = _build(_tiny_cfg()).eval()
     image, _ = _inputs(b=1)
     with torch.no_grad():
         female, male = model(image, torch.tensor([0.0])), model(image, torch.tensor([1.0]))
@@ -68,18 +72,45 @@ def test_sex_input_matters() -> None:
 
 def test_unknown_backbone() -> None:
     with pytest.raises(BoneAgeInputError, match="unknown timm backbone 'no_such_net'"):
-        build_model(_tiny_cfg(backbone="no_such_net"))
+        _build(_tiny_cfg(backbone="no_such_net"))
 
 
 def test_head_layout() -> None:
     model = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.1)
-    linears = [m for m in model.head if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
         (model.backbone.num_features + 8, 32),
         (32, 16),
         (16, 1),
     ]
-    assert sum(isinstance(m, torch.nn.Dropout) for m in model.head) == 2
+    assert isinstance(model.head.drop, torch.nn.Dropout) and model.head.drop.p == 0.1
+
+
+def test_head_names_do_not_depend_on_dropout(tmp_path: Path) -> None:
+    """A checkpoint trained with another dropout initialises the whole head (v0.1 named layers by their
+    index in a Sequential, so dropout shifted them and the head was silently re-initialised)."""
+    with_dropout = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.3)
+    without = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.0)
+    assert list(with_dropout.state_dict()) == list(without.state_dict())
+    source = tmp_path / "dropout.pt"
+    torch.save(with_dropout.state_dict(), source)
+    model = _build(_tiny_cfg(head=[32, 16], dropout=0.0, pretrained=str(source)))
+    assert model.init_report["skipped"] == []
+    assert torch.equal(model.head.out.weight, with_dropout.head.out.weight)
+
+
+def test_v01_head_names_are_renamed() -> None:
+    """v0.1 checkpoints and bundles (head.0 / head.3 with dropout) load into today's head."""
+    from boneage.models import rename_legacy_head
+
+    model = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.2)
+    legacy = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("head.hidden.0.", "head.0.").replace("head.hidden.1.", "head.3.")
+        legacy[key.replace("head.out.", "head.6.")] = value
+    renamed = rename_legacy_head(legacy)
+    assert set(renamed) == set(model.state_dict())
+    assert torch.equal(renamed["head.out.weight"], model.head.out.weight)
 
 
 def test_16bitnet_preset_fields() -> None:
@@ -102,9 +133,9 @@ def lite0_state() -> dict[str, torch.Tensor]:
 def test_imagenet_lite0_offline_weights(lite0_state: dict[str, torch.Tensor]) -> None:
     cfg = ModelConfig(backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[16], sex_units=8)
     torch.manual_seed(0)
-    random = build_model(ModelConfig(**{**cfg.__dict__, "pretrained": "none"})).eval()
+    random = _build(cfg.model_copy(update={"pretrained": "none"})).eval()
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = _build(cfg).eval()
     w, w_random = model.backbone.conv_stem.weight, random.backbone.conv_stem.weight
     assert w.shape == (32, 1, 3, 3)  # a one-channel stem
     assert not torch.allclose(w, w_random)
@@ -124,7 +155,7 @@ def test_imagenet_three_channels_copies_the_stem(lite0_state: dict[str, torch.Te
     cfg = ModelConfig(
         backbone="tf_efficientnet_lite0", pretrained="imagenet", head=[16], sex_units=8, in_chans=3
     )
-    model = build_model(cfg).eval()
+    model = _build(cfg).eval()
     assert torch.equal(model.backbone.conv_stem.weight, lite0_state["conv_stem.weight"])
     with torch.no_grad():
         out = model(*_inputs(b=2, size=64))  # still fed one grey channel
@@ -191,18 +222,18 @@ def test_build_from_checkpoint_loads_matching_and_logs_skipped(
     plain = tmp_path / "plain.pt"
     torch.save(source.state_dict(), plain)
 
-    model = build_model(_tiny_cfg(pretrained=str(plain)))
+    model = _build(_tiny_cfg(pretrained=str(plain)))
     for key, tensor in source.state_dict().items():
         if key not in {"age_mean", "age_std"}:  # the target statistics belong to the new run's data
             assert torch.equal(model.state_dict()[key], tensor), key
 
     # another head: the backbone and sex branch load, the head's first layer is skipped and reported
     with caplog.at_level(logging.WARNING, logger="boneage.models"):
-        other = build_model(_tiny_cfg(pretrained=str(plain), head=[24]))
-    assert "head.0.weight" in caplog.text and "head.2.weight" in caplog.text
+        other = _build(_tiny_cfg(pretrained=str(plain), head=[24]))
+    assert "head.hidden.0.weight" in caplog.text and "head.out.weight" in caplog.text
     assert torch.equal(other.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
     assert torch.equal(other.sex[0].weight, source.sex[0].weight)
-    assert other.head[0].weight.shape == (24, source.backbone.num_features + 8)
+    assert other.head.hidden[0].weight.shape == (24, source.backbone.num_features + 8)
 
 
 def test_load_matching_returns_skipped() -> None:
@@ -210,8 +241,8 @@ def test_load_matching_returns_skipped() -> None:
     source = BoneAgeNet("test_efficientnet", [16], sex_units=8)
     target = BoneAgeNet("test_efficientnet", [16], sex_units=4)
     skipped = load_matching(target, source.state_dict())
-    assert skipped == ["head.0.weight", "sex.0.bias", "sex.0.weight"]
-    assert torch.equal(target.head[2].weight, source.head[2].weight)
+    assert skipped == ["head.hidden.0.weight", "sex.0.bias", "sex.0.weight"]
+    assert torch.equal(target.head.out.weight, source.head.out.weight)
     assert torch.equal(target.backbone.conv_stem.weight, source.backbone.conv_stem.weight)
     # an unrelated state dict loads nothing and reports everything
     assert len(load_matching(target, {"foo": torch.zeros(1)})) == len(target.state_dict())
@@ -232,10 +263,10 @@ def test_read_state_dict_lightning_layout_and_bundle(tmp_path: Path, tiny_bundle
 
 def test_pretrained_none_is_random() -> None:
     torch.manual_seed(0)
-    a = build_model(_tiny_cfg())
+    a = _build(_tiny_cfg())
     torch.manual_seed(1)
-    b = build_model(_tiny_cfg(pretrained=""))
-    assert not torch.equal(a.head[0].weight, b.head[0].weight)
+    b = _build(_tiny_cfg(pretrained=""))
+    assert not torch.equal(a.head.hidden[0].weight, b.head.hidden[0].weight)
 
 
 # ---- freezing ---------------------------------------------------------------------------------------
@@ -251,7 +282,7 @@ def test_freeze_all_but(backbone: str) -> None:
     sex = 8 + 8  # Linear(1 → 8)
     assert freeze_all_but(model, 0) == 0
     assert freeze_all_but(model, 1) == last
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.2.weight", "head.2.bias"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.out.weight", "head.out.bias"]
     assert freeze_all_but(model, 2) == last + hidden
     assert freeze_all_but(model, 3) == last + hidden + sex
     assert not any(p.requires_grad for p in model.backbone.parameters())

@@ -141,6 +141,8 @@ def test_key_changes_with_every_setting() -> None:
     assert len(base.key()) == 12
     variants = [
         Preprocess(size=256),
+        Preprocess(geometry="squash"),
+        Preprocess(geometry="squash", squash_size=256),
         Preprocess(crop=False),
         Preprocess(contrast="clahe"),
         Preprocess(low_percentile=1.0),
@@ -155,7 +157,11 @@ def test_key_changes_with_every_setting() -> None:
         "contrast": "percentile",
         "low_percentile": 0.5,
         "high_percentile": 99.5,
+        "geometry": "letterbox",
+        "squash_size": 299,
     }
+    # caches built before the geometry fields existed keep their key (letterbox was the only geometry)
+    assert base.key() == "fc3441471458"
 
 
 @pytest.mark.integration
@@ -174,3 +180,46 @@ def test_real_radiographs(shared_sample: Path) -> None:
         assert out.std() > 20, path.name  # not blank
         assert 10 < out.mean() < 245, path.name
         assert np.array_equal(out, prep(pixels))
+
+
+def test_squash_resizes_the_whole_frame_first() -> None:
+    """geometry=squash: a tall frame becomes a square before cropping, as the 299 px training copies were
+    made; a frame already that size is untouched."""
+    from boneage.preprocess import squash
+
+    tall = np.zeros((600, 300), dtype=np.float32)
+    tall[100:500, 50:250] = 1.0  # a bright block, 2:1 tall
+    sq = squash(tall, 299)
+    assert sq.shape == (299, 299)
+    rows, cols = np.nonzero(sq > 0.5)
+    # the block now spans two thirds of the width and of the height: its 2:1 aspect became 1:1
+    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 3
+    already = np.random.default_rng(0).random((299, 299)).astype(np.float32)
+    assert np.array_equal(squash(already, 299), already)
+    out = Preprocess(size=64, geometry="squash", crop=False)(tall)
+    assert out.shape == (64, 64)
+    # the block is 2/3 of the square's width when squashed, 1/3 when letterboxed (proportions kept)
+    boxed = Preprocess(size=64, geometry="letterbox", crop=False)(tall)
+    assert abs(int((out[32] > 127).sum()) - 43) <= 2
+    assert abs(int((boxed[32] > 127).sum()) - 21) <= 2
+
+
+@pytest.mark.integration
+def test_squash_geometry_matches_the_299_training_copies(shared_sample: Path, shared_299: Path) -> None:
+    """A clinic's native-aspect PNG squashed to 299 px matches the squashed training copy of the same id,
+    and the whole preprocessing of both gives nearly the same model input."""
+    from boneage.io import read_radiograph
+    from boneage.preprocess import squash
+
+    prep = Preprocess(size=224, geometry="squash", squash_size=299)
+    ids = sorted(p.stem for p in (shared_sample / "images").glob("*.png"))[:12]
+    correlations, diffs = [], []
+    for image_id in ids:
+        native = read_radiograph(shared_sample / "images" / f"{image_id}.png").pixels
+        copy = read_radiograph(shared_299 / "images" / f"{image_id}.jpg").pixels
+        assert native.shape != (299, 299) and copy.shape == (299, 299)
+        correlations.append(np.corrcoef(squash(native, 299).ravel(), copy.ravel())[0, 1])
+        a, b = prep(native).astype(float), prep(copy).astype(float)
+        diffs.append(np.mean(np.abs(a - b)))
+    assert min(correlations) > 0.98, correlations
+    assert np.mean(diffs) < 6.0, diffs  # grey levels out of 255, after crop and contrast

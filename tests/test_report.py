@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,38 @@ def test_html_report_escapes_everything(tmp_path: Path, radiograph: bytes) -> No
     assert "onerror=alert(1)&gt;" in text
     assert path.parent == tmp_path
     assert "<" not in path.name and "/" not in path.name
+
+
+def test_html_report_escapes_script_in_file_name(tmp_path: Path, radiograph: bytes) -> None:
+    name = "hand<script>alert(1)</script>.png"
+    path = write_html_report(assess(100.0, "male", 100.0), radiograph, None, tmp_path, name)
+    text = path.read_text(encoding="utf-8")
+    escaped = "hand&lt;script&gt;alert(1)&lt;/script&gt;.png"
+    assert f"<title>Bone age report — {escaped}</title>" in text
+    assert f"<h1>Bone age report — {escaped}</h1>" in text
+    assert "<script" not in text.lower()
+    assert html.unescape(escaped) == name
+
+
+def test_report_template_is_package_data() -> None:
+    template = resources.files("boneage").joinpath("templates", "report.html.j2")
+    assert template.is_file()
+    source = template.read_text(encoding="utf-8")
+    assert "{{ name }}" in source and "|safe" not in source.replace(" ", "")
+
+
+def test_html_report_markup_is_literal_not_escaped(tmp_path: Path, radiograph: bytes) -> None:
+    # autoescaping escapes values once and leaves the template's own markup alone
+    path = write_html_report(
+        assess(100.0, "male", 100.0, warnings=["a & b"]), radiograph, None, tmp_path, "m"
+    )
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith('<!DOCTYPE html>\n<html lang="en">')
+    assert text.endswith("</html>\n")
+    assert "<li>a &amp; b</li>" in text
+    assert "&amp;amp;" not in text and "&amp;lt;" not in text
+    assert "Greulich &amp; Pyle ±2 SD band</figcaption>" in text
+    assert '<span class="flag-normal">normal</span>' in text
 
 
 @pytest.mark.parametrize("name", ["../../evil", "/etc/passwd", "..\\..\\evil", "..", "a/../../b", ".hidden"])

@@ -53,7 +53,12 @@ def test_one_epoch_run_writes_the_run_folder(trained_run: tuple[Path, dict], tin
     assert summary["best_val_mae"] == pytest.approx(float(rows[0]["val_mae"]), abs=1e-3)
 
     ckpt = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=False)
-    assert config_from_dict(ckpt["hyper_parameters"]["config"]) == cfg  # the checkpoint carries its config
+    # the checkpoint carries the model spec and the sections the loop used, never data paths
+    spec = ckpt["boneage_spec"]
+    assert spec["backbone"] == "test_efficientnet" and spec["preprocess"]["size"] == 32
+    assert "config" not in ckpt["hyper_parameters"] and "data" not in ckpt["hyper_parameters"]
+    assert ckpt["hyper_parameters"]["spec"]["backbone"] == "test_efficientnet"
+    assert summary["status"] == "finished"
     assert any(k.startswith("model.backbone.") for k in ckpt["state_dict"])
     # the target statistics are those of the training images, stored in the model
     assert 0 < float(ckpt["state_dict"]["model.age_mean"]) < 240
@@ -91,13 +96,18 @@ def test_interrupted_run_resumes_from_last_ckpt(
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C from then on
     assert stop.saw_interrupted  # Lightning marked the trainer interrupted
+    # the interrupted run still recorded what it did
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted" and interrupted["epochs_completed"] == 1
     last = run_dir / "last.ckpt"
     assert last.is_file()
     first = torch.load(last, map_location="cpu", weights_only=False)
     assert first["epoch"] == 0 and first["global_step"] > 0
     assert [int(r["epoch"]) for r in _metrics_rows(run_dir)] == [0]
 
+    assert "boneage_rng" in first  # the random streams travel with the checkpoint
     summary = train(cfg, run_dir, progress=False)
+    assert summary["status"] == "finished"
     assert summary["resumed_from"] == str(last)
     assert summary["epochs_completed"] == 2
     assert not summary["interrupted"]
@@ -109,11 +119,33 @@ def test_interrupted_run_resumes_from_last_ckpt(
 
 
 @pytest.mark.integration
+def test_resumed_run_ends_where_an_uninterrupted_one_does(
+    shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path
+) -> None:
+    """Resume restores weights, optimiser, schedule and the random streams (augmentation, shuffling):
+    a run interrupted after epoch 0 and resumed ends with the weights of a run that never stopped."""
+    cfg = make_tiny_train_config(shared_sample, tiny_cache_dir, train={"epochs": 2})
+    train(cfg, tmp_path / "straight", progress=False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        train(cfg, tmp_path / "resumed", progress=False, callbacks=[_InterruptAfterFirstEpoch()])
+    except SystemExit:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    train(cfg, tmp_path / "resumed", progress=False)
+    a = torch.load(tmp_path / "straight" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.integration
 def test_bad_optimizer_is_a_user_error(shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path) -> None:
-    cfg = make_tiny_train_config(shared_sample, tiny_cache_dir, train={"optimizer": "rmsprop"})
-    with pytest.raises(BoneAgeInputError, match="unknown optimizer 'rmsprop'"):
-        train(cfg, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "last.ckpt").exists()
+    # a typo in the optimiser fails when the config is built, before any image is read
+    with pytest.raises(BoneAgeInputError, match="train.optimizer='rmsprop' is not allowed"):
+        make_tiny_train_config(shared_sample, tiny_cache_dir, train={"optimizer": "rmsprop"})
 
 
 @pytest.mark.parametrize("kind", ["cosine", "exponential"])

@@ -98,6 +98,7 @@ def assess_image(
         chron,
         uncertainty_months=pred.uncertainty_months,
         warnings=[*pred.warnings, *notes],
+        training_range=predictor.training_range,
     )
     heat = None
     if heatmap and pred.image is not None:

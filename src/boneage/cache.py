@@ -15,8 +15,9 @@ Shards are checked against the manifest's sha256 when training loads them and by
 damaged one is named in a :class:`~boneage.errors.BoneAgeInputError`.
 
 With JPEG shards on a GPU the Dataset hands out the encoded bytes and the whole batch is decoded by nvJPEG
-(:meth:`EncodedImages.decode`), so the CPU only copies a few kB per image. The CLI imports this module, so
-the top level imports the standard library and typer only; numpy, PIL and torch load inside functions.
+(:meth:`EncodedImages.decode`), so the CPU only copies a few kB per image. The CLI (``boneage cache ...``, in
+:mod:`boneage.cli.cache`) imports this module, so the top level imports the standard library only; numpy, PIL
+and torch load inside functions.
 """
 
 from __future__ import annotations
@@ -31,19 +32,19 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from boneage.errors import BoneAgeInputError, exit_on_user_error
+from boneage.errors import BoneAgeInputError
+from boneage.progress import ProgressOption, tracker
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import torch
 
-    from boneage.config import Config
+    from boneage.config import DataConfig
     from boneage.preprocess import Preprocess
+    from boneage.spec import PreprocessSpec
 
 MANIFEST = "manifest.json"
 KIND = "boneage-shard-cache"
@@ -245,31 +246,22 @@ class _ShardWriter:
 
 
 def _run_jobs(
-    jobs: list[tuple[int, str, Preprocess, str, int]], workers: int, progress: bool
+    jobs: list[tuple[int, str, Preprocess, str, int]], workers: int, progress: ProgressOption
 ) -> Iterator[tuple[int, bytes | None, str]]:
     from concurrent.futures import ProcessPoolExecutor
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"caching {len(jobs)} radiographs", total=len(jobs))
-        if workers > 1 and len(jobs) > 1:
+    total = len(jobs)
+    with tracker(progress, f"caching {total} radiographs") as tick:
+        tick(0, total)
+        if workers > 1 and total > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for result in pool.map(_encode_job, jobs, chunksize=4):
+                for done, result in enumerate(pool.map(_encode_job, jobs, chunksize=4), 1):
                     yield result
-                    bar.advance(task)
+                    tick(done, total)
         else:
-            for job in jobs:
+            for done, job in enumerate(jobs, 1):
                 yield _encode_job(job)
-                bar.advance(task)
+                tick(done, total)
 
 
 def build_cache(
@@ -283,7 +275,7 @@ def build_cache(
     workers: int = 2,
     shard_mb: float = DEFAULT_SHARD_MB,
     limit: int = 0,
-    progress: bool = True,
+    progress: ProgressOption = True,
 ) -> BuildReport:
     """Add every labelled radiograph that ``out`` does not hold yet, as new shards; returns what it did.
 
@@ -291,6 +283,7 @@ def build_cache(
     ``path``. Ids already cached are not re-encoded; a changed age or sex only updates the manifest.
     Unreadable images are skipped and listed in ``BuildReport.failed``. A file lock lets several
     processes (DDP ranks, a CLI build) call this at once: one builds, the others wait and find it done.
+    ``progress``: a ``(done, total)`` callback, or True to report through :mod:`boneage.progress`.
     """
     from filelock import FileLock
 
@@ -362,7 +355,7 @@ def _add_shards(
     todo: list[tuple[int, Preprocess, str, int]],
     workers: int,
     shard_mb: float,
-    progress: bool,
+    progress: ProgressOption,
     report: BuildReport,
 ) -> None:
     first = 1 + max((int(s["file"][6:11]) for s in manifest["shards"]), default=-1)
@@ -666,18 +659,19 @@ def decode_batch(images: Any, device: torch.device | str) -> Any:
 # --------------------------------------------------------------------------------------------- training
 
 
-def auto_cache_path(cfg: Config) -> Path:
+def auto_cache_path(d: DataConfig, p: PreprocessSpec) -> Path:
     """Where ``data.cache_format: shards`` keeps its cache: keyed by preprocess settings and image format."""
     from boneage.preprocess import Preprocess
 
-    p, d = cfg.preprocess, cfg.data
     prep = Preprocess.from_config(p)
     fmt = d.shard_format + (str(d.shard_quality) if d.shard_format == "jpeg" else "")
     return Path(d.cache_dir) / f"shards-{p.size}px-{prep.key()}-{fmt}"
 
 
-def training_cache(cfg: Config, progress: bool = True) -> tuple[ShardCache, pd.DataFrame]:
-    """The shard cache a config names, built or updated first when needed, and the labelled rows to use.
+def training_cache(
+    d: DataConfig, p: PreprocessSpec, progress: ProgressOption = True
+) -> tuple[ShardCache, pd.DataFrame]:
+    """The shard cache a ``data`` section names, built or updated first when needed, and the rows to use.
 
     ``data.cache: PATH``: the cache *is* the dataset (labels included); data.images/data.labels are read
     only to build it when PATH holds no cache yet. ``data.cache_format: shards`` without ``data.cache``: a
@@ -686,7 +680,6 @@ def training_cache(cfg: Config, progress: bool = True) -> tuple[ShardCache, pd.D
     from boneage.labels import read_labels
     from boneage.preprocess import Preprocess
 
-    d, p = cfg.data, cfg.preprocess
     prep = Preprocess.from_config(p)
     build = {
         "fmt": d.shard_format,
@@ -707,7 +700,7 @@ def training_cache(cfg: Config, progress: bool = True) -> tuple[ShardCache, pd.D
             report = build_cache(root, prep, d.labels, d.images, limit=d.limit, **build)
             _raise_failures(report)
     else:
-        root = auto_cache_path(cfg)
+        root = auto_cache_path(d, p)
         labels = read_labels(d.labels, d.images)
         if d.limit:
             labels = labels.iloc[: d.limit].reset_index(drop=True)
@@ -730,108 +723,3 @@ def _raise_failures(report: BuildReport) -> None:
         first_id, message = report.failed[0]
         more = f" (and {len(report.failed) - 1} more)" if len(report.failed) > 1 else ""
         raise BoneAgeInputError(f"could not cache image {first_id}: {message}{more}")
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-cache_app = typer.Typer(
-    no_args_is_help=True,
-    help="Shard caches of preprocessed radiographs: build once, train anywhere from the cache alone.",
-)
-
-
-
-
-@cache_app.command("build")
-@exit_on_user_error
-def build_command(
-    out: Annotated[Path, typer.Option(help="cache folder (created; re-running adds only new ids)")],
-    images: Annotated[Path | None, typer.Option(help="radiographs (default: config data.images)")] = None,
-    labels: Annotated[Path | None, typer.Option(help="label CSV (default: config data.labels)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config whose preprocess section to use")] = None,
-    size: Annotated[int | None, typer.Option(help="output size in pixels (default 512)")] = None,
-    crop: Annotated[bool | None, typer.Option("--crop/--no-crop", help="crop to the hand")] = None,
-    contrast: Annotated[str | None, typer.Option(help="percentile, clahe or none")] = None,
-    low_percentile: Annotated[float | None, typer.Option(help="percentile contrast: low end")] = None,
-    high_percentile: Annotated[float | None, typer.Option(help="percentile contrast: high end")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="jpeg (compact), png or raw (lossless)")] = "jpeg",
-    quality: Annotated[int, typer.Option(help="JPEG quality 1-100")] = 95,
-    workers: Annotated[int, typer.Option(help="parallel processes")] = max(1, (os.cpu_count() or 2) - 1),
-    shard_mb: Annotated[float, typer.Option(help="start a new shard after this many MiB")] = DEFAULT_SHARD_MB,
-    limit: Annotated[int, typer.Option(help="only the first N labelled images (0: all)")] = 0,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-) -> None:
-    """Preprocess a labelled dataset (crop, contrast, letterbox) into compact, checksummed shards."""
-    from boneage.config import load_config
-    from boneage.preprocess import Preprocess
-
-    cfg = load_config(config)
-    p = cfg.preprocess
-    given = {
-        "size": size,
-        "crop": crop,
-        "contrast": contrast,
-        "low_percentile": low_percentile,
-        "high_percentile": high_percentile,
-    }
-    fields = {**{k: getattr(p, k) for k in given}, **{k: v for k, v in given.items() if v is not None}}
-    try:
-        prep = Preprocess(**fields)
-    except ValueError as exc:
-        raise BoneAgeInputError(str(exc)) from None
-    images = images or Path(cfg.data.images)
-    labels = labels or Path(cfg.data.labels)
-    report = build_cache(
-        out,
-        prep,
-        labels,
-        images,
-        fmt=fmt,
-        quality=quality,
-        workers=workers,
-        shard_mb=shard_mb,
-        limit=limit,
-        progress=progress,
-    )
-    for image_id, message in report.failed:
-        typer.echo(f"failed: {image_id}: {message}", err=True)
-    typer.echo(
-        f"{report.added} added, {report.already} already cached ({report.relabelled} relabelled), "
-        f"{len(report.failed)} failed in {report.seconds:.1f} s; {out}: {report.count} images, "
-        f"{report.bytes / 2**20:.1f} MiB in {len(ShardCache(out).manifest['shards'])} shard(s)"
-    )
-    if report.failed:
-        raise typer.Exit(2)
-
-
-@cache_app.command("verify")
-@exit_on_user_error
-def verify_command(
-    cache: Annotated[Path, typer.Argument(help="cache folder")],
-    drop_corrupt: Annotated[
-        bool, typer.Option(help="forget and delete damaged shards so `cache build` re-adds their images")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """Check every shard's size and sha256 against the manifest; exit 2 naming any damaged shard."""
-    store = ShardCache(cache)
-    problems = store.verify(full=True)
-    info = {**store.describe(), "ok": not problems, "problems": problems}
-    if drop_corrupt and problems:
-        bad = [Path(p.split(": ", 1)[0]).name for p in problems]
-        info["dropped"] = store.drop(bad)
-        info["count_after_drop"] = store.count
-    if as_json:
-        typer.echo(json.dumps(info))
-    else:
-        state = "ok" if not problems else f"{len(problems)} problem(s)"
-        typer.echo(
-            f"{cache}: {info['count']} images, {info['mib']} MiB in {info['shards']} shard(s), "
-            f"{info['size']} px {info['format']}; {state}"
-        )
-        for line in problems:
-            typer.echo(f"  {line}", err=True)
-        if info.get("dropped"):
-            typer.echo(f"dropped {info['dropped']} shard(s); `boneage cache build` re-adds their images")
-    if problems and not drop_corrupt:
-        raise typer.Exit(2)

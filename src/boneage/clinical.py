@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.errors import BoneAgeInputError
-from boneage.labels import parse_sex
+from boneage.labels import Sex, parse_sex
 
 __all__ = [
     "MAX_AGE_MONTHS",
@@ -117,9 +117,9 @@ def format_months(months: float) -> str:
     return f"{sign}{total // 12} y {total % 12} m"
 
 
-def normalize_sex(sex: str) -> str:
-    """Map the spellings people use to ``"male"``/``"female"``; the reference table differs by sex."""
-    found = parse_sex(sex, flags=False) if isinstance(sex, str) else None
+def normalize_sex(sex: str) -> Sex:
+    """The reference table differs by sex: a ``Sex`` passes through, a spelling is parsed (API callers)."""
+    found = parse_sex(sex) if isinstance(sex, str) else None
     if found is None:
         raise BoneAgeInputError(f"sex must be female or male, got {sex!r}")
     return found
@@ -227,12 +227,14 @@ def assess(
     *,
     uncertainty_months: float | None = None,
     warnings: Iterable[str] = (),
+    training_range: tuple[float, float] | None = None,
 ) -> Assessment:
-    """Compare a predicted bone age with the reference and collect every caveat the reader must see."""
+    """Compare a predicted bone age with the reference and collect every caveat the reader must see.
+    ``training_range``: the bone ages the model was trained on (its bundle records them)."""
     sex_norm = normalize_sex(sex)
     bone = _finite(bone_age_months, "bone age")
     notes = [str(w) for w in warnings]
-    lo, hi = TRAINING_RANGE_MONTHS
+    lo, hi = training_range or TRAINING_RANGE_MONTHS
     if bone < lo or bone > hi:
         notes.append(f"prediction outside the range the model was trained on ({lo:.0f}–{hi:.0f} months)")
 

@@ -18,11 +18,13 @@ import torch
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from torch.utils.data import DataLoader, Dataset
 
-from boneage.config import Config
+from boneage.config import Config, DataConfig, TrainConfig, TrainerConfig
 from boneage.errors import BoneAgeInputError
 from boneage.io import read_radiograph
-from boneage.labels import read_labels
 from boneage.preprocess import Preprocess
+from boneage.progress import ProgressOption, tracker
+from boneage.sources import SOURCES, group_split, read_source
+from boneage.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,22 @@ def split_indices(
     return np.sort(train), np.sort(val)
 
 
+def holdout_mask(labels: pd.DataFrame, csv: str | Path) -> np.ndarray:
+    """Rows of ``labels`` whose id is listed in ``csv`` (any RSNA layout; only its ids are read)."""
+    p = Path(csv)
+    if not p.is_file():
+        raise BoneAgeInputError("holdout labels file not found", p)
+    try:
+        table = pd.read_csv(p, dtype=str)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise BoneAgeInputError(f"not a readable CSV ({type(exc).__name__})", p) from None
+    column = next((c for c in table.columns if c.strip().lower() in {"id", "case id", "image id"}), None)
+    if column is None:
+        raise BoneAgeInputError("holdout labels have no id column", p)
+    ids = set(table[column].astype(str).str.strip())
+    return labels["id"].astype(str).isin(ids).to_numpy()
+
+
 def _preprocess_file(args: tuple[str, Preprocess]) -> np.ndarray:
     path, prep = args
     return prep(read_radiograph(path).pixels)
@@ -87,8 +105,11 @@ class ImageCache:
         size = self.preprocess.size
         return arr if arr.shape == (size, size) and arr.dtype == np.uint8 else None
 
-    def load(self, labels: pd.DataFrame, workers: int = 2, progress: bool = True) -> np.ndarray:
-        """All images of ``labels`` (which needs ``id`` and ``path``) as one (N, S, S) uint8 array."""
+    def load(self, labels: pd.DataFrame, workers: int = 2, progress: ProgressOption = True) -> np.ndarray:
+        """All images of ``labels`` (which needs ``id`` and ``path``) as one (N, S, S) uint8 array.
+
+        ``progress``: a ``(done, total)`` callback, or True to report through :mod:`boneage.progress`.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         size = self.preprocess.size
         out = np.empty((len(labels), size, size), dtype=np.uint8)
@@ -123,21 +144,20 @@ class ImageCache:
         return out
 
     @staticmethod
-    def _run(jobs: list[tuple[str, Preprocess]], workers: int, progress: bool) -> list[np.ndarray]:
-        from rich.progress import Progress
-
+    def _run(jobs: list[tuple[str, Preprocess]], workers: int, progress: ProgressOption) -> list[np.ndarray]:
         results: list[np.ndarray] = []
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"preprocessing {len(jobs)} radiographs", total=len(jobs))
-            if workers > 1 and len(jobs) > 8:
+        total = len(jobs)
+        with tracker(progress, f"preprocessing {total} radiographs") as tick:
+            tick(0, total)
+            if workers > 1 and total > 8:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     for arr in pool.map(_preprocess_file, jobs, chunksize=8):
                         results.append(arr)
-                        bar.advance(task)
+                        tick(len(results), total)
             else:
                 for job in jobs:
                     results.append(_preprocess_file(job))
-                    bar.advance(task)
+                    tick(len(results), total)
         return results
 
 
@@ -162,19 +182,36 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class BoneAgeDataModule(L.LightningDataModule):
-    """Labels → stratified split → cached preprocessed images → loaders."""
+    """Labels (RSNA, or NIH/MURA through ``boneage.sources``) → split → cached preprocessed images → loaders.
 
-    def __init__(self, cfg: Config, progress: bool = True) -> None:
+    It gets only what it uses: the ``data`` section, the preprocessing spec, the batch size and whether
+    training runs on CUDA (where shard JPEGs can be decoded on the device).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        preprocess: PreprocessSpec,
+        *,
+        batch_size: int = 16,
+        accelerator: str = "auto",
+        progress: bool = True,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.data = data
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.accelerator = accelerator
         self.progress = progress
         self.labels: pd.DataFrame | None = None
+        self.holdout_labels: pd.DataFrame | None = None  # data.holdout_labels rows: never trained on
+        self.holdout_set: BoneAgeDataset | None = None  # scored each epoch when data.holdout_monitor
         self.train_idx = self.val_idx = np.array([], dtype=int)
 
     def setup(self, stage: str | None = None) -> None:
         if self.labels is not None:
             return
-        d = self.cfg.data
+        d = self.data
         if d.cache or d.cache_format == "shards":
             self._setup_shards()
             return
@@ -183,10 +220,21 @@ class BoneAgeDataModule(L.LightningDataModule):
         labels = self.read_table()
         if d.limit:
             labels = labels.iloc[: d.limit].reset_index(drop=True)
+        cache = ImageCache(d.cache_dir, Preprocess.from_config(self.preprocess))
+        if d.holdout_labels:
+            held = holdout_mask(labels, d.holdout_labels)
+            self.holdout_labels = labels[held].reset_index(drop=True)
+            labels = labels[~held].reset_index(drop=True)
+            log.info("held out %d images listed in %s", len(self.holdout_labels), d.holdout_labels)
+            if d.holdout_monitor and len(self.holdout_labels):
+                h = self.holdout_labels
+                self.holdout_set = BoneAgeDataset(
+                    cache.load(h, workers=max(1, d.num_workers), progress=self.progress),
+                    h["male"].astype(float),
+                    h["boneage"],
+                )
         self.train_idx, self.val_idx = self.split(labels)
-        images = ImageCache(d.cache_dir, Preprocess.from_config(self.cfg.preprocess)).load(
-            labels, workers=max(1, d.num_workers), progress=self.progress
-        )
+        images = cache.load(labels, workers=max(1, d.num_workers), progress=self.progress)
         self.labels = labels
         target, male = labels["boneage"], labels["male"].astype(float)
         self.train_set = BoneAgeDataset(
@@ -197,11 +245,15 @@ class BoneAgeDataModule(L.LightningDataModule):
         )
 
     def read_table(self) -> pd.DataFrame:
-        """The tidy ``id, boneage, male, path`` table; other data sources override only this and ``split``."""
-        return read_labels(self.cfg.data.labels, self.cfg.data.images)
+        """The tidy ``id, boneage, male, path`` table of ``data.source`` (RSNA, NIH or MURA)."""
+        return read_source(self.data)
 
     def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        d = self.cfg.data
+        """Stratified by sex and age band; by patient when the source knows patients (NIH, MURA), so
+        follow-up films of a validation patient never appear in training."""
+        d = self.data
+        if "patient" in labels:
+            return group_split(labels["patient"], d.val_fraction, d.seed, d.folds, d.fold)
         return split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
 
     def _setup_shards(self) -> None:
@@ -209,8 +261,8 @@ class BoneAgeDataModule(L.LightningDataModule):
         from a shard cache, built or updated first when needed (see ``boneage.cache.training_cache``)."""
         from boneage.cache import training_cache
 
-        d = self.cfg.data
-        cache, labels = training_cache(self.cfg, progress=self.progress)
+        d = self.data
+        cache, labels = training_cache(d, self.preprocess, progress=self.progress)
         self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
         decode = self.decode_mode(cache.format)
         self.labels = labels
@@ -220,9 +272,9 @@ class BoneAgeDataModule(L.LightningDataModule):
     def decode_mode(self, fmt: str) -> str:
         """Where shard images are decoded: ``device`` (the batch, after the transfer: nvJPEG on a GPU) or
         ``worker`` (each image on the CPU in the loader). ``auto``: device for JPEG when training on CUDA."""
-        mode = self.cfg.data.decode
+        mode = self.data.decode
         if mode == "auto":
-            accelerator = str(self.cfg.trainer.accelerator).lower()
+            accelerator = str(self.accelerator).lower()
             on_cuda = torch.cuda.is_available() and accelerator in {"auto", "gpu", "cuda"}
             return "device" if fmt == "jpeg" and on_cuda else "worker"
         if mode not in {"device", "worker"}:
@@ -235,9 +287,9 @@ class BoneAgeDataModule(L.LightningDataModule):
         memory is pinned for asynchronous copies when there is a GPU."""
         collate = getattr(dataset, "collate", None)
         decode = getattr(dataset, "decode", "")
-        workers = self.cfg.data.num_workers if decode == "worker" else 0
+        workers = self.data.num_workers if decode == "worker" else 0
         if decode == "device":
-            workers = min(2, self.cfg.data.num_workers)
+            workers = min(2, self.data.num_workers)
         return {
             "pin_memory": torch.cuda.is_available(),
             "collate_fn": collate() if callable(collate) else None,
@@ -245,7 +297,7 @@ class BoneAgeDataModule(L.LightningDataModule):
             "persistent_workers": workers > 0,
         }
 
-    def _val_sampler(self) -> object | None:
+    def _val_sampler(self, dataset: Dataset | None = None) -> object | None:
         """Under DDP each rank validates a disjoint share of the set, without the padding (repeated images)
         Lightning's default DistributedSampler adds, so the summed errors give the exact validation MAE."""
         trainer = getattr(self, "trainer", None)
@@ -254,7 +306,10 @@ class BoneAgeDataModule(L.LightningDataModule):
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
         return UnrepeatedDistributedSampler(
-            self.val_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            dataset if dataset is not None else self.val_set,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
         )
 
     @property
@@ -263,7 +318,7 @@ class BoneAgeDataModule(L.LightningDataModule):
         return float(ages.mean()), float(ages.std())
 
     def train_dataloader(self) -> DataLoader:
-        batch = self.cfg.train.batch_size
+        batch = self.batch_size
         return DataLoader(
             self.train_set,
             batch_size=batch,
@@ -272,11 +327,46 @@ class BoneAgeDataModule(L.LightningDataModule):
             **self._loader_options(self.train_set),
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set,
-            batch_size=self.cfg.train.batch_size * 2,
-            shuffle=False,
-            sampler=self._val_sampler(),
-            **self._loader_options(self.val_set),
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split (which picks best.ckpt), then the holdout set when one is monitored."""
+        loaders = [
+            DataLoader(
+                ds,
+                batch_size=self.batch_size * 2,
+                shuffle=False,
+                sampler=self._val_sampler(ds),
+                **self._loader_options(ds),
+            )
+            for ds in (self.val_set, self.holdout_set)
+            if ds is not None
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+
+def make_datamodule(
+    data: DataConfig,
+    preprocess: PreprocessSpec,
+    train: TrainConfig | None = None,
+    trainer: TrainerConfig | None = None,
+    *,
+    progress: bool = True,
+) -> BoneAgeDataModule:
+    """The data module for ``data.source``, checked before any image is read."""
+    if data.source not in SOURCES:
+        raise BoneAgeInputError(f"unknown data.source {data.source!r} ({', '.join(SOURCES)})")
+    if data.source != "rsna" and (data.cache or data.cache_format != "npy"):
+        raise BoneAgeInputError(
+            f"data.source={data.source} uses the .npy image cache (data.cache_format=npy)"
         )
+    return BoneAgeDataModule(
+        data,
+        preprocess,
+        batch_size=(train or TrainConfig()).batch_size,
+        accelerator=(trainer or TrainerConfig()).accelerator,
+        progress=progress,
+    )
+
+
+def datamodule_from_config(cfg: Config, progress: bool = True) -> BoneAgeDataModule:
+    """Convenience for notebooks and tests: the data module of a whole run config."""
+    return make_datamodule(cfg.data, cfg.preprocess, cfg.train, cfg.trainer, progress=progress)

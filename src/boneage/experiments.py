@@ -11,29 +11,26 @@ An experiment file (``configs/experiments/NAME.yaml``)::
       random: {model.pretrained: none}
     test: {images: PATH, labels: CSV}  # optional: the report adds each variant's test MAE
 
-Importing this module is cheap (the CLI imports it at start-up): torch, Lightning, pandas and Optuna are
-imported inside the functions that need them.
+Importing this module is cheap (the CLI, :mod:`boneage.cli.experiments`, imports it at start-up): torch,
+Lightning, pandas and Optuna are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import math
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 import yaml
 
-from boneage.config import Config, build_config
-from boneage.errors import BoneAgeInputError, exit_on_user_error
+from boneage.config import Config, build_config, deep_merge
+from boneage.errors import BoneAgeInputError
+from boneage.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +44,6 @@ __all__ = [
     "run_grid",
     "collect",
     "report",
-    "tune",
-    "experiments_app",
-    "tune_command",
 ]
 
 EXPERIMENTS_DIR = Path("configs/experiments")
@@ -82,17 +76,6 @@ def _nest(data: dict[str, Any]) -> dict[str, Any]:
             node[parts[-1]] = deep_merge(node[parts[-1]], value)
         else:
             node[parts[-1]] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``extra`` merged in, section by section (``extra`` wins)."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -282,10 +265,10 @@ def config_differences(run_dir: Path, cfg: Config) -> list[str]:
 def variant_status(run_dir: str | Path, cfg: Config | None = None) -> str:
     """``finished`` (summary.json says so, for ``cfg``'s epochs), ``partial`` (a run to resume), ``failed``
     (error.txt from the last attempt) or ``new``."""
-    run = Path(run_dir)
-    summary = _read_json(run / "summary.json")
+    run = RunDir(run_dir)
+    summary = run.summary
     epochs = cfg.train.epochs if cfg is not None else None
-    if summary.get("finished") and (epochs is None or int(summary.get("epochs_completed") or 0) >= epochs):
+    if run.status == "finished" and (epochs is None or int(summary.get("epochs_completed") or 0) >= epochs):
         return "finished"
     if (run / "error.txt").is_file():
         return "failed"
@@ -553,255 +536,3 @@ def _bar_chart(table: Any, path: Path, title: str) -> Path:
     ax.set(ylabel="MAE (months)", title=f"{title}: best validation MAE by variant")
     fig.savefig(path, bbox_inches="tight")
     return path
-
-
-# ---- hyper-parameter search ------------------------------------------------------------------------------
-
-TUNE_SIZES = (128, 192, 256)
-TUNE_LAYERS = ("20", "50", "100", "all")
-TUNE_LR = (1e-5, 1e-2)
-
-
-def _import_optuna() -> Any:
-    try:
-        import optuna
-    except ImportError:
-        raise BoneAgeInputError(
-            "boneage tune needs Optuna, an optional dependency: pip install 'boneage[tune]' (or optuna)"
-        ) from None
-    return optuna
-
-
-def tune(
-    config: str | Path,
-    trials: int,
-    *,
-    run_dir: str | Path | None = None,
-    overrides: list[str] | None = None,
-    max_epochs: int | None = None,
-    sizes: tuple[int, ...] = TUNE_SIZES,
-    layers: tuple[str, ...] = TUNE_LAYERS,
-    lr_range: tuple[float, float] = TUNE_LR,
-    progress: bool = False,
-    echo: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Optuna (TPE) search over ``train.lr`` (log scale), ``preprocess.size`` and ``finetune.layers``
-    minimising the best validation MAE, until the study holds ``trials`` finished trials.
-
-    The study lives in ``run_dir/optuna.db`` (sqlite), each trial's run in ``run_dir/trial-<params hash>/``:
-    re-running the same command continues the study, and a trial killed mid-training is retried with the
-    same parameters, resuming its run from last.ckpt. Writes ``trials.csv`` and ``best.json`` as it goes.
-    """
-    optuna = _import_optuna()
-    from boneage.config import load_config
-    from boneage.training import train
-
-    say = echo or log.info
-    base = load_config(config, overrides)
-    folder = Path(run_dir) if run_dir else Path("runs") / f"tune-{base.name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    space = {"lr": list(lr_range), "size": [int(s) for s in sizes], "layers": [str(x) for x in layers]}
-    if not space["size"] or not space["layers"] or not 0 < lr_range[0] <= lr_range[1]:
-        raise BoneAgeInputError("tune needs at least one size, one layers value and 0 < lr-min <= lr-max")
-    for value in space["layers"]:
-        from boneage.training import parse_layers
-
-        parse_layers(value)
-    storage = f"sqlite:///{(folder / 'optuna.db').absolute()}"
-    if not progress:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name="tune",
-        storage=storage,
-        direction="minimize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=base.train.seed),
-    )
-    saved_space = study.user_attrs.get("search_space")
-    if saved_space is None:
-        study.set_user_attr("search_space", space)
-        study.set_user_attr("config", str(config))
-    elif saved_space != space:
-        raise BoneAgeInputError(
-            f"{folder} holds a study over another search space ({saved_space}); use another --run-dir"
-        )
-    state = optuna.trial.TrialState
-    for stale in study.get_trials(deepcopy=False, states=(state.RUNNING,)):  # killed mid-trial: retry it
-        study.tell(stale.number, state=state.FAIL)
-        if stale.params:
-            study.enqueue_trial(stale.params, skip_if_exists=False)
-            say(f"trial {stale.number} was interrupted; retrying {stale.params}")
-
-    def objective(trial: Any) -> float:
-        lr = trial.suggest_float("lr", space["lr"][0], space["lr"][1], log=True)
-        size = trial.suggest_categorical("size", space["size"])
-        n = trial.suggest_categorical("layers", space["layers"])
-        params = {"lr": lr, "size": size, "layers": n}
-        digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-        cfg = load_config(
-            config,
-            [*(overrides or []), f"train.lr={lr!r}", f"preprocess.size={size}", f"finetune.layers={n}"],
-        )
-        cfg.name = f"{base.name}/trial-{digest}"
-        cap_epochs(cfg, max_epochs)
-        trial.set_user_attr("run_dir", str(folder / f"trial-{digest}"))
-        say(f"trial {trial.number}: lr={lr:.2e} size={size} layers={n}")
-        summary = train(cfg, folder / f"trial-{digest}", progress=progress)
-        value = summary.get("best_val_mae")
-        if value is None or not math.isfinite(float(value)):
-            raise RuntimeError(f"trial {trial.number} produced no validation MAE")
-        return float(value)
-
-    def write_results(study: Any, trial: Any) -> None:
-        study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
-        done = [t for t in study.trials if t.state == state.COMPLETE]
-        if done:
-            best = min(done, key=lambda t: t.value)
-            (folder / "best.json").write_text(
-                json.dumps(
-                    {"value": best.value, "params": best.params, "trial": best.number, **best.user_attrs},
-                    indent=2,
-                )
-            )
-
-    complete = len(study.get_trials(deepcopy=False, states=(state.COMPLETE,)))
-    remaining = max(0, trials - complete)
-    started = time.time()
-    if remaining:
-        study.optimize(objective, n_trials=remaining, callbacks=[write_results], gc_after_trial=True)
-    done = study.get_trials(deepcopy=False, states=(state.COMPLETE,))
-    best = study.best_trial if done else None
-    return {
-        "run_dir": str(folder),
-        "storage": storage,
-        "trials_complete": len(done),
-        "trials_run_now": remaining,
-        "best_value": best.value if best else None,
-        "best_params": best.params if best else None,
-        "best_run_dir": best.user_attrs.get("run_dir") if best else None,
-        "seconds": round(time.time() - started, 1),
-    }
-
-
-# ---- command line (``boneage experiments ...`` and ``boneage tune``) -------------------------------------
-
-experiments_app = typer.Typer(
-    no_args_is_help=True,
-    help="Grids of training runs from configs/experiments/NAME.yaml, and their result tables.",
-)
-
-
-
-
-def _quiet() -> None:
-    from boneage.training import quiet_lightning  # here, not at the top: experiments.py imports fast
-
-    quiet_lightning()
-
-
-@experiments_app.command("list")
-@exit_on_user_error
-def list_command(
-    experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
-) -> None:
-    """The experiments in configs/experiments with their variants."""
-    for name in list_experiments(experiments_dir):
-        exp = load_experiment(name, experiments_dir)
-        typer.echo(
-            f"{name}: {', '.join(exp.variants)}" + (f"  ({exp.description})" if exp.description else "")
-        )
-
-
-@experiments_app.command("run")
-@exit_on_user_error
-def run_command(
-    name: Annotated[
-        str, typer.Argument(help="experiment name (configs/experiments/NAME.yaml) or a YAML path")
-    ],
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="list variants and settings; train nothing")
-    ] = False,
-    max_epochs: Annotated[int | None, typer.Option(help="cap every variant's epochs (smoke runs)")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="runs go to RUNS_DIR/NAME/VARIANT")] = Path("runs"),
-    variant: Annotated[list[str] | None, typer.Option(help="run only this variant (repeatable)")] = None,
-    experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-) -> None:
-    """Train each variant into RUNS_DIR/NAME/VARIANT/, skipping finished ones and resuming killed ones."""
-    if not dry_run:
-        _quiet()
-    records = run_grid(
-        name,
-        runs_dir=runs_dir,
-        experiments_dir=experiments_dir,
-        variants=variant,
-        max_epochs=max_epochs,
-        dry_run=dry_run,
-        progress=progress,
-        echo=lambda line: typer.echo(line, err=True),
-    )
-    if dry_run:
-        keys = ["init", "backbone", "size", "layers", "head_epochs", "epochs", "optimizer", "lr", "status"]
-        for r in records:
-            typer.echo(f"{r['variant']}: " + "  ".join(f"{k}={r[k]}" for k in keys) + f"  → {r['run_dir']}")
-            for line in r.get("differences", []):
-                typer.echo(f"    differs from the run there: {line}")
-            if "warning" in r:
-                typer.echo(f"    warning: {r['warning']}")
-        return
-    failed = [r["variant"] for r in records if r["status"] == "failed"]
-    typer.echo(json.dumps([{k: r.get(k) for k in ("variant", "status", "best_val_mae")} for r in records]))
-    if failed:
-        typer.echo(f"failed: {', '.join(failed)} (see error.txt in their run folders)", err=True)
-        raise typer.Exit(1)
-
-
-@experiments_app.command("report")
-@exit_on_user_error
-def report_command(
-    name: Annotated[str, typer.Argument(help="experiment name or YAML path")],
-    runs_dir: Annotated[Path, typer.Option(help="folder holding NAME/VARIANT runs")] = Path("runs"),
-    experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
-    test: Annotated[bool, typer.Option(help="evaluate best.ckpt on the experiment's test set")] = True,
-) -> None:
-    """Write RUNS_DIR/NAME/report.md, report.csv and report.png from the variants' run folders."""
-    exp = load_experiment(name, experiments_dir)
-    report(exp, runs_dir=runs_dir, test=test)
-    typer.echo((Path(runs_dir) / exp.name / "report.md").read_text())
-
-
-@exit_on_user_error
-def tune_command(
-    config: Annotated[Path, typer.Argument(help="YAML config to tune, e.g. configs/quick.yaml")],
-    trials: Annotated[int, typer.Option(help="finished trials the study should hold")] = 20,
-    run_dir: Annotated[Path | None, typer.Option(help="study folder (default runs/tune-<name>)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. train.epochs=10")] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="cap each trial's epochs")] = None,
-    sizes: Annotated[str, typer.Option(help="image sizes to try, comma-separated")] = ",".join(
-        map(str, TUNE_SIZES)
-    ),
-    layers: Annotated[str, typer.Option(help="finetune.layers values to try")] = ",".join(TUNE_LAYERS),
-    lr_min: Annotated[float, typer.Option(help="smallest learning rate")] = TUNE_LR[0],
-    lr_max: Annotated[float, typer.Option(help="largest learning rate")] = TUNE_LR[1],
-    progress: Annotated[bool, typer.Option(help="show progress bars")] = False,
-) -> None:
-    """Optuna search over learning rate, resolution and fine-tuned layers minimising validation MAE;
-    resumable from RUN_DIR/optuna.db."""
-    _quiet()
-    try:
-        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
-    except ValueError:
-        raise BoneAgeInputError(f"--sizes must be whole numbers separated by commas, got {sizes!r}") from None
-    result = tune(
-        config,
-        trials,
-        run_dir=run_dir,
-        overrides=set_,
-        max_epochs=max_epochs,
-        sizes=size_list,
-        layers=tuple(x.strip() for x in layers.split(",") if x.strip()),
-        lr_range=(lr_min, lr_max),
-        progress=progress,
-        echo=lambda line: typer.echo(line, err=True),
-    )
-    typer.echo(json.dumps(result, indent=2))

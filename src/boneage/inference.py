@@ -1,8 +1,10 @@
 """``Predictor``: load a checkpoint or the bundled model once, then predict bone age with TTA.
 
-A checkpoint carries its config (preprocessing, backbone, target statistics), so the predictor rebuilds the
-exact training-time input from a raw file with nothing else to go on. The bundled model is the same thing
-as fp16 safetensors with the config in the file's metadata.
+A checkpoint or bundle carries its ``ModelSpec`` (preprocessing, backbone, target statistics) and nothing
+about how it was trained, so the predictor rebuilds the exact training-time input from a raw file with nothing
+else to go on. The bundled model is fp16 safetensors with the spec and model-card facts in the file's
+metadata (written by ``boneage.bundle``). Files of the v0.1 layout, which carried the whole training config,
+are converted on load.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from boneage.config import Config, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
 from boneage.models import BoneAgeNet, read_state_dict
 from boneage.preprocess import Preprocess
+from boneage.spec import ModelSpec, spec_from_record
 
 BUNDLED_NAME = "model.safetensors"
 
@@ -80,24 +82,57 @@ class Prediction:
         }
 
 
+def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, torch.Tensor]]:
+    """(facts, spec, float weights) of a bundle (.safetensors) or a training checkpoint (.ckpt), in the
+    current layout or v0.1's (whole training config, head layers named by index), which is converted."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("boneage", "{}"))
+        except Exception as exc:
+            raise BoneAgeInputError(f"not a readable safetensors file ({type(exc).__name__})", path) from None
+        if not isinstance(meta, dict) or not ({"spec", "config"} & set(meta)):
+            raise BoneAgeInputError("safetensors file has no boneage metadata", path)
+        state = read_state_dict(path)
+        spec = spec_from_record(meta, state, path)
+        facts = {k: v for k, v in meta.items() if k not in {"spec", "config"}}
+        return facts, spec, state
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise BoneAgeInputError(f"not a readable checkpoint ({type(exc).__name__})", path) from None
+    if not isinstance(blob, dict):
+        raise BoneAgeInputError("not a boneage checkpoint", path)
+    hp = blob.get("hyper_parameters") or {}
+    state = read_state_dict(path)
+    record = {"spec": blob["boneage_spec"]} if "boneage_spec" in blob else hp
+    if not ({"spec", "config"} & set(record)):
+        raise BoneAgeInputError("checkpoint has no boneage model spec (not from boneage train?)", path)
+    spec = spec_from_record(record, state, path)
+    if "spec" in record and "boneage_spec" not in blob:  # hyper-parameters hold the spec before fitting
+        spec.target_mean, spec.target_std = float(state["age_mean"]), float(state["age_std"])
+    return {"source": str(path)}, spec, state
+
+
 class Predictor:
     """Model + preprocessing + TTA; ``runtime='onnx'`` runs the network through onnxruntime on the CPU."""
 
     def __init__(
         self,
         model: BoneAgeNet,
-        cfg: Config,
+        spec: ModelSpec,
         meta: dict[str, Any] | None = None,
         *,
         device: str = "cpu",
         tta: bool = True,
     ) -> None:
         self.model = model.eval().to(device)
-        self.cfg = cfg
+        self.spec = spec
         self.meta = meta or {}
         self.device = torch.device(device)
-        p = cfg.preprocess
-        self.preprocess = Preprocess.from_config(p)
+        self.preprocess = Preprocess.from_config(spec.preprocess)
         self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
         self.onnx_session: Any = None
         self.weights_path: Path | None = None  # set by load(); keys the cached ONNX export
@@ -113,29 +148,12 @@ class Predictor:
             if path is None:
                 raise BoneAgeInputError("no bundled model in this installation; pass --checkpoint CKPT")
             raise BoneAgeInputError("checkpoint not found", p)
-        if p.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("boneage", "{}"))
-            if "config" not in meta:
-                raise BoneAgeInputError("safetensors file has no boneage metadata", p)
-        else:
-            try:
-                blob = torch.load(p, map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise BoneAgeInputError(f"not a readable checkpoint ({type(exc).__name__})", p) from None
-            hp = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
-            if "config" not in hp:
-                raise BoneAgeInputError("checkpoint has no boneage config (not from boneage train?)", p)
-            meta = {"config": hp["config"], "source": str(p)}
-        cfg = config_from_dict(meta["config"])
-        m = cfg.model
-        model = BoneAgeNet(m.backbone, m.head, m.sex_units, m.dropout, m.in_chans)
-        missing, unexpected = model.load_state_dict(read_state_dict(p), strict=False)
+        meta, spec, state = read_model_file(p)
+        model = BoneAgeNet.from_spec(spec)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise BoneAgeInputError(f"checkpoint lacks {len(missing)} model tensors (e.g. {missing[0]})", p)
-        predictor = cls(model, cfg, meta, device=device, tta=tta)
+        predictor = cls(model, spec, meta, device=device, tta=tta)
         predictor.weights_path = p
         if runtime not in {"torch", "onnx", "auto"}:
             raise BoneAgeInputError(f"unknown runtime {runtime!r} (torch, onnx or auto)")
@@ -189,9 +207,15 @@ class Predictor:
     @property
     def info(self) -> dict[str, Any]:
         """Model facts for reports and the API: backbone, input size, validation MAE when known."""
-        facts = {k: v for k, v in self.meta.items() if k != "config"}
-        facts.update({"backbone": self.cfg.model.backbone, "input_size": self.cfg.preprocess.size})
+        facts = {k: v for k, v in self.meta.items() if k not in {"config", "spec"}}
+        facts.update({"backbone": self.spec.backbone, "input_size": self.spec.preprocess.size})
         return facts
+
+    @property
+    def training_range(self) -> tuple[float, float] | None:
+        """The bone ages (months) the model was trained on, as its bundle records them."""
+        rng = self.meta.get("training_range_months")
+        return (float(rng[0]), float(rng[1])) if isinstance(rng, list | tuple) and len(rng) == 2 else None
 
     def _network(self, images: torch.Tensor, male: torch.Tensor) -> np.ndarray:
         if self.onnx_session is not None:
@@ -304,7 +328,7 @@ def export_onnx(predictor: Predictor, path: str | Path, opset: int = 17) -> Path
     """The network (image, male) → months as ONNX with a dynamic batch axis; TTA stays in Python."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    size = predictor.cfg.preprocess.size
+    size = predictor.spec.preprocess.size
     model = predictor.model.float().eval().cpu()
     dummy = (torch.rand(2, 1, size, size), torch.tensor([0.0, 1.0]))
     torch.onnx.export(
@@ -317,23 +341,4 @@ def export_onnx(predictor: Predictor, path: str | Path, opset: int = 17) -> Path
         opset_version=opset,
         dynamo=False,
     )
-    return out
-
-
-def save_bundle(predictor: Predictor, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """fp16 safetensors with the config and model-card facts in its metadata: one file, under 25 MB."""
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.half() if v.is_floating_point() else v).contiguous()
-        for k, v in predictor.model.state_dict().items()
-    }
-    meta = {
-        **{k: v for k, v in predictor.meta.items() if k != "source"},
-        **(extra or {}),
-        "config": predictor.cfg.to_dict(),
-    }
-    save_file(state, str(out), metadata={"boneage": json.dumps(meta)})
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pandas as pd
 
 from boneage.errors import BoneAgeInputError
 
-__all__ = ["read_labels", "find_image", "IMAGE_SUFFIXES", "MAX_BONE_AGE_MONTHS"]
+__all__ = ["Sex", "parse_sex", "read_labels", "find_image", "IMAGE_SUFFIXES", "MAX_BONE_AGE_MONTHS"]
 
 #: Image suffixes searched for an id, in order of preference.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
@@ -35,18 +36,37 @@ _SEX_WORDS = {"m": "male", "male": "male", "boy": "male", "f": "female", "female
 _SEX_FLAGS = {"true": "male", "1": "male", "false": "female", "0": "female"}
 
 
-def parse_sex(value: object, source: str | Path | None = None, *, flags: bool = True) -> str | None:
-    """``"male"``/``"female"`` from the spellings forms, CSVs and DICOM headers use (``flags`` also admits
-    True/False and 1/0, as in RSNA's ``male`` column); ``None`` when not given, an error when unreadable."""
+class Sex(str, Enum):
+    """The child's sex, parsed once where it enters (a form, a flag, a CSV, a DICOM header) and passed on
+    as this value: later layers compare it and never parse it again. It is a ``str``: JSON and CSVs
+    see ``"female"`` / ``"male"``."""
+
+    FEMALE = "female"
+    MALE = "male"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def is_male(self) -> bool:
+        return self is Sex.MALE
+
+
+def parse_sex(value: object, source: str | Path | None = None, *, flags: bool = False) -> Sex | None:
+    """``Sex`` from the documented spellings (female/male, f/m, girl/boy, any case); ``flags`` also admits
+    the texts true/false and 1/0, as in RSNA's ``male`` column, and is for label files only: typed on a form
+    or the command line, ``1`` is not an obvious answer. ``None`` when not given, a one-line error when unreadable."""
+    if isinstance(value, Sex):
+        return value
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if isinstance(value, bool):
-        return "male" if value else "female"
+    if isinstance(value, bool):  # only code passes a bool (RSNA's `male` column): True is male
+        return Sex.MALE if value else Sex.FEMALE
     key = str(value).strip().lower()
     found = _SEX_WORDS.get(key) or (_SEX_FLAGS.get(key) if flags else None)
     if found is None:
-        raise BoneAgeInputError(f"sex must be female or male, got {value!r}", source)
-    return found
+        raise BoneAgeInputError(f"sex must be female or male (or f/m), got {value!r}", source)
+    return Sex(found)
 
 
 def _norm(col: str) -> str:

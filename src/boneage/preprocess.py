@@ -1,4 +1,8 @@
-"""Deterministic preprocessing shared by training and inference: hand crop, contrast, letterbox.
+"""Deterministic preprocessing shared by training and inference: geometry, hand crop, contrast, letterbox.
+
+``geometry`` says how a radiograph's frame is shaped before anything else: ``letterbox`` keeps the hand's
+proportions; ``squash`` first resizes the whole frame to a square, as the 299 px RSNA training copies were
+made, so a clinic's file in its own aspect ratio reaches the model in the geometry that model was trained on.
 
 The same object runs on a training image, a cached image and a clinician's upload, so the model always
 sees the input it was trained on. Its settings travel inside every checkpoint.
@@ -88,6 +92,20 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def squash(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The whole frame resized to ``size`` x ``size`` without keeping the aspect ratio (antialiased when
+    shrinking), the way the squashed training copies were made; a frame already that size is left alone."""
+    h, w = pixels.shape
+    if (h, w) == (size, size):
+        return pixels.astype(np.float32, copy=False)
+    img = Image.fromarray(pixels.astype(np.float32), mode="F")
+    resample = Image.BILINEAR if size >= max(h, w) else Image.BOX
+    return np.asarray(img.resize((size, size), resample), dtype=np.float32)
+
+
+GEOMETRIES = ("letterbox", "squash")
+
+
 def _clahe(pixels: np.ndarray) -> np.ndarray:
     import kornia
     import torch
@@ -106,8 +124,14 @@ class Preprocess:
     contrast: str = "percentile"
     low_percentile: float = 0.5
     high_percentile: float = 99.5
+    geometry: str = "letterbox"  # letterbox | squash (whole frame to squash_size² first)
+    squash_size: int = 299  # the side of the square frame when geometry is squash
 
     def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"unknown geometry {self.geometry!r} (letterbox or squash)")
+        if self.geometry == "squash" and self.squash_size < 32:
+            raise ValueError("preprocess squash_size must be at least 32 pixels")
         if self.contrast not in {"percentile", "clahe", "none"}:
             raise ValueError(f"unknown contrast method {self.contrast!r} (percentile, clahe or none)")
         if self.size < 32:
@@ -115,6 +139,8 @@ class Preprocess:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
+        if self.geometry == "squash":
+            pixels = squash(pixels, self.squash_size)
         if self.crop:
             top, bottom, left, right = hand_box(pixels)
             pixels = pixels[top:bottom, left:right]
@@ -128,12 +154,21 @@ class Preprocess:
 
     @classmethod
     def from_config(cls, section: Any) -> Preprocess:
-        """From the config's ``preprocess`` section (same field names), so no caller lists them again."""
-        return cls(**asdict(section))
+        """From a ``PreprocessSpec`` (the config's ``preprocess`` section, same field names) or a dict."""
+        if hasattr(section, "model_dump"):
+            return cls(**section.model_dump())
+        return cls(**(section if isinstance(section, dict) else asdict(section)))
+
+    from_spec = from_config
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def key(self) -> str:
-        """A short hash of the settings: a cache built with other settings is never reused by mistake."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """A short hash of the settings: a cache built with other settings is never reused by mistake.
+        Letterbox settings hash without the squash fields, so caches made before they existed stay valid."""
+        d = self.to_dict()
+        if self.geometry == "letterbox":
+            d.pop("geometry")
+            d.pop("squash_size")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

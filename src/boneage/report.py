@@ -1,13 +1,15 @@
 """Human-readable output: an SD chart and a single self-contained HTML report.
 
 The HTML is one file with images inlined and no external resources, so it can be mailed, archived or
-opened offline on a hospital workstation without leaking anything to a CDN.
+opened offline on a hospital workstation without leaking anything to a CDN. The markup lives in the Jinja2
+template ``boneage/templates/report.html.j2``; this module only computes the plain-text values, which the
+template autoescapes.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import math
 import re
@@ -15,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,6 +35,7 @@ DISCLAIMER = (
 _CHART_MAX_YEARS = 19.0
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_TEMPLATE = "report.html.j2"  # in boneage/templates, shipped as package data
 
 
 def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> bytes:
@@ -190,28 +194,16 @@ def _model_rows(model_info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    body = "\n".join(
-        f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>" for label, value in rows
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    # autoescape=True unconditionally (select_autoescape would not match the ``.j2`` suffix): every value
+    # handed to the template is plain text, and file names / warnings / model info are user-controlled.
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("boneage", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
     )
-    return f"<table>\n{body}\n</table>"
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
-       max-width: 1100px; color: #222; padding: 0 1em; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.5em; }
-.images { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; flex: 1 1 300px; } figure img { max-width: 100%; height: auto; border: 1px solid #ccc; }
-figcaption { font-size: 0.85em; color: #555; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: left; vertical-align: top; }
-th { background: #f5f5f5; font-weight: 600; }
-.flag-advanced, .flag-delayed { color: #b30000; font-weight: 700; }
-.warnings li { color: #8a4b00; }
-.citation { font-size: 0.85em; color: #444; }
-footer { margin-top: 2em; padding-top: 0.7em; border-top: 1px solid #ccc; font-size: 0.9em; color: #555; }
-"""
 
 
 def write_html_report(
@@ -230,63 +222,40 @@ def write_html_report(
     if target.resolve().parent != out.resolve():  # belt and braces: safe_stem already removed separators
         raise ValueError(f"report name {name!r} would leave {out}")
 
-    e = html.escape
-    figures = [
-        f'<figure><img alt="radiograph" src="{_data_uri(radiograph_png, "radiograph")}">'
-        "<figcaption>Radiograph</figcaption></figure>"
-    ]
+    figures = [{"alt": "radiograph", "src": _data_uri(radiograph_png, "radiograph"), "caption": "Radiograph"}]
     if heatmap_png is not None:
         figures.append(
-            f'<figure><img alt="heatmap" src="{_data_uri(heatmap_png, "heatmap")}">'
-            "<figcaption>Saliency heatmap (where the model looked)</figcaption></figure>"
+            {
+                "alt": "heatmap",
+                "src": _data_uri(heatmap_png, "heatmap"),
+                "caption": "Saliency heatmap (where the model looked)",
+            }
         )
-    chart_uri = _data_uri(sd_chart_png(assessment), "chart")
     figures.append(
-        f'<figure><img alt="SD chart" src="{chart_uri}">'
-        "<figcaption>Bone age against the Greulich &amp; Pyle ±2 SD band</figcaption></figure>"
+        {
+            "alt": "SD chart",
+            "src": _data_uri(sd_chart_png(assessment), "chart"),
+            "caption": "Bone age against the Greulich & Pyle ±2 SD band",
+        }
     )
 
-    flag_class = f"flag-{assessment.flag}" if assessment.flag else "flag-none"
-    if assessment.warnings:
-        warnings_html = (
-            '<ul class="warnings">\n'
-            + "\n".join(f"<li>{e(str(w))}</li>" for w in assessment.warnings)
-            + "\n</ul>"
+    document = (
+        _environment()
+        .get_template(_TEMPLATE)
+        .render(
+            name=str(name),
+            bone_age_text=format_months(assessment.bone_age_months),
+            bone_age_months=f"{assessment.bone_age_months:.1f}",
+            flag_class=f"flag-{assessment.flag}" if assessment.flag else "flag-none",
+            flag_text=assessment.flag or "not assessed",
+            figures=figures,
+            result_rows=_result_rows(assessment),
+            warnings=[str(w) for w in assessment.warnings or ()],
+            model_rows=_model_rows(model_info),
+            citation=REFERENCE_CITATION,
+            disclaimer=DISCLAIMER,
+            version=__version__,
         )
-    else:
-        warnings_html = "<p>None.</p>"
-    model_rows = _model_rows(model_info)
-    model_html = _table(model_rows) if model_rows else "<p>Not provided.</p>"
-    flag_text = e(assessment.flag or "not assessed")
-
-    document = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Bone age report — {e(str(name))}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>Bone age report — {e(str(name))}</h1>
-<p>Predicted bone age <strong>{e(format_months(assessment.bone_age_months))}</strong>
-({e(f"{assessment.bone_age_months:.1f}")} months); flag: <span class="{e(flag_class)}">{flag_text}</span></p>
-<div class="images">
-{chr(10).join(figures)}
-</div>
-<h2>Result</h2>
-{_table(_result_rows(assessment))}
-<h2>Warnings</h2>
-{warnings_html}
-<h2>Model</h2>
-{model_html}
-<h2>Reference</h2>
-<p class="citation">{e(REFERENCE_CITATION)} SD score = (bone age − chronological age) / SD at the
-chronological age, SD interpolated linearly between tabulated ages; |z| &gt; 2 is called advanced or
-delayed.</p>
-<footer>{e(DISCLAIMER)}<br>Generated by boneage {e(__version__)}.</footer>
-</body>
-</html>
-"""
+    )
     target.write_text(document, encoding="utf-8")
     return target

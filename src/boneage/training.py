@@ -7,56 +7,78 @@ config, run facts (seed, git commit, versions), per-epoch metrics, best.ckpt and
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import math
 import platform
-import subprocess
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from boneage.augment import Augment
 from boneage.cache import decode_batch
-from boneage.config import Config, config_from_dict
-from boneage.data import to_float
+from boneage.config import AugmentConfig, Config, FinetuneConfig, TrainConfig
+from boneage.data import make_datamodule, to_float
 from boneage.errors import BoneAgeInputError
-from boneage.models import build_model, freeze_all_but
-from boneage.pretraining import make_datamodule
+from boneage.models import build_model, freeze_all_but, rename_legacy_head
+from boneage.runs import RunDir, git_commit  # noqa: F401  (git_commit: re-exported for older callers)
+from boneage.spec import ModelSpec
 
-TASKS = ("regression", "classification")
+log = logging.getLogger(__name__)
 
 
 class BoneAgeModule(L.LightningModule):
-    """Loss, optimiser phases and metrics around ``BoneAgeNet``; the checkpoint keeps the whole config."""
+    """Loss, optimiser phases and metrics around ``BoneAgeNet``.
 
-    def __init__(self, config: dict[str, Any], age_mean: float = 127.0, age_std: float = 41.0) -> None:
+    Each part gets its own section: the network its ``ModelSpec`` (the only model record a checkpoint's
+    consumers read), the loop the ``train`` and ``finetune`` sections, the augmentation its own.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        train: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
+        pretrained: str = "none",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.cfg = config_from_dict(config)
-        if self.cfg.model.task not in TASKS:
-            raise BoneAgeInputError(
-                f"unknown model.task {self.cfg.model.task!r} (regression or classification)"
-            )
-        self.classification = self.cfg.model.task == "classification"
+        self.spec = ModelSpec.parse(spec)
+        self.train_cfg = TrainConfig.model_validate(train or {})
+        self.finetune_cfg = FinetuneConfig.model_validate(finetune or {})
+        self.classification = self.spec.task == "classification"
         if self.classification:  # the network's output is then the logit itself
-            age_mean, age_std = 0.0, 1.0
-        parse_layers(self.cfg.finetune.layers)
-        self.model = build_model(self.cfg.model, age_mean, age_std)
-        self.augment = Augment(self.cfg.augment)
+            self.spec.target_mean, self.spec.target_std = 0.0, 1.0
+        self.model = build_model(self.spec, pretrained)
+        self.augment = Augment(AugmentConfig.model_validate(augment or {}))
         self._val_abs: list[torch.Tensor] = []
+        self._holdout_abs: list[torch.Tensor] = []
         # the phase the current optimiser was built for: 0 single phase, 1 head only, 2 fine-tuning
         self.phase = 0
         self.phase_log: list[dict[str, Any]] = []
         self._restored_phase: int | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Config, target_mean: float = 127.0, target_std: float = 41.0) -> BoneAgeModule:
+        """The module of a run config: each part gets its own section."""
+        return cls(
+            cfg.model_spec(target_mean, target_std).model_dump(),
+            train=cfg.train.model_dump(),
+            finetune=cfg.finetune.model_dump(),
+            augment=cfg.augment.model_dump(),
+            pretrained=cfg.model.pretrained,
+        )
+
     # ---- fine-tuning phases --------------------------------------------------------------------------
     def phase_for_epoch(self, epoch: int) -> int:
-        head = self.cfg.finetune.head_epochs
+        head = self.finetune_cfg.head_epochs
         if head <= 0:
             return 0
         return 1 if epoch < head else 2
@@ -67,7 +89,7 @@ class BoneAgeModule(L.LightningModule):
             self.model.requires_grad_(True)
             self.model.backbone.requires_grad_(False)
             return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return freeze_all_but(self.model, parse_layers(self.cfg.finetune.layers))
+        return freeze_all_but(self.model, self.finetune_cfg.layers)
 
     def _set_batchnorm_modes(self) -> None:
         """BatchNorm layers whose weights are frozen also keep their running statistics (as Keras does);
@@ -88,8 +110,36 @@ class BoneAgeModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["boneage_phase"] = self.phase  # the optimiser state saved with it belongs to this phase
+        # the spec with this run's target statistics: what Predictor and bundling read
+        checkpoint["boneage_spec"] = self.current_spec().model_dump()
+        # a resumed run continues the same random stream (augmentation parameters, dropout, shuffling)
+        checkpoint["boneage_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def current_spec(self) -> ModelSpec:
+        spec = self.spec.model_copy(deep=True)
+        spec.target_mean = float(self.model.age_mean)
+        spec.target_std = float(self.model.age_std)
+        return spec
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # v0.1 checkpoints name head layers by Sequential index: rename them to this model's names
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                inner = {k[len("model.") :]: v for k, v in checkpoint[key].items() if k.startswith("model.")}
+                other = {k: v for k, v in checkpoint[key].items() if not k.startswith("model.")}
+                checkpoint[key] = {**other, **{f"model.{k}": v for k, v in rename_legacy_head(inner).items()}}
+        rng = checkpoint.get("boneage_rng")
+        if rng:  # now, before the resumed epoch's data loader draws its shuffling seed
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
+            random.setstate(rng["python"])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         # called before configure_optimizers on resume, so the optimiser is rebuilt for the saved state
         saved = checkpoint.get("boneage_phase")
         self._restored_phase = int(saved) if saved is not None else self.phase_for_epoch(checkpoint["epoch"])
@@ -101,15 +151,26 @@ class BoneAgeModule(L.LightningModule):
         # every rank starts from the same seed (identical weights); from here on ranks > 0 draw their own
         # augmentation parameters and dropout masks instead of repeating rank 0's on different images
         if self.trainer.world_size > 1 and self.trainer.global_rank > 0:
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.trainer.global_rank)
+            torch.manual_seed(self.train_cfg.seed + 7919 * self.trainer.global_rank)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, male, age = batch
         # shard caches with data.decode=device hand over encoded JPEGs: nvJPEG decodes the batch on the GPU
         images = to_float(decode_batch(images, self.device))
         if self.trainer is not None and self.trainer.training:
+            size = self.train_size(self.current_epoch, images.shape[-1])
+            if size != images.shape[-1]:  # progressive resizing: an early epoch trains on smaller inputs
+                images = torch.nn.functional.interpolate(
+                    images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )
             images = self.augment(images)
         return images.contiguous(memory_format=torch.channels_last), male, age
+
+    def train_size(self, epoch: int, full: int) -> int:
+        """``train.size_schedule``'s input size for ``epoch`` (the latest entry at or before it)."""
+        schedule = self.train_cfg.size_schedule
+        starts = sorted(int(k) for k in schedule if int(k) <= epoch)
+        return int(schedule[starts[-1]]) if starts else full
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, male, age = batch
@@ -125,7 +186,7 @@ class BoneAgeModule(L.LightningModule):
         self.log("train_mae", mae, on_step=False, on_epoch=True, batch_size=len(age))
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, male, age = batch
         pred = self(images, male)
         if self.classification:
@@ -137,26 +198,30 @@ class BoneAgeModule(L.LightningModule):
             err = (prob - age).abs()
         else:
             err = (pred.float() - age).abs()
-        self._val_abs.append(err.detach())  # val_mae is logged once per epoch, over all ranks' errors
+        # val_mae (and holdout_mae, the never-trained-on set of data.holdout_labels) is logged once per
+        # epoch, over all ranks' errors
+        (self._holdout_abs if dataloader_idx == 1 else self._val_abs).append(err.detach())
 
     def on_validation_epoch_start(self) -> None:
         self._val_abs = []
+        self._holdout_abs = []
 
     def on_validation_epoch_end(self) -> None:
         """The exact MAE over the whole validation set, however DDP split it: the ranks' error sums and counts
         are added up. (``sync_dist`` averages per-rank means with an integer batch-size count, which is wrong
         when the ranks hold different numbers of images, as they do without the sampler's padding.)"""
-        errors = torch.cat(self._val_abs) if self._val_abs else torch.zeros(0, device=self.device)
-        self._val_abs = []
-        totals = torch.stack([errors.sum(), torch.tensor(float(errors.numel()), device=errors.device)])
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        if float(totals[1]) > 0:  # equal on all ranks after the reduction; sync_dist keeps Lightning quiet
-            self.log("val_mae", totals[0] / totals[1], prog_bar=True, sync_dist=True)
+        for name, parts in (("val_mae", self._val_abs), ("holdout_mae", self._holdout_abs)):
+            errors = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+            totals = torch.stack([errors.sum(), torch.tensor(float(errors.numel()), device=errors.device)])
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            if float(totals[1]) > 0:  # equal on all ranks after the reduction; sync_dist keeps it quiet
+                self.log(name, totals[0] / totals[1], prog_bar=name == "val_mae", sync_dist=True)
+        self._val_abs, self._holdout_abs = [], []
 
     def configure_optimizers(self) -> Any:
         """The optimiser and LR decay of the current phase (Lightning calls this at the start of fit, and
         ``on_train_epoch_start`` calls it again through the strategy at the phase boundary)."""
-        t, f = self.cfg.train, self.cfg.finetune
+        t, f = self.train_cfg, self.finetune_cfg
         resuming = self._restored_phase is not None
         if self._restored_phase is not None:
             phase, self._restored_phase = self._restored_phase, None
@@ -192,25 +257,32 @@ class BoneAgeModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def parse_layers(value: str | int) -> int | str:
-    """``finetune.layers``: a positive whole number, or ``all``."""
-    text = str(value).strip().lower()
-    if text == "all":
-        return "all"
-    if not text.isdigit() or int(text) < 1:
-        raise BoneAgeInputError(f"finetune.layers must be a positive whole number or 'all', got {value!r}")
-    return int(text)
+def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
+    """NumPy's RNG state as plain values: checkpoints stay loadable with ``torch.load(weights_only=True)``."""
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_plain(d: dict[str, Any]) -> tuple:
+    keys = np.asarray(d["keys"].numpy(), dtype=np.uint32)
+    return (d["name"], keys, d["pos"], d["has_gauss"], d["cached"])
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, wd: float, momentum: float) -> Any:
+    """timm's optimizer factory (``sgd`` is Nesterov SGD there, as the talk's Keras SGD fine-tuning)."""
+    from timm.optim import create_optimizer_v2
+
     kind = name.lower()
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=True)
-    raise BoneAgeInputError(f"unknown optimizer {name!r} (adam, adamw or sgd)")
+    if kind not in {"adam", "adamw", "sgd"}:
+        raise BoneAgeInputError(f"unknown optimizer {name!r} (adam, adamw or sgd)")
+    extra = {"momentum": momentum} if kind == "sgd" else {}
+    return create_optimizer_v2(params, opt=kind, lr=lr, weight_decay=wd, **extra)
 
 
 def lr_lambda(kind: str, total: int, warmup: int, final: float) -> Any:
@@ -234,11 +306,21 @@ def lr_lambda(kind: str, total: int, warmup: int, final: float) -> Any:
 class EpochMetrics(Callback):
     """Appends one row per validated epoch to ``run_dir/metrics.csv``; appending survives a resume."""
 
-    fields = ["epoch", "step", "train_loss", "train_mae", "val_mae", "lr", "elapsed_s"]
+    fields = ["epoch", "step", "train_loss", "train_mae", "val_mae", "holdout_mae", "lr", "elapsed_s"]
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.start = time.time()
+        self.start = time.time() - self._elapsed_before(path)
+
+    @staticmethod
+    def _elapsed_before(path: Path) -> float:
+        """A resumed run counts on from the last recorded epoch, so elapsed_s is the run's training time."""
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            return float(rows[-1]["elapsed_s"]) if rows else 0.0
+        except (OSError, KeyError, ValueError, IndexError):
+            return 0.0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -251,6 +333,7 @@ class EpochMetrics(Callback):
             "train_loss": _num(m.get("train_loss_epoch")),
             "train_mae": _num(m.get("train_mae")),
             "val_mae": _num(m.get("val_mae")),
+            "holdout_mae": _num(m.get("holdout_mae")),
             "lr": lr,
             "elapsed_s": round(time.time() - self.start, 1),
         }
@@ -262,32 +345,8 @@ class EpochMetrics(Callback):
             writer.writerow(row)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _num(value: Any) -> float | str:
     return round(float(value), 4) if value is not None else ""
-
-
-def git_commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).parent,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _launch_rank() -> int:
@@ -310,46 +369,42 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def _precision(cfg: Config) -> str:
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-
-
 def train(
     cfg: Config, run_dir: str | Path, *, progress: bool = True, callbacks: list[Callback] | None = None
 ) -> dict[str, Any]:
-    """Train (or resume) into ``run_dir``; returns the summary also written to ``run_dir/summary.json``."""
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) into ``run_dir``; returns the summary also written to ``run_dir/summary.json``.
+
+    The summary is written however fit ends: ``finished``, ``interrupted`` (Ctrl-C, a killed session's
+    SIGTERM) or ``failed`` (the exception is re-raised after it is recorded).
+    """
+    run = RunDir(run_dir).create()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    if _launch_rank() == 0:  # DDP: every rank runs train(); one writes the run files
-        cfg.save(run / "config.yaml")
+    rank0 = _launch_rank() == 0  # DDP: every rank runs train(); one writes the run files
     facts = {
         "name": cfg.name,
         "seed": cfg.train.seed,
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": L.__version__,
         "device": torch.cuda.get_device_name(0)
         if torch.cuda.is_available()
         else platform.processor() or "cpu",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if _launch_rank() == 0:
-        (run / "run.json").write_text(json.dumps(facts, indent=2))
+    if rank0:
+        run.write_config(cfg)
+        facts = run.write_facts(**facts)
 
-    dm = make_datamodule(cfg, progress=progress)
+    if cfg.data.source == "mura" and cfg.model.task != "classification":
+        log.warning("data.source=mura has 0/1 labels; set model.task=classification to train with BCE")
+    dm = make_datamodule(cfg.data, cfg.preprocess, cfg.train, cfg.trainer, progress=progress)
     dm.setup("fit")
     mean, std = dm.target_stats
-    module = BoneAgeModule(cfg.to_dict(), age_mean=mean, age_std=std)
+    module = BoneAgeModule.from_config(cfg, mean, std)
     module.model.to(memory_format=torch.channels_last)
     if cfg.trainer.compile:
         module.model.compile()  # in place: state_dict keys, and so checkpoints, stay those of the plain model
 
     checkpoint = ModelCheckpoint(
-        dirpath=run,
+        dirpath=run.path,
         filename="best",
         monitor="val_mae",
         mode="min",
@@ -358,27 +413,34 @@ def train(
     )
     # Lightning's save_last writes last.ckpt only when the monitored metric improved; resuming after a kill
     # needs the newest epoch every time, so a second, unmonitored callback keeps it.
-    latest = ModelCheckpoint(dirpath=run, filename="last", save_top_k=1, enable_version_counter=False)
+    latest = ModelCheckpoint(dirpath=run.path, filename="last", save_top_k=1, enable_version_counter=False)
     cbs: list[Callback] = [checkpoint, latest, EpochMetrics(run / "metrics.csv")]
     cbs.append(LearningRateMonitor("epoch"))
+    if cfg.train.ema_decay > 0:
+        # Lightning's EMA callback validates with the averaged weights and saves them as the checkpoint's
+        # state_dict (the raw weights ride along for resuming), so best.ckpt and the bundle are the EMA model
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        cbs.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
     if progress and cfg.trainer.progress_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
         cbs.append(RichProgressBar())
     cbs += callbacks or []
     t = cfg.trainer
+    accelerator, precision = _device_settings(cfg)
     trainer = L.Trainer(
-        default_root_dir=run,
+        default_root_dir=run.path,
         max_epochs=cfg.train.epochs,
-        accelerator=t.accelerator,
+        accelerator=accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=_precision(cfg),
+        precision=precision,
         callbacks=cbs,
         logger=[
-            TensorBoardLogger(run, name="tensorboard", version=""),
-            CSVLogger(run, name="logs", version=""),
+            TensorBoardLogger(run.path, name="tensorboard", version=""),
+            CSVLogger(run.path, name="logs", version=""),
         ],
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
@@ -389,26 +451,65 @@ def train(
     )
     last = run / "last.ckpt"
     resume = str(last) if cfg.train.resume and last.is_file() else None
-    previous = _read_json(run / "summary.json") if resume else {}
+    previous = run.summary if resume else {}
     started = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    best = checkpoint.best_model_score
-    fit_seconds = round(time.time() - started, 1)
-    summary = {
-        **facts,
-        "resumed_from": resume,
-        "interrupted": bool(trainer.interrupted),
-        "epochs_completed": trainer.current_epoch,
-        "finished": not trainer.interrupted and trainer.current_epoch >= cfg.train.epochs,
-        "best_val_mae": float(best) if best is not None else None,
-        "best_checkpoint": str(run / "best.ckpt"),
-        "train_images": len(dm.train_set),
-        "val_images": len(dm.val_set),
-        "fit_seconds": fit_seconds,
-        "total_fit_seconds": round(float(previous.get("total_fit_seconds") or 0) + fit_seconds, 1),
-        "init": module.model.init_report,
-        "phases": module.phase_log,
-    }
-    if trainer.is_global_zero:
-        (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    status, error = "running", None
+
+    def record() -> dict[str, Any]:
+        best = checkpoint.best_model_score
+        fit_seconds = round(time.time() - started, 1)
+        summary = {
+            **facts,
+            "status": status,
+            "error": error,
+            "resumed_from": resume,
+            "interrupted": status == "interrupted",
+            "epochs_completed": trainer.current_epoch,
+            "finished": status == "finished",
+            "best_val_mae": float(best) if best is not None else None,
+            "best_checkpoint": str(run / "best.ckpt"),
+            "train_images": len(dm.train_set),
+            "val_images": len(dm.val_set),
+            "holdout_images": len(dm.holdout_set) if dm.holdout_set is not None else 0,
+            "fit_seconds": fit_seconds,
+            "total_fit_seconds": round(float(previous.get("total_fit_seconds") or 0) + fit_seconds, 1),
+            "init": module.model.init_report,
+            "phases": module.phase_log,
+        }
+        if trainer.is_global_zero:
+            run.write_summary(summary)
+        return summary
+
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C/SIGTERM into trainer.interrupted (and may exit): record it either way
+        status = "interrupted"
+        record()
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        record()
+        raise
+    status = "interrupted" if trainer.interrupted or trainer.current_epoch < cfg.train.epochs else "finished"
+    return record()
+
+
+def _device_settings(cfg: Config) -> tuple[str, str]:
+    """Accelerator and precision, falling back cleanly on a CPU-only machine: a GPU-only precision on the
+    CPU becomes 32-bit (with a log line); asking for a GPU that is not there is one readable error."""
+    t = cfg.trainer
+    has_cuda = torch.cuda.is_available()
+    if t.accelerator in {"gpu", "cuda"} and not has_cuda:
+        raise BoneAgeInputError(
+            f"trainer.accelerator={t.accelerator} but no CUDA device is visible; use trainer.accelerator=cpu "
+            "or auto"
+        )
+    on_cpu = t.accelerator == "cpu" or not has_cuda
+    precision = t.precision
+    if precision == "auto":
+        precision = "32-true" if on_cpu else "bf16-mixed"
+    elif on_cpu and precision in {"16-mixed", "16-true"}:
+        log.warning("trainer.precision=%s needs a GPU; training in 32-bit on the CPU", precision)
+        precision = "32-true"
+    return t.accelerator, precision

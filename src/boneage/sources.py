@@ -1,4 +1,4 @@
-"""Pretraining sources beside RSNA: NIH ChestX-ray14 (age from chest radiographs) and MURA (abnormality).
+"""Data sources: RSNA bone age, and for pretraining NIH ChestX-ray14 (age from chest films) and MURA.
 
 Each reader turns a dataset, as its publisher distributes it, into the tidy table the bone-age pipeline
 already trains on (``id``, ``boneage``, ``male``, ``path`` plus source columns), so the same model, sex branch
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from boneage.config import Config, DataConfig
-from boneage.data import BoneAgeDataModule
+from boneage.config import DataConfig
 from boneage.errors import BoneAgeInputError
 
 log = logging.getLogger(__name__)
@@ -31,8 +30,6 @@ __all__ = [
     "read_mura",
     "read_source",
     "group_split",
-    "SourceDataModule",
-    "make_datamodule",
     "torchxrayvision_nih_metadata",
 ]
 
@@ -359,31 +356,3 @@ def group_split(
         splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         train, val = next(splitter.split(idx, groups=g))
     return np.sort(train), np.sort(val)
-
-
-class SourceDataModule(BoneAgeDataModule):
-    """``BoneAgeDataModule`` for NIH and MURA: reads ``data.source`` and splits by patient."""
-
-    def read_table(self) -> pd.DataFrame:
-        return read_source(self.cfg.data)
-
-    def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """By patient, so follow-up films of a validation patient never appear in training."""
-        d = self.cfg.data
-        if "patient" in labels:
-            return group_split(labels["patient"], d.val_fraction, d.seed, d.folds, d.fold)
-        return super().split(labels)
-
-
-def make_datamodule(cfg: Config, progress: bool = True) -> BoneAgeDataModule:
-    """The data module for ``cfg.data.source``: RSNA's own, or the NIH/MURA one."""
-    source = cfg.data.source.strip().lower()
-    if source not in SOURCES:
-        raise BoneAgeInputError(f"unknown data.source {cfg.data.source!r} ({', '.join(SOURCES)})")
-    if source == "mura" and cfg.model.task != "classification":
-        log.warning("data.source=mura has 0/1 labels; set model.task=classification to train with BCE")
-    if source == "rsna":
-        return BoneAgeDataModule(cfg, progress=progress)
-    if getattr(cfg.data, "cache", "") or getattr(cfg.data, "cache_format", "npy") != "npy":
-        raise BoneAgeInputError(f"data.source={source} uses the .npy image cache (data.cache_format=npy)")
-    return SourceDataModule(cfg, progress=progress)

@@ -1,28 +1,26 @@
-"""The ``boneage`` command: a thin typer layer over the Python API (training, evaluation, prediction, export).
+"""``boneage train``, ``evaluate``, ``predict``, ``export``, ``bundle`` and ``serve``: the top-level commands.
 
-Every user mistake arrives as a ``BoneAgeInputError`` and leaves as one line on stderr with exit code 2.
+The sub-commands (``boneage cache ...``, ``boneage experiments ...``, ``boneage tune``) live in their own
+modules of this package and are attached to :data:`app` in ``boneage/cli/__init__.py``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from boneage.errors import BoneAgeInputError, exit_on_user_error
+from boneage.cli._common import err, exit_on_user_error, out
+from boneage.errors import BoneAgeInputError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Pediatric bone age from left-hand radiographs. Research use only, not a medical device.",
 )
-err = Console(stderr=True)
-out = Console()
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 
@@ -255,15 +253,35 @@ def export(
 @app.command()
 @exit_on_user_error
 def bundle(
-    checkpoint: Annotated[Path, typer.Option(help="best.ckpt of a training run")],
+    checkpoint: Annotated[Path | None, typer.Option(help="best.ckpt of a training run")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="output .safetensors")] = Path("model.safetensors"),
-    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "0.1.0",
+    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "0.2.0",
+    convert: Annotated[
+        Path | None, typer.Option(help="rewrite a v0.1 bundle (whole training config inside) as a model spec")
+    ] = None,
+    native_images: Annotated[
+        Path | None, typer.Option(help="held-out ids' native-aspect files (default: beside the holdout CSV)")
+    ] = None,
 ) -> None:
-    """Turn a training checkpoint into the bundled-model format (fp16 safetensors + metadata)."""
-    from boneage.evaluation import make_bundle
+    """Turn a training checkpoint into the bundled-model format (fp16 safetensors + model spec + measured
+    facts: held-out MAE in both geometries, TTA-spread threshold, training range)."""
+    from boneage.bundle import convert_bundle, make_bundle
 
-    path, meta = make_bundle(checkpoint, out_path, version=version)
-    print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
+    if convert is not None:
+        path = convert_bundle(convert, out_path)
+        out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return
+    if checkpoint is None:
+        raise BoneAgeInputError("pass --checkpoint CKPT (or --convert OLD_BUNDLE)")
+    path, meta = make_bundle(
+        checkpoint,
+        out_path,
+        version=version,
+        native_images=native_images,
+        on_step=lambda msg: err.print(f"measuring: {msg}", highlight=False),
+    )
+    meta.pop("_predictions", None)
+    print(json.dumps(meta, indent=2))
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -278,21 +296,3 @@ def serve(
     from boneage.web import serve as run_server
 
     run_server(host=host, port=port, checkpoint=checkpoint)
-
-
-
-def _register_subcommands() -> None:
-    """Sub-apps live with their modules (which import heavy libraries lazily) and are attached here."""
-    from boneage.cache import cache_app
-    from boneage.experiments import experiments_app, tune_command
-
-    app.add_typer(cache_app, name="cache")
-    app.add_typer(experiments_app, name="experiments")
-    app.command("tune")(tune_command)
-
-
-_register_subcommands()
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    sys.exit(app())

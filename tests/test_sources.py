@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from boneage.errors import BoneAgeInputError
-from boneage.pretraining import read_mura, read_nih, torchxrayvision_nih_metadata
+from boneage.sources import read_mura, read_nih, torchxrayvision_nih_metadata
 
 TINY_OVERRIDES = [
     "preprocess.size=32",
@@ -137,7 +137,7 @@ def make_nih(root: Path) -> Path:
 
 def test_nih_fixture_in_the_distributed_layout_trains_one_epoch(tmp_path: Path) -> None:
     from boneage.config import load_config
-    from boneage.pretraining import SourceDataModule, make_datamodule
+    from boneage.data import datamodule_from_config
     from boneage.training import train
 
     csv = make_nih(tmp_path / "nih")
@@ -161,8 +161,7 @@ def test_nih_fixture_in_the_distributed_layout_trains_one_epoch(tmp_path: Path) 
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
     cfg = load_config(None, overrides)
-    dm = make_datamodule(cfg, progress=False)
-    assert isinstance(dm, SourceDataModule)
+    dm = datamodule_from_config(cfg, progress=False)
     dm.setup("fit")
     assert dm.labels is not None
     train_patients = set(dm.labels["patient"].iloc[dm.train_idx])
@@ -253,7 +252,7 @@ def test_mura_reader_on_its_real_layout(tmp_path: Path) -> None:
 def test_mura_classification_pretraining_and_transfer(tmp_path: Path) -> None:
     import torch
 
-    from boneage.config import ModelConfig, load_config
+    from boneage.config import load_config
     from boneage.models import build_model, read_state_dict
     from boneage.training import train
 
@@ -274,13 +273,14 @@ def test_mura_classification_pretraining_and_transfer(tmp_path: Path) -> None:
 
     # the third pretraining source: a bone-age model starts from the MURA backbone
     ckpt = tmp_path / "run" / "best.ckpt"
-    model = build_model(
-        ModelConfig(backbone="test_efficientnet", pretrained=str(ckpt), head=[16], sex_units=4)
-    )
+    from boneage.spec import ModelSpec
+
+    model = build_model(ModelSpec(backbone="test_efficientnet", head=[16], sex_units=4), str(ckpt))
     state = read_state_dict(ckpt)
     assert torch.equal(model.state_dict()["backbone.conv_stem.weight"], state["backbone.conv_stem.weight"])
     assert float(model.age_mean) == 127.0  # bone-age statistics, not MURA's 0/1 logit scale
-    with pytest.raises(BoneAgeInputError, match="model.task"):
-        train(load_config(None, [*overrides, "model.task=segmentation"]), tmp_path / "bad", progress=False)
-    with pytest.raises(BoneAgeInputError, match="unknown data.source"):
-        train(load_config(None, [*overrides, "data.source=padchest"]), tmp_path / "bad2", progress=False)
+    # typos fail when the config is read, naming the key, the value and the choices
+    with pytest.raises(BoneAgeInputError, match="model.task='segmentation' is not allowed"):
+        load_config(None, [*overrides, "model.task=segmentation"])
+    with pytest.raises(BoneAgeInputError, match="data.source='padchest' is not allowed"):
+        load_config(None, [*overrides, "data.source=padchest"])

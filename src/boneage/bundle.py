@@ -1,0 +1,195 @@
+"""Checkpoint → the shipped model: one fp16 safetensors file with its ``ModelSpec`` and model-card facts.
+
+The file carries what prediction needs and nothing about how the model was trained (no data paths, no
+optimiser). ``make_bundle`` also measures the facts a clinician-facing model must state: its MAE on the
+held-out ids (in the training geometry, and on the clinic-geometry files through the full ``predict`` path),
+the TTA spread real hands give (the threshold of the "unlike a hand" warning) and the bone-age range it was
+trained on.
+``Predictor.load`` reads both this layout and v0.1's; ``convert_bundle`` rewrites a v0.1 file in this one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from boneage.config import RunConfig, config_from_dict
+from boneage.errors import BoneAgeInputError
+from boneage.evaluation import evaluate
+from boneage.inference import Predictor
+from boneage.labels import read_labels
+from boneage.runs import git_commit
+
+log = logging.getLogger(__name__)
+
+LICENCE = "RSNA Pediatric Bone Age data: non-commercial research and education use only"
+
+
+def save_bundle(predictor: Predictor, path: str | Path, facts: dict[str, Any] | None = None) -> Path:
+    """fp16 safetensors with the spec and facts in its metadata: one file, well under 25 MB."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if v.is_floating_point() and not k.startswith(("age_", "pixel_")) else v).contiguous()
+        for k, v in predictor.model.state_dict().items()
+    }
+    meta = {
+        **{k: v for k, v in predictor.meta.items() if k not in {"source", "config", "spec"}},
+        **(facts or {}),
+        "spec": predictor.spec.model_dump(),
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata={"boneage": json.dumps(meta)})
+    tmp.replace(out)
+    return out
+
+
+def convert_bundle(old: str | Path, new: str | Path) -> Path:
+    """A v0.1 bundle (whole training config in its metadata) rewritten with only its model spec."""
+    predictor = Predictor.load(old, tta=False)
+    return save_bundle(predictor, new, {"converted_from": "v0.1 layout"})
+
+
+def run_config_for(checkpoint: str | Path) -> RunConfig:
+    """The run config a checkpoint was trained with: the run folder's config.yaml (v0.1 checkpoints also
+    carried it inside)."""
+    ckpt = Path(checkpoint)
+    saved = ckpt.parent / "config.yaml"
+    if saved.is_file():
+        return config_from_dict(yaml.safe_load(saved.read_text()) or {}, source=saved)
+    import torch
+
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    hp = blob.get("hyper_parameters", {}) if isinstance(blob, dict) else {}
+    if "config" in hp:
+        return config_from_dict(hp["config"], source=ckpt)
+    raise BoneAgeInputError(
+        "no config.yaml beside the checkpoint: cannot tell which images it trained on", ckpt
+    )
+
+
+def _holdout_tables(cfg: RunConfig, native_images: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The held-out ids in the training geometry (from data.images) and, when their own files exist, in
+    the clinic's geometry (the holdout CSV's folder, or ``native_images``)."""
+    from boneage.data import holdout_mask
+
+    d = cfg.data
+    labels = read_labels(d.labels, d.images)
+    train_geometry = labels[holdout_mask(labels, d.holdout_labels)].reset_index(drop=True)
+    folder = native_images or Path(d.holdout_labels).parent / "images"
+    native = read_labels(d.holdout_labels, folder) if folder.is_dir() else None
+    return train_geometry, native
+
+
+def make_bundle(
+    checkpoint: str | Path,
+    out_path: str | Path,
+    *,
+    version: str = "0.2.0",
+    native_images: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint → bundled model with its measured facts (see the module docstring).
+
+    With ``data.holdout_labels`` in the run config, accuracy is measured on those never-trained-on ids:
+    in the training geometry (the cached training images) and, through ``Predictor.predict``'s own file
+    reading, on their native-aspect files. Warning thresholds come from the run's validation split
+    (training ids), so the held-out ids judge the model and nothing else. Without a holdout, the run's
+    own validation split is used, as v0.1 did.
+    """
+    from boneage.data import BoneAgeDataModule
+
+    say = on_step or (lambda _msg: None)
+    cfg = run_config_for(checkpoint)
+    predictor = Predictor.load(checkpoint, runtime="auto")
+    plain = Predictor.load(checkpoint, tta=False, runtime="auto")
+    cache = cache_dir or cfg.data.cache_dir
+    dm = BoneAgeDataModule(
+        cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess, progress=False
+    )
+    dm.setup("fit")
+    assert dm.labels is not None
+    train_ages = dm.labels.iloc[dm.train_idx]["boneage"].to_numpy(float)
+    val = dm.labels.iloc[dm.val_idx].reset_index(drop=True)
+    say(f"validation split ({len(val)} training-set ids, TTA)")
+    val_report = evaluate(predictor, val, cache_dir=cache, progress=progress)
+    spread = val_report.predictions["uncertainty"].to_numpy(float)
+    facts: dict[str, Any] = {
+        "version": version,
+        "backbone": predictor.spec.backbone,
+        "input_size": predictor.spec.preprocess.size,
+        "geometry": predictor.spec.preprocess.geometry,
+        "train_images": int(len(dm.train_idx)),
+        "training_range_months": [float(train_ages.min()), float(train_ages.max())],
+        "val_split_images": int(len(val)),
+        "val_split_mae_months": round(val_report.metrics["mae_months"], 3),
+        # the "unlike a hand" warning: 1.5 x the 99th percentile of the TTA spread on real validation hands
+        "tta_spread_p99_months": round(float(np.percentile(spread, 99)) * 1.5, 2),
+        "created": datetime.date.today().isoformat(),
+        "git_commit": git_commit(),
+        "source_checkpoint": Path(checkpoint).name,
+        "licence": LICENCE,
+    }
+    if cfg.data.holdout_labels:
+        held, native = _holdout_tables(cfg, Path(native_images) if native_images else None)
+        say(f"held-out ids, training geometry ({len(held)} images)")
+        rep = evaluate(predictor, held, cache_dir=cache, progress=progress)
+        rep_plain = evaluate(plain, held, cache_dir=cache, progress=progress)
+        facts.update(
+            trained_on=f"{len(dm.train_idx)} RSNA Pediatric Bone Age 2017 training radiographs (squashed "
+            f"299 px copies); {len(held)} ids of {Path(cfg.data.holdout_labels).parent.name} held out",
+            validation_images=len(held),
+            val_mae_months=round(rep.metrics["mae_months"], 3),
+            val_mae_no_tta_months=round(rep_plain.metrics["mae_months"], 3),
+            val_rmse_months=round(rep.metrics["rmse_months"], 3),
+            val_bias_months=round(rep.metrics["bias_months"], 3),
+        )
+        if native is not None:
+            say(f"held-out ids, native-aspect files through the predict path ({len(native)} images)")
+            nat = evaluate(predictor, native, progress=progress)  # no cache: read and preprocess each file
+            nat_plain = evaluate(plain, native, progress=progress)
+            merged = nat.predictions.merge(rep.predictions, on="id", suffixes=("", "_train_geometry"))
+            facts.update(
+                native_images=len(native),
+                native_mae_months=round(nat.metrics["mae_months"], 3),
+                native_mae_no_tta_months=round(nat_plain.metrics["mae_months"], 3),
+                native_rmse_months=round(nat.metrics["rmse_months"], 3),
+                native_bias_months=round(nat.metrics["bias_months"], 3),
+                geometry_mean_abs_difference_months=round(
+                    float(np.mean(np.abs(merged["predicted"] - merged["predicted_train_geometry"]))), 3
+                ),
+                native_mae_by_sex={
+                    k: round(v["mae_months"], 3) for k, v in nat.metrics["mae_by_sex"].items()
+                },
+                native_mae_by_age_band={
+                    k: [v["n"], round(v["mae_months"], 3)] for k, v in nat.metrics["mae_by_age_band"].items()
+                },
+            )
+            facts["_predictions"] = {"native": nat.predictions, "train_geometry": rep.predictions}
+    else:
+        rep_plain = evaluate(plain, val, cache_dir=cache, progress=progress)
+        facts.update(
+            trained_on=f"{len(dm.train_idx)} RSNA Pediatric Bone Age 2017 training radiographs "
+            "(stratified split)",
+            validation_images=len(val),
+            val_mae_months=round(val_report.metrics["mae_months"], 3),
+            val_mae_no_tta_months=round(rep_plain.metrics["mae_months"], 3),
+            val_rmse_months=round(val_report.metrics["rmse_months"], 3),
+        )
+    predictions = facts.pop("_predictions", None)
+    path = save_bundle(predictor, out_path, facts)
+    if predictions is not None:
+        facts["_predictions"] = predictions  # for the caller's reports; not stored in the bundle
+    return path, facts

@@ -1,0 +1,27 @@
+"""The ``boneage`` command: a thin typer layer over the Python API (training, evaluation, prediction, export).
+
+Every user mistake arrives as a ``BoneAgeInputError`` and leaves as one line on stderr with exit code 2
+(:func:`boneage.cli._common.exit_on_user_error`). This package is the only part of boneage that imports
+typer or rich; the library reports progress through :mod:`boneage.progress` callbacks.
+
+``main``: train, evaluate, predict, export, bundle, serve; ``cache``: ``boneage cache ...``;
+``experiments``: ``boneage experiments ...`` and ``boneage tune``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from boneage.cli.cache import cache_app
+from boneage.cli.experiments import experiments_app, tune_command
+from boneage.cli.main import app
+
+app.add_typer(cache_app, name="cache")
+app.add_typer(experiments_app, name="experiments")
+app.command("tune")(tune_command)
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

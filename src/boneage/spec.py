@@ -1,0 +1,120 @@
+"""What a model *is*: everything needed to turn a radiograph into the network's input and its output
+into months.
+
+A ``ModelSpec`` is the only record a checkpoint or a bundle carries about its model, and the only thing
+``Predictor``, export and the web app read. How the model was trained (data paths, optimiser, epochs) lives
+in the run config (``boneage.config``) and never travels with the weights, so renaming a training option
+can never break loading a model. It plays the part timm's ``PretrainedCfg`` plays for timm: small and
+inference-facing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from boneage.errors import BoneAgeInputError
+
+#: the ModelSpec layout version; a bundle or checkpoint from another layout is converted by ``from_record``
+SPEC_VERSION = 2
+
+# ImageNet statistics of a greyscale image (the mean of the RGB means and stds)
+GREY_MEAN, GREY_STD = 0.449, 0.226
+
+
+class Strict(BaseModel):
+    """Unknown keys and values outside the allowed set fail when read, not minutes later."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PreprocessSpec(Strict):
+    """The deterministic radiograph → uint8 square image step, identical in training and inference."""
+
+    size: int = Field(512, ge=32, le=4096)
+    crop: bool = True  # find the hand region and drop empty borders and collimator edges
+    contrast: Literal["percentile", "clahe", "none"] = "percentile"
+    low_percentile: float = Field(0.5, ge=0, le=50)
+    high_percentile: float = Field(99.5, ge=50, le=100)
+    # letterbox: keep the frame's proportions | squash: resize the whole frame to squash_size² first, as the
+    # 299 px RSNA copies were made (a model trained on those must see a clinic's file squashed the same way)
+    geometry: Literal["letterbox", "squash"] = "letterbox"
+    squash_size: int = Field(299, ge=32, le=4096)
+
+
+class ModelSpec(Strict):
+    """Preprocessing, network shape, task and target normalisation of one trained model."""
+
+    spec_version: int = SPEC_VERSION
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    backbone: str = "tf_efficientnet_lite0"
+    in_chans: int = Field(1, ge=1, le=3)
+    sex_units: int = Field(32, ge=1)
+    head: list[int] = Field(default_factory=lambda: [512])
+    dropout: float = Field(0.2, ge=0, lt=1)
+    # regression: bone age in months | classification: one logit (e.g. MURA abnormality pretraining)
+    task: Literal["regression", "classification"] = "regression"
+    # the head predicts z-scores of the training targets; these turn them back into months
+    target_mean: float = 127.0
+    target_std: float = Field(41.0, gt=0)
+    pixel_mean: float = GREY_MEAN
+    pixel_std: float = Field(GREY_STD, gt=0)
+    versions: dict[str, str] = Field(default_factory=dict)  # boneage, timm, torch that trained it
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: object = None) -> ModelSpec:
+        """Validate a stored spec; problems become one readable line naming the source."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise BoneAgeInputError(f"invalid model spec ({one_line(exc)})", source) from None
+
+
+def one_line(exc: ValidationError) -> str:
+    """Pydantic's report as one line per problem, joined: the key, what was given, what is allowed."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+            continue
+        allowed = (err.get("ctx") or {}).get("expected")
+        msg = f"{key}={given!r}: " + (f"expected {allowed}" if allowed else err["msg"])
+        parts.append(msg)
+    return "; ".join(parts)
+
+
+def legacy_spec(config: dict[str, Any], state: dict[str, Any] | None = None) -> ModelSpec:
+    """The spec of a v0.1-layout checkpoint or bundle, which carried the whole training config: only its
+    ``preprocess`` and ``model`` sections matter; target statistics come from the weights' buffers."""
+    pre = {k: v for k, v in (config.get("preprocess") or {}).items() if k in PreprocessSpec.model_fields}
+    m = config.get("model") or {}
+    fields = {k: m[k] for k in ("backbone", "in_chans", "sex_units", "head", "dropout", "task") if k in m}
+    spec = ModelSpec(preprocess=PreprocessSpec(**pre), **fields)
+    if state is not None:
+        for name, buffer in (("target_mean", "age_mean"), ("target_std", "age_std")):
+            if buffer in state:
+                setattr(spec, name, float(state[buffer]))
+    return spec
+
+
+def spec_from_record(
+    record: dict[str, Any], state: dict[str, Any] | None = None, source: object = None
+) -> ModelSpec:
+    """A spec from a checkpoint's hyper-parameters or a bundle's metadata, in either layout."""
+    if "spec" in record:
+        return ModelSpec.parse(record["spec"], source)
+    if "config" in record:  # v0.1 layout: the whole training config
+        try:
+            return legacy_spec(record["config"], state)
+        except ValidationError as exc:
+            raise BoneAgeInputError(
+                f"cannot convert this v0.1 model ({one_line(exc)}); re-bundle it with "
+                "`boneage bundle --convert OLD --out NEW` from boneage 0.1",
+                source,
+            ) from None
+    raise BoneAgeInputError(
+        "no boneage model spec in this file (not made by boneage train or bundle?)", source
+    )
