@@ -104,8 +104,15 @@ def main() -> None:
         out_csv.unlink(missing_ok=True)
         t0 = time.perf_counter()
         cmd = [
-            str(Path(sys.executable).with_name("boneage")), "predict", str(holdout.parent / "images"),
-            "--out", str(out_csv), "--sex-from", str(holdout), "--checkpoint", str(path),
+            str(Path(sys.executable).with_name("boneage")),
+            "predict",
+            str(holdout.parent / "images"),
+            "--out",
+            str(out_csv),
+            "--sex-from",
+            str(holdout),
+            "--checkpoint",
+            str(path),
         ]
         subprocess.run(cmd, check=False, capture_output=True)
         cli = pd.read_csv(out_csv)

@@ -84,8 +84,11 @@ def main() -> None:
             model = BoneAgeNet(name, [512], 32, 0.2, 1).to(memory_format=torch.channels_last).train()
             step = step_fn(model)
             mem = [
-                (torch.rand(args.batch, 1, size, size), torch.randint(0, 2, (args.batch,)).float(),
-                 torch.rand(args.batch) * 200)
+                (
+                    torch.rand(args.batch, 1, size, size),
+                    torch.randint(0, 2, (args.batch,)).float(),
+                    torch.rand(args.batch) * 200,
+                )
                 for _ in range(n_batches)
             ]
             ceiling = timed(mem, step, args.warmup, args.steps, args.batch)

@@ -229,3 +229,27 @@ def test_dataset_items_and_to_float() -> None:
     assert torch.allclose(x[0, 0], torch.from_numpy(images[1]).float() / 255)
     already = torch.rand(1, 1, 4, 4)
     assert to_float(already) is already
+
+
+# ---- decode=device without a GPU ---------------------------------------------------------------------
+
+
+def test_device_decode_without_cuda_falls_back_with_one_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.decode=device on a CPU-only machine keeps working (EncodedImages.decode uses PIL on the CPU,
+    see test_cache.py::test_training_runs_from_the_cache_alone) and says once why it is slow."""
+    from boneage.config import DataConfig
+    from boneage.spec import PreprocessSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dm = data_mod.BoneAgeDataModule(DataConfig(decode="device"), PreprocessSpec(size=32), accelerator="auto")
+    with caplog.at_level(logging.WARNING, logger="boneage.data"):
+        assert dm.decode_mode("jpeg") == "device"
+    lines = [r.getMessage() for r in caplog.records if r.name == "boneage.data"]
+    assert len(lines) == 1 and "data.decode=device without a CUDA device" in lines[0]
+    caplog.clear()
+    auto = data_mod.BoneAgeDataModule(DataConfig(decode="auto"), PreprocessSpec(size=32), accelerator="auto")
+    with caplog.at_level(logging.WARNING, logger="boneage.data"):
+        assert auto.decode_mode("jpeg") == "worker"
+    assert not [r for r in caplog.records if r.name == "boneage.data"]

@@ -385,3 +385,94 @@ def test_dicom_tiny(tmp_path: Path) -> None:
 def test_dicom_too_many_pixels(tmp_path: Path) -> None:
     with pytest.raises(BoneAgeInputError, match="image too large"):
         read_radiograph(_dicom(tmp_path, _ramp_u16()), max_pixels=100)
+
+
+# ----------------------------------------------------------------------------------------------
+# hardening: size limits before decoding, clean messages, unsupported formats, header warnings
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` with almost no pixel data: what a bomb's header looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_default_pixel_limit_fits_radiographs_and_is_checked_before_decoding() -> None:
+    from boneage.io import MAX_PIXELS
+
+    assert 3000 * 3500 < 6000 * 4000 < MAX_PIXELS <= 50_000_000  # full-resolution films, phone photos
+    with pytest.raises(BoneAgeInputError, match=r"^big\.png: image too large \(8000x6000 = 48000000 pixels"):
+        read_radiograph(_png_header_only(8000, 6000), name="big.png")  # refused from the header alone
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000], ids=["pillow-warning", "pillow-error"])
+def test_pillow_decompression_bomb_is_one_line_and_no_warning(side: int) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BoneAgeInputError, match=r"^bomb\.png: image too large \(") as info:
+            read_radiograph(_png_header_only(side, side), name="bomb.png")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "DOS attack" not in str(info.value)
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale() -> None:
+    from boneage.io import JPEG_DRAFT_SIDE
+
+    ramp = np.tile(np.linspace(0, 255, 5000).astype(np.uint8), (600, 1))
+    rad = read_radiograph(_png_bytes(Image.fromarray(ramp, mode="L"), "JPEG"), name="photo.jpg")
+    assert rad.pixels.shape == (300, 2500)  # 1/2 scale in the decoder: long side still >= JPEG_DRAFT_SIDE
+    assert max(rad.pixels.shape) >= JPEG_DRAFT_SIDE
+    assert np.abs(rad.pixels[150, ::500] - np.linspace(0, 1, 5000)[::1000]).max() < 0.03
+    small = read_radiograph(_png_bytes(Image.fromarray(ramp[:, :3000], mode="L"), "JPEG"), name="film.jpg")
+    assert small.pixels.shape == (600, 3000)  # below twice the draft side: decoded exactly as before
+
+
+@pytest.mark.parametrize("cut", [12, 20, 30])
+def test_png_cut_in_its_header_names_no_object_address(cut: int) -> None:
+    data = _png_bytes(Image.fromarray(_gradient_u8(), mode="L"))
+    with pytest.raises(BoneAgeInputError, match=r"^cut\.png: not a readable image") as info:
+        read_radiograph(data[:cut], name="cut.png")
+    message = str(info.value)
+    assert "0x" not in message and " at " not in message and "<" not in message, message
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("GIF", "GIF"), ("WEBP", "WebP")], ids=["gif", "webp"])
+def test_gif_and_webp_are_named_unsupported(fmt: str, name: str) -> None:
+    data = _png_bytes(Image.fromarray(_gradient_u8(), mode="L").convert("RGB"), fmt)
+    with pytest.raises(BoneAgeInputError) as info:
+        read_radiograph(data, name=f"hand.{fmt.lower()}")
+    assert str(info.value).startswith(f"hand.{fmt.lower()}: unsupported image format ({name})")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DA")
+def test_invalid_dicom_dates_are_reported(tmp_path: Path) -> None:
+    from boneage.assessment import resolve_age
+
+    path = _dicom(tmp_path, _ramp_u16(), PatientSex="F", PatientBirthDate="20100115", StudyDate="20231345")
+    rad = read_radiograph(path)
+    assert rad.study_date is None and rad.chronological_age_months is None
+    assert rad.header_warnings == ["DICOM StudyDate '20231345' is not a valid date; ignored"]
+    months, notes = resolve_age(None, rad)
+    assert months is None and notes == rad.header_warnings  # reaches the result's warnings
+    fallback = _dicom(
+        tmp_path,
+        _ramp_u16(),
+        name="f.dcm",
+        PatientBirthDate="2010-02-30",
+        StudyDate="20231345",
+        AcquisitionDate="20200301",
+    )
+    rad = read_radiograph(fallback)
+    assert rad.birth_date is None and rad.study_date == dt.date(2020, 3, 1)
+    assert len(rad.header_warnings) == 2 and "PatientBirthDate '2010-02-30'" in rad.header_warnings[0]
+    valid = read_radiograph(_dicom(tmp_path, _ramp_u16(), name="v.dcm", StudyDate="20200101"))
+    assert valid.header_warnings == []

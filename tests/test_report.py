@@ -204,3 +204,27 @@ def test_safe_stem() -> None:
 def test_rejects_non_image_bytes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="PNG or JPEG"):
         write_html_report(assess(100.0, "male"), b"not an image", None, tmp_path, "x")
+
+
+def test_report_names_are_distinct_readable_and_stable() -> None:
+    from boneage.report import report_names
+
+    paths = [
+        "d/case1.png",
+        "d/case1.jpg",
+        "d/case 2.png",
+        "d/case_2.png",
+        "a/x.png",
+        "b/x.png",
+        "b/X.PNG",
+        "d/" + "long" * 40 + ".png",
+    ]
+    names = report_names(paths)
+    assert list(names) == paths
+    assert len({n.lower() for n in names.values()}) == len(paths)  # distinct even on case-blind disks
+    assert names["d/case1.png"] == "case1.png" and names["d/case1.jpg"] == "case1.jpg"
+    assert names["d/case_2.png"] == "case_2.png"  # the file whose name needed no change keeps it
+    assert re.fullmatch(r"case_2\.png-[0-9a-f]{6}", names["d/case 2.png"])
+    assert names["a/x.png"] == "x.png" and re.fullmatch(r"x\.png-[0-9a-f]{6}", names["b/x.png"])
+    assert all(safe_stem(n) == n for n in names.values())  # write_html_report keeps them as they are
+    assert report_names(paths[::-1])["d/case 2.png"] == names["d/case 2.png"]  # not order-dependent

@@ -344,3 +344,70 @@ def test_serve_loads_first_then_runs_uvicorn(
     web.serve(host="127.0.0.1", port=8123, checkpoint=tiny_bundle)
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
     assert calls[0]["port"] == 8123 and calls[0]["app"].state.service.predictor is not None
+
+
+# ---- hardening: slow uploads, sex spellings ------------------------------------------------------------
+def test_slow_upload_is_cut_off(tiny_bundle: Path) -> None:
+    """A client trickling a few bytes per second gets a 408 and a closed connection once the body deadline
+    passes, instead of holding the connection (and the multipart parser) for as long as it likes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    app = create_app(tiny_bundle, upload_timeout_s=1.0)
+    with web.background_server(app) as url:
+        address = urlsplit(url)
+        head = (
+            f"POST /api/v1/predict HTTP/1.1\r\nHost: {address.hostname}\r\n"
+            "Content-Type: multipart/form-data; boundary=BOUNDARY\r\nContent-Length: 100000\r\n\r\n"
+            '--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="slow.png"\r\n\r\n'
+        ).encode()
+        received = b""
+        with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+            sock.sendall(head)
+            sock.settimeout(0.25)
+            start = time.monotonic()
+            closed = False
+            while time.monotonic() - start < 15:
+                try:
+                    sock.sendall(b"\x00\x01")  # 8 bytes a second
+                except OSError:  # the server hung up: broken pipe or reset
+                    closed = True
+                    break
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+                if not chunk:
+                    closed = True
+                    break
+                received += chunk
+            elapsed = time.monotonic() - start
+    assert closed and elapsed < 10, (elapsed, received)
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408"), received
+    assert b"connection: close" in rest.lower()
+    assert b"upload too slow" in rest and b"1 s" in rest
+
+
+def test_gif_upload_is_named_an_unsupported_format(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_png())).save(buf, format="GIF")
+    detail = _assert_one_line_error(_post(client, buf.getvalue(), name="hand.gif", sex="female"), 415)
+    assert detail.startswith("hand.gif: unsupported image format (GIF)")
+
+
+@pytest.mark.parametrize("value", ["1", "0", "true", "yes"])
+def test_sex_form_field_takes_only_documented_spellings(client: TestClient, value: str) -> None:
+    detail = _assert_one_line_error(_post(client, _png(), sex=value), 422)
+    assert "sex must be female or male" in detail and repr(value) in detail
+
+
+@pytest.mark.parametrize("value", ["Girl", "BOY", "F", "m", " female "])
+def test_sex_form_field_accepts_documented_spellings(client: TestClient, value: str) -> None:
+    response = _post(client, _png(), sex=value)
+    assert response.status_code == 200, response.text
+    female = value.strip().lower() in ("girl", "f", "female")
+    assert response.json()["sex"] == ("female" if female else "male")

@@ -65,10 +65,11 @@ def heatmap_overlay_png(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45)
 
 
 def resolve_age(given: str | float | None, radiograph: Radiograph | None) -> tuple[float | None, list[str]]:
-    """Chronological age in months: the flag wins over the DICOM dates, and a disagreement is reported."""
+    """Chronological age in months: the flag wins over the DICOM dates, and a disagreement is reported, as
+    are header dates that were present but unreadable (e.g. StudyDate 20231345)."""
     months = parse_age(given)
     header = radiograph.chronological_age_months if radiograph is not None else None
-    notes: list[str] = []
+    notes: list[str] = list(radiograph.header_warnings) if radiograph is not None else []
     if header is not None and (header < 0 or header > 240):
         notes.append(f"DICOM dates give an implausible age ({header:.0f} months); ignored")
         header = None

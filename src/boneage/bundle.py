@@ -26,6 +26,7 @@ from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor
 from boneage.labels import read_labels
+from boneage.ood import FeatureDensity
 from boneage.runs import git_commit
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ LICENCE = "RSNA Pediatric Bone Age data: non-commercial research and education u
 
 
 def save_bundle(predictor: Predictor, path: str | Path, facts: dict[str, Any] | None = None) -> Path:
-    """fp16 safetensors with the spec and facts in its metadata: one file, well under 25 MB."""
+    """fp16 safetensors with the spec and facts in its metadata (and the OOD density, fp32, when the
+    predictor has one): one file, well under 25 MB."""
+    import torch
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -43,6 +46,8 @@ def save_bundle(predictor: Predictor, path: str | Path, facts: dict[str, Any] | 
         k: (v.half() if v.is_floating_point() and not k.startswith(("age_", "pixel_")) else v).contiguous()
         for k, v in predictor.model.state_dict().items()
     }
+    if predictor.ood is not None:
+        state.update({k: torch.from_numpy(v).contiguous() for k, v in predictor.ood.to_tensors().items()})
     meta = {
         **{k: v for k, v in predictor.meta.items() if k not in {"source", "config", "spec"}},
         **(facts or {}),
@@ -58,6 +63,32 @@ def convert_bundle(old: str | Path, new: str | Path) -> Path:
     """A v0.1 bundle (whole training config in its metadata) rewritten with only its model spec."""
     predictor = Predictor.load(old, tta=False)
     return save_bundle(predictor, new, {"converted_from": "v0.1 layout"})
+
+
+OOD_QUANTILE = 0.995
+OOD_MARGIN = 1.25
+
+
+def _cached_images(predictor: Predictor, table: pd.DataFrame, cache: str | Path) -> np.ndarray:
+    from boneage.data import ImageCache
+
+    return ImageCache(cache, predictor.preprocess).load(table, workers=2, progress=False)
+
+
+def fit_ood(plain: Predictor, dm: Any, n_train: int, cache: str | Path) -> FeatureDensity:
+    """The feature density of ``boneage.ood``: fitted on up to ``n_train`` training images (a fixed random
+    subset), its threshold calibrated on the validation split (training ids; never the held-out ones)."""
+    rng = np.random.default_rng(0)
+    train = dm.train_set
+    pick = np.sort(rng.choice(len(train), size=min(n_train, len(train)), replace=False))
+    images = train.images.numpy()[pick]
+    male = train.male.numpy()[pick] > 0.5
+    feats = plain.predict_arrays(images, male, features=True)[3]
+    density = FeatureDensity.fit(feats)
+    val = dm.val_set
+    val_feats = plain.predict_arrays(val.images.numpy(), val.male.numpy() > 0.5, features=True)[3]
+    density.calibrate(val_feats, OOD_QUANTILE, OOD_MARGIN)
+    return density
 
 
 def run_config_for(checkpoint: str | Path) -> RunConfig:
@@ -98,6 +129,7 @@ def make_bundle(
     version: str = "0.2.0",
     native_images: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    ood_train_images: int = 3000,
     progress: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
@@ -126,6 +158,9 @@ def make_bundle(
     say(f"validation split ({len(val)} training-set ids, TTA)")
     val_report = evaluate(predictor, val, cache_dir=cache, progress=progress)
     spread = val_report.predictions["uncertainty"].to_numpy(float)
+    say(f"OOD density: features of {min(ood_train_images, len(dm.train_idx))} training images")
+    predictor.ood = fit_ood(plain, dm, ood_train_images, cache)
+    plain.ood = predictor.ood
     facts: dict[str, Any] = {
         "version": version,
         "backbone": predictor.spec.backbone,
@@ -137,6 +172,9 @@ def make_bundle(
         "val_split_mae_months": round(val_report.metrics["mae_months"], 3),
         # the "unlike a hand" warning: 1.5 x the 99th percentile of the TTA spread on real validation hands
         "tta_spread_p99_months": round(float(np.percentile(spread, 99)) * 1.5, 2),
+        "ood_threshold": round(predictor.ood.threshold, 3),
+        "ood_train_images": min(ood_train_images, len(dm.train_idx)),
+        "ood_calibration": f"{OOD_MARGIN} x the {OOD_QUANTILE:.1%} quantile of the validation split's scores",
         "created": datetime.date.today().isoformat(),
         "git_commit": git_commit(),
         "source_checkpoint": Path(checkpoint).name,
@@ -147,6 +185,9 @@ def make_bundle(
         say(f"held-out ids, training geometry ({len(held)} images)")
         rep = evaluate(predictor, held, cache_dir=cache, progress=progress)
         rep_plain = evaluate(plain, held, cache_dir=cache, progress=progress)
+        held_images = _cached_images(plain, held, cache)
+        held_scores = plain.ood_scores(held_images, held["male"].to_numpy(bool))
+        facts["ood_flagged_train_geometry"] = [int((held_scores > predictor.ood.threshold).sum()), len(held)]
         facts.update(
             trained_on=f"{len(dm.train_idx)} RSNA Pediatric Bone Age 2017 training radiographs (squashed "
             f"299 px copies); {len(held)} ids of {Path(cfg.data.holdout_labels).parent.name} held out",
@@ -160,6 +201,10 @@ def make_bundle(
             say(f"held-out ids, native-aspect files through the predict path ({len(native)} images)")
             nat = evaluate(predictor, native, progress=progress)  # no cache: read and preprocess each file
             nat_plain = evaluate(plain, native, progress=progress)
+            native_images_arr = np.stack([plain.prepare(p)[1] for p in native["path"]])
+            nat_scores = plain.ood_scores(native_images_arr, native["male"].to_numpy(bool))
+            facts["ood_flagged_native"] = [int((nat_scores > predictor.ood.threshold).sum()), len(native)]
+            nat.predictions["ood_score"] = np.round(nat_scores, 4)
             merged = nat.predictions.merge(rep.predictions, on="id", suffixes=("", "_train_geometry"))
             facts.update(
                 native_images=len(native),

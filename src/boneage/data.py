@@ -273,12 +273,17 @@ class BoneAgeDataModule(L.LightningDataModule):
         """Where shard images are decoded: ``device`` (the batch, after the transfer: nvJPEG on a GPU) or
         ``worker`` (each image on the CPU in the loader). ``auto``: device for JPEG when training on CUDA."""
         mode = self.data.decode
+        accelerator = str(self.accelerator).lower()
+        on_cuda = torch.cuda.is_available() and accelerator in {"auto", "gpu", "cuda"}
         if mode == "auto":
-            accelerator = str(self.accelerator).lower()
-            on_cuda = torch.cuda.is_available() and accelerator in {"auto", "gpu", "cuda"}
             return "device" if fmt == "jpeg" and on_cuda else "worker"
         if mode not in {"device", "worker"}:
             raise BoneAgeInputError(f"unknown data.decode {mode!r} (auto, device or worker)")
+        if mode == "device" and not on_cuda:  # works (EncodedImages.decode falls back to PIL), but slowly
+            log.warning(
+                "data.decode=device without a CUDA device: each batch is decoded on the CPU in the training "
+                "process; data.decode=worker (or auto) spreads that over the loader workers"
+            )
         return mode
 
     def _loader_options(self, dataset: Dataset) -> dict:

@@ -23,6 +23,8 @@ from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
 from boneage.models import BoneAgeNet, read_state_dict
+from boneage.ood import PREFIX as OOD_PREFIX
+from boneage.ood import FeatureDensity, image_checks
 from boneage.preprocess import Preprocess
 from boneage.spec import ModelSpec, spec_from_record
 
@@ -70,6 +72,7 @@ class Prediction:
     radiograph: Radiograph | None = None
     image: np.ndarray | None = None  # the preprocessed uint8 input the model saw
     warnings: list[str] = field(default_factory=list)
+    ood_score: float | None = None  # unusualness under the bundle's feature density (about 1: typical)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,6 +138,7 @@ class Predictor:
         self.preprocess = Preprocess.from_config(spec.preprocess)
         self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
         self.onnx_session: Any = None
+        self.ood: FeatureDensity | None = None  # the bundle's "is this a hand radiograph?" density
         self.weights_path: Path | None = None  # set by load(); keys the cached ONNX export
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -149,11 +153,14 @@ class Predictor:
                 raise BoneAgeInputError("no bundled model in this installation; pass --checkpoint CKPT")
             raise BoneAgeInputError("checkpoint not found", p)
         meta, spec, state = read_model_file(p)
+        ood = {k: v.numpy() for k, v in state.items() if k.startswith(OOD_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(OOD_PREFIX)}
         model = BoneAgeNet.from_spec(spec)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise BoneAgeInputError(f"checkpoint lacks {len(missing)} model tensors (e.g. {missing[0]})", p)
         predictor = cls(model, spec, meta, device=device, tta=tta)
+        predictor.ood = FeatureDensity.from_tensors(ood)
         predictor.weights_path = p
         if runtime not in {"torch", "onnx", "auto"}:
             raise BoneAgeInputError(f"unknown runtime {runtime!r} (torch, onnx or auto)")
@@ -190,7 +197,7 @@ class Predictor:
             return export_onnx(self, target)
         digest = hashlib.sha1(Path(source).read_bytes()).hexdigest()[:16]
         root = Path(os.environ.get("BONEAGE_CACHE") or Path.home() / ".cache" / "boneage") / "onnx"
-        target = root / f"{digest}-torch{torch.__version__.split('+')[0]}.onnx"
+        target = root / f"{digest}-torch{torch.__version__.split('+')[0]}-feat.onnx"
         if target.is_file():
             return target
         try:
@@ -217,31 +224,50 @@ class Predictor:
         rng = self.meta.get("training_range_months")
         return (float(rng[0]), float(rng[1])) if isinstance(rng, list | tuple) and len(rng) == 2 else None
 
-    def _network(self, images: torch.Tensor, male: torch.Tensor) -> np.ndarray:
+    def _network(self, images: torch.Tensor, male: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(months (B,), pooled features (B, D)) from either runtime."""
         if self.onnx_session is not None:
-            out = self.onnx_session.run(None, {"image": images.numpy(), "male": male.numpy()})[0]
-            return np.asarray(out, dtype=np.float32).reshape(-1)
+            out = self.onnx_session.run(None, {"image": images.numpy(), "male": male.numpy()})
+            feats = out[1] if len(out) > 1 else np.zeros((len(out[0]), 0), np.float32)
+            return np.asarray(out[0], dtype=np.float32).reshape(-1), np.asarray(feats, dtype=np.float32)
         with torch.inference_mode():
-            return self.model(images.to(self.device), male.to(self.device)).float().cpu().numpy()
+            months, feats = self.model.forward_with_features(images.to(self.device), male.to(self.device))
+            return months.float().cpu().numpy(), feats.float().cpu().numpy()
 
     def predict_arrays(
-        self, images: np.ndarray, male: np.ndarray, batch_size: int = 16
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Preprocessed uint8 images (N, S, S) → (mean, spread, per-view) bone age in months."""
-        means, spreads, all_views = [], [], []
+        self, images: np.ndarray, male: np.ndarray, batch_size: int = 16, *, features: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Preprocessed uint8 images (N, S, S) → (mean, spread, per-view) bone age in months, and with
+        ``features`` also the pooled features of the plain (first) view, for the OOD check."""
+        means, spreads, all_views, first_feats = [], [], [], []
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float().div_(255)
             x = x.unsqueeze(1)
             s = torch.as_tensor(np.asarray(male[start : start + batch_size], dtype=np.float32))
             v = len(self.views)
-            out = self._network(tta_batch(x, self.views), s.repeat(v)).reshape(v, -1)
+            months, feats = self._network(tta_batch(x, self.views), s.repeat(v))
+            out = months.reshape(v, -1)
             means.append(out.mean(0))
             spreads.append(out.std(0) if v > 1 else np.zeros(out.shape[1], dtype=np.float32))
             all_views.append(out.T)
+            first_feats.append(feats[: out.shape[1]])
         if not means:
             empty = np.zeros(0, dtype=np.float32)
-            return empty, empty, np.zeros((0, len(self.views)), dtype=np.float32)
-        return np.concatenate(means), np.concatenate(spreads), np.concatenate(all_views)
+            result: tuple[np.ndarray, ...] = (empty, empty, np.zeros((0, len(self.views)), dtype=np.float32))
+            return (*result, np.zeros((0, 0), np.float32)) if features else result
+        result = (np.concatenate(means), np.concatenate(spreads), np.concatenate(all_views))
+        return (*result, np.concatenate(first_feats)) if features else result
+
+    def ood_scores(self, images: np.ndarray, male: np.ndarray) -> np.ndarray:
+        """The OOD density's score per preprocessed image (NaN without a density in the bundle)."""
+        if self.ood is None:
+            return np.full(len(images), np.nan)
+        plain_views, self.views = self.views, self.views[:1]
+        try:
+            feats = self.predict_arrays(images, male, features=True)[3]
+        finally:
+            self.views = plain_views
+        return self.ood.score(feats)
 
     def prepare(
         self, image: str | Path | bytes | Radiograph, name: str | None = None
@@ -272,7 +298,11 @@ class Predictor:
             raise BoneAgeInputError(
                 "sex is required (--sex female|male) and the file does not state it", rad.source
             )
-        mean, spread, views = self.predict_arrays(prepared[None], np.array([final == "male"]))
+        mean, spread, views, feats = self.predict_arrays(
+            prepared[None], np.array([final == "male"]), features=True
+        )
+        ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
+        self.check_distribution(prepared, ood_score, rad.source)
         pred = Prediction(
             rad.source,
             final,
@@ -282,9 +312,27 @@ class Predictor:
             radiograph=rad,
             image=prepared,
             warnings=warnings,
+            ood_score=ood_score,
         )
         pred.warnings += self.plausibility_warnings(pred)
         return pred
+
+    def check_distribution(self, prepared: np.ndarray, ood_score: float | None, source: object) -> None:
+        """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would
+        look confident and normal and mean nothing (see ``boneage.ood``)."""
+        reasons = image_checks(prepared)
+        if ood_score is not None and self.ood is not None and ood_score > self.ood.threshold:
+            reasons.append(
+                f"its image features are far from those of the training radiographs (unusualness "
+                f"{ood_score:.1f}, limit {self.ood.threshold:.1f})"
+            )
+        if reasons:
+            raise BoneAgeInputError(
+                "does not look like a PA left-hand radiograph like those the model was trained on ("
+                + "; ".join(reasons)
+                + "); no bone age estimated",
+                source,
+            )
 
     def plausibility_warnings(self, pred: Prediction) -> list[str]:
         """Flags for an input unlike a hand radiograph: the views disagree far more than on real hands."""
@@ -325,19 +373,34 @@ class Predictor:
 
 
 def export_onnx(predictor: Predictor, path: str | Path, opset: int = 17) -> Path:
-    """The network (image, male) → months as ONNX with a dynamic batch axis; TTA stays in Python."""
+    """The network (image, male) → (months, pooled features) as ONNX with a dynamic batch axis; TTA and
+    the OOD density stay in Python."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = predictor.spec.preprocess.size
-    model = predictor.model.float().eval().cpu()
+    net = predictor.model.float().eval().cpu()
+
+    class _WithFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net.forward_with_features(image, male)
+
     dummy = (torch.rand(2, 1, size, size), torch.tensor([0.0, 1.0]))
     torch.onnx.export(
-        model,
+        _WithFeatures(),
         dummy,
         str(out),
         input_names=["image", "male"],
-        output_names=["bone_age_months"],
-        dynamic_axes={"image": {0: "batch"}, "male": {0: "batch"}, "bone_age_months": {0: "batch"}},
+        output_names=["bone_age_months", "features"],
+        dynamic_axes={
+            "image": {0: "batch"},
+            "male": {0: "batch"},
+            "bone_age_months": {0: "batch"},
+            "features": {0: "batch"},
+        },
         opset_version=opset,
         dynamo=False,
     )

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 import io as _io
 import re
-from dataclasses import dataclass
+import threading
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,37 @@ __all__ = ["Radiograph", "read_radiograph", "sniff_format", "MIN_SIDE"]
 #: Smallest accepted side in pixels: anything smaller cannot show the carpal bones.
 MIN_SIDE = 32
 
+#: Largest accepted image, checked against the size the file declares before anything is decoded. Hand
+#: radiographs are far smaller: the RSNA sample is 470-1285 x 540-1485 px (< 2 Mpx), full-resolution
+#: CR/DR films and clinic exports reach about 3000 x 3500 (~10 Mpx), a 24 Mpx phone photo of a film is
+#: 6000 x 4000. 40 Mpx leaves room above all of them while bounding one decode to about 160 MB of float32
+#: (an 8-bit RGB frame is 120 MB before conversion); anything larger is a mistake or a decompression bomb.
+MAX_PIXELS = 40_000_000
+
+#: JPEGs whose long side is at least twice this are decoded at 1/2, 1/4 or 1/8 scale in the decoder itself
+#: (``Image.draft``), never below this long side: 4x the largest training recipe's input (512 px) and far more
+#: than the hand crop needs, for a fraction of the memory and time. Smaller JPEGs decode exactly as before.
+JPEG_DRAFT_SIDE = 2048
+
 _DAYS_PER_MONTH = 30.4375  # 365.25 / 12
 
 # Formats we decode with Pillow, keyed by sniff_format() name -> Pillow format id.
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 
 _NOT_AN_IMAGE = "not an image file (PNG, JPEG or DICOM expected)"
+
+# Image formats we recognise but do not read: named in the message instead of "not an image file".
+_UNSUPPORTED = (
+    ("GIF", lambda h: h[:6] in (b"GIF87a", b"GIF89a")),
+    ("WebP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"),
+    ("JPEG 2000", lambda h: h.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"))),
+    ("HEIC/HEIF", lambda h: h[4:8] == b"ftyp" and h[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heif")),
+)
+
+_OPEN_LOCK = threading.Lock()
+
+# Pillow puts repr()s such as "<_io.BytesIO object at 0x7f...>" into its messages; users never see them.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -50,6 +77,8 @@ class Radiograph:
     study_date: _dt.date | None = None
     laterality: str | None = None
     bits: int = 8
+    #: Header facts that were present but unusable (e.g. an invalid StudyDate), for the user to see.
+    header_warnings: list[str] = field(default_factory=list)
 
     @property
     def chronological_age_months(self) -> float | None:
@@ -83,13 +112,13 @@ def read_radiograph(
     source: str | Path | bytes,
     name: str | None = None,
     *,
-    max_pixels: int = 100_000_000,
+    max_pixels: int = MAX_PIXELS,
 ) -> Radiograph:
     """Decode a radiograph from a path or raw upload bytes into a :class:`Radiograph`.
 
-    ``name`` labels messages for bytes input (the upload's file name). ``max_pixels`` bounds the
-    decoded size so a tiny compressed file cannot exhaust memory (decompression bomb).
-    Raises :class:`BoneAgeInputError` for every kind of bad input.
+    ``name`` labels messages for bytes input (the upload's file name). ``max_pixels`` bounds the size
+    the file declares, checked before decoding, so a tiny compressed file cannot exhaust memory
+    (decompression bomb). Raises :class:`BoneAgeInputError` for every kind of bad input.
     """
     data, label = _load_bytes(source, name)
     if not data:
@@ -105,6 +134,11 @@ def read_radiograph(
     rad = _try_headerless_dicom(data, label, max_pixels=max_pixels)
     if rad is not None:
         return rad
+    for fmt_name, matches in _UNSUPPORTED:
+        if matches(data[:32]):
+            raise BoneAgeInputError(
+                f"unsupported image format ({fmt_name}): convert it to PNG, or send the original DICOM", label
+            )
     raise BoneAgeInputError(_NOT_AN_IMAGE, label)
 
 
@@ -131,8 +165,8 @@ def _load_bytes(source: str | Path | bytes, name: str | None) -> tuple[bytes, st
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
-    """One-line, bounded description of a library exception for user messages."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """One-line, bounded description of a library exception for user messages (no object addresses)."""
+    text = " ".join(_OBJECT_REPR.sub("", str(exc)).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -183,28 +217,48 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def _read_pillow(data: bytes, label: str, fmt: str, *, max_pixels: int) -> Radiograph:
-    """PNG/JPEG/TIFF/BMP: any bit depth and colour mode to luminance in [0, 1]."""
-    try:
-        im = Image.open(_io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
-    except Image.DecompressionBombError as exc:
-        raise BoneAgeInputError(f"image too large ({_short(exc)})", label) from exc
-    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        raise BoneAgeInputError(f"not a readable image ({_short(exc)})", label) from exc
+    """PNG/JPEG/TIFF/BMP: any bit depth and colour mode to luminance in [0, 1].
+
+    ``Image.open`` only parses the header, so the declared size is checked before any pixel is decoded.
+    Pillow's own decompression-bomb warning (above ~89 Mpx) and error (above twice that) become the same
+    one-line "image too large" instead of a warning on stderr or a library message.
+    """
+    # Pillow warns from Image.open, so only the header parse sits inside the filter. The warnings filter list
+    # is process-wide: the lock keeps our own threads (the web app's workers) from undoing each other's
+    # filter; a race with other code can at worst let Pillow print its warning, and _check_size still refuses.
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(_io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BoneAgeInputError(_too_large_message(exc, max_pixels), label) from exc
+        except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+            raise BoneAgeInputError(f"not a readable image ({_short(exc)})", label) from exc
 
     with im:
         width, height = im.size
         _check_size(width, height, label, max_pixels)
         try:
+            if fmt == "jpeg" and max(width, height) >= 2 * JPEG_DRAFT_SIDE:
+                scale = JPEG_DRAFT_SIDE / max(width, height)
+                im.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
             im.load()
             if fmt in ("jpeg", "tiff"):
                 # Phone photos of a film carry the rotation in EXIF only.
                 im = ImageOps.exif_transpose(im)
         except Image.DecompressionBombError as exc:
-            raise BoneAgeInputError(f"image too large ({_short(exc)})", label) from exc
+            raise BoneAgeInputError(_too_large_message(exc, max_pixels), label) from exc
         except Exception as exc:
             raise BoneAgeInputError(f"not a readable image ({_short(exc)})", label) from exc
         pixels, bits = _pil_to_float(im, label)
     return Radiograph(pixels=_finish(pixels, label), source=label, format=fmt, bits=bits)
+
+
+def _too_large_message(exc: BaseException, max_pixels: int) -> str:
+    """Pillow's decompression-bomb message in our words: the declared pixel count and our limit."""
+    found = re.search(r"Image size \((\d+) pixels\)", str(exc))
+    declared = f"{int(found.group(1))} pixels" if found else "declared size"
+    return f"image too large ({declared}, limit {max_pixels})"
 
 
 def _pil_to_float(im: Image.Image, label: str) -> tuple[np.ndarray, int]:
@@ -322,15 +376,17 @@ def _dicom_to_radiograph(ds: Any, label: str, *, max_pixels: int) -> Radiograph:
     else:
         raise BoneAgeInputError(f"unexpected DICOM pixel array shape {arr.shape}", label)
 
+    notes: list[str] = []
     return Radiograph(
         pixels=_finish(pixels, label),
         source=label,
         format="dicom",
         sex=_parse_sex(_get(ds, "PatientSex")),
-        birth_date=_parse_date(_get(ds, "PatientBirthDate")),
-        study_date=_first_date(ds, ("StudyDate", "AcquisitionDate", "SeriesDate", "ContentDate")),
+        birth_date=_first_date(ds, ("PatientBirthDate",), notes),
+        study_date=_first_date(ds, ("StudyDate", "AcquisitionDate", "SeriesDate", "ContentDate"), notes),
         laterality=_parse_laterality(_get(ds, "ImageLaterality") or _get(ds, "Laterality")),
         bits=bits,
+        header_warnings=notes,
     )
 
 
@@ -448,11 +504,17 @@ def _parse_date(value: Any) -> _dt.date | None:
         return None
 
 
-def _first_date(ds: Any, keywords: tuple[str, ...]) -> _dt.date | None:
+def _first_date(ds: Any, keywords: tuple[str, ...], notes: list[str] | None = None) -> _dt.date | None:
+    """The first valid date among ``keywords``; a date that is present but invalid is reported in ``notes``
+    (so an age that cannot be computed, or comes from a fallback date, is never a silent surprise)."""
     for keyword in keywords:
-        date = _parse_date(_get(ds, keyword))
+        value = _get(ds, keyword)
+        date = _parse_date(value)
         if date is not None:
             return date
+        if value is not None and notes is not None:
+            text = " ".join(str(value).split())[:40]
+            notes.append(f"DICOM {keyword} {text!r} is not a valid date; ignored")
     return None
 
 

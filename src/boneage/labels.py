@@ -55,7 +55,8 @@ class Sex(str, Enum):
 def parse_sex(value: object, source: str | Path | None = None, *, flags: bool = False) -> Sex | None:
     """``Sex`` from the documented spellings (female/male, f/m, girl/boy, any case); ``flags`` also admits
     the texts true/false and 1/0, as in RSNA's ``male`` column, and is for label files only: typed on a form
-    or the command line, ``1`` is not an obvious answer. ``None`` when not given, a one-line error when unreadable."""
+    or the command line, ``1`` is not an obvious answer. ``None`` when not given, a one-line error when
+    unreadable."""
     if isinstance(value, Sex):
         return value
     if value is None or (isinstance(value, str) and not value.strip()):

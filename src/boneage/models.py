@@ -104,10 +104,16 @@ class BoneAgeNet(nn.Module):
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         """``image``: (B, 1, H, W) in [0, 1]; ``male``: (B,) 0/1 → (B,) bone age in months."""
+        return self.forward_with_features(image, male)[0]
+
+    def forward_with_features(
+        self, image: torch.Tensor, male: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bone age in months and the pooled image features it came from (what ``boneage.ood`` models)."""
         feats = self.features(image)
         sex = self.sex(male.reshape(-1, 1).to(feats.dtype))
         z = self.head(torch.cat([feats, sex], dim=1)).squeeze(1)
-        return z.float() * self.age_std + self.age_mean
+        return z.float() * self.age_std + self.age_mean, feats
 
 
 def _offline_imagenet_state(backbone: str) -> dict[str, torch.Tensor] | None:

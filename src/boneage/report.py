@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 from boneage import __version__
 from boneage.clinical import REFERENCE_CITATION, Assessment, format_months, reference_sd, sd_table
 
-__all__ = ["DISCLAIMER", "safe_stem", "sd_chart_png", "write_html_report"]
+__all__ = ["DISCLAIMER", "report_names", "safe_stem", "sd_chart_png", "write_html_report"]
 
 DISCLAIMER = (
     "Research use only — not a medical device. "
@@ -126,7 +127,41 @@ def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> byte
 def safe_stem(name: str) -> str:
     """A file stem that cannot escape the output folder or hide itself (no separators, no leading dots)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:120]
-    return stem or "report"
+    return stem.strip("._-") or "report"
+
+
+def report_names(paths: Sequence[str | Path]) -> dict[str, str]:
+    """One distinct, readable report name per input file of a batch, keyed by ``str(path)``.
+
+    The name is the file name with its suffix (``case1.png`` and ``case1.jpg`` stay apart) made safe by
+    :func:`safe_stem`. Names that still collide, compared without case as on macOS and Windows
+    (``case 2.png`` and ``case_2.png``, or one file name in two folders), get a short hash of the path: the
+    file whose own name needed no change keeps the plain name (else the first one), the others become
+    ``<name>-<6 hex>``. The same batch always gets the same names, so a resumed batch writes its reports
+    where the first run did.
+    """
+    keys = list(dict.fromkeys(str(p) for p in paths))
+    plain = {key: safe_stem(Path(key).name or key) for key in keys}
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(plain[key].lower(), []).append(key)
+    names: dict[str, str] = {}
+    taken = {name.lower() for name in plain.values()}
+    for members in groups.values():
+        keeper = next((k for k in members if plain[k] == Path(k).name), members[0])
+        for key in members:
+            if key == keeper:
+                names[key] = plain[key]
+                continue
+            digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()
+            base = plain[key][:100].rstrip("._-")
+            for width in range(6, len(digest) + 1, 2):
+                candidate = f"{base}-{digest[:width]}"
+                if candidate.lower() not in taken:
+                    break
+            taken.add(candidate.lower())
+            names[key] = candidate
+    return names
 
 
 def _image_mime(data: bytes, what: str) -> str:

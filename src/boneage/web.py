@@ -35,8 +35,9 @@ from boneage import __version__
 from boneage.assessment import assess_image
 from boneage.clinical import parse_age
 from boneage.errors import BoneAgeInputError
-from boneage.inference import Predictor, normalize_sex
+from boneage.inference import Predictor
 from boneage.io import read_radiograph, sniff_format
+from boneage.labels import parse_sex
 from boneage.report import DISCLAIMER, sd_chart_png
 
 __all__ = ["API_PREFIX", "background_server", "create_app", "serve"]
@@ -47,6 +48,10 @@ API_PREFIX = "/api/v1"
 #: Multipart framing and the two small text fields on top of the file itself.
 _FORM_OVERHEAD_BYTES = 64 * 1024
 _HEAD_BYTES = 132  # enough for sniff_format to see the DICOM "DICM" marker
+#: Seconds a client gets to send a whole request body. uvicorn's timeout_keep_alive only covers idle
+#: connections between requests; without this a client trickling a few bytes per second would hold a
+#: connection (and the multipart parser) for as long as it likes. 20 MB in 120 s needs ~1.4 Mbit/s.
+UPLOAD_TIMEOUT_S = 120.0
 _INTERNAL_ERROR = "internal error while processing the request (details are in the server log)"
 _TRAINING_DATA = "RSNA Pediatric Bone Age Challenge 2017 radiographs (non-commercial research licence)"
 _PRIVATE_INFO_KEYS = {"config", "source"}  # a checkpoint path on the server is nobody's business
@@ -93,23 +98,37 @@ def _public_facts(info: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-class _TooLarge(HTTPException):
-    """Raised from ``receive`` once the body passes the cap; an HTTPException so FastAPI answers 413."""
+class _BodyRefused(HTTPException):
+    """Raised from ``receive`` when the body breaks a limit; an HTTPException so FastAPI answers it, and the
+    connection is closed because the rest of the body is never read."""
 
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(status_code=status, detail=detail, headers={"Connection": "close"})
+
+
+class _TooLarge(_BodyRefused):
     def __init__(self, detail: str) -> None:
-        super().__init__(status_code=413, detail=detail)
+        super().__init__(413, detail)
+
+
+class _TooSlow(_BodyRefused):
+    def __init__(self, detail: str) -> None:
+        super().__init__(408, detail)
 
 
 class _BodyLimitMiddleware:
-    """Refuse big bodies by Content-Length up front, and count streamed bytes for chunked uploads.
+    """Refuse big bodies by Content-Length up front, count streamed bytes for chunked uploads, and give the
+    whole body ``timeout_s`` seconds to arrive (408 after that).
 
-    Starlette spools a multipart file before the endpoint runs, so the cap must sit below the router.
+    Starlette spools a multipart file before the endpoint runs, so the limits must sit below the router.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, detail: str) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, detail: str, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.detail = detail
+        self.timeout_s = timeout_s
+        self.slow_detail = f"upload too slow: the request body did not arrive within {timeout_s or 0:g} s"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,12 +149,23 @@ class _BodyLimitMiddleware:
 
         seen = 0
         started = False
+        body_done = False
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
 
         async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if deadline is None or body_done:  # after the body only http.disconnect is left to wait for
+                message = await receive()
+            else:
+                try:
+                    with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                        message = await receive()
+                except TimeoutError:
+                    log.warning("request body not received within %g s; connection closed", self.timeout_s)
+                    raise _TooSlow(self.slow_detail) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise _TooLarge(self.detail)
             return message
@@ -147,10 +177,10 @@ class _BodyLimitMiddleware:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:  # raised outside the router's own HTTPException handling
+        except _BodyRefused as exc:  # raised outside the router's own HTTPException handling
             if started:
                 raise
-            await JSONResponse({"detail": self.detail}, 413, headers={"Connection": "close"})(
+            await JSONResponse({"detail": exc.detail}, exc.status_code, headers={"Connection": "close"})(
                 scope, receive, send
             )
 
@@ -264,11 +294,20 @@ def _validation_detail(exc: RequestValidationError) -> str:
 
 
 def create_app(
-    checkpoint: str | Path | None = None, *, max_upload_mb: float = 20, workers: int = 2
+    checkpoint: str | Path | None = None,
+    *,
+    max_upload_mb: float = 20,
+    workers: int = 2,
+    upload_timeout_s: float = UPLOAD_TIMEOUT_S,
 ) -> FastAPI:
-    """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use."""
+    """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use.
+
+    A request body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
+    """
     if max_upload_mb <= 0:
         raise ValueError("max_upload_mb must be positive")
+    if upload_timeout_s <= 0:
+        raise ValueError("upload_timeout_s must be positive")
     max_bytes = int(max_upload_mb * 1024 * 1024)
     too_large = f"upload larger than the {max_upload_mb:g} MB limit"
     service = _Service(checkpoint, workers)
@@ -287,7 +326,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(_BodyLimitMiddleware, max_bytes=max_bytes + _FORM_OVERHEAD_BYTES, detail=too_large)
+    app.add_middleware(
+        _BodyLimitMiddleware,
+        max_bytes=max_bytes + _FORM_OVERHEAD_BYTES,
+        detail=too_large,
+        timeout_s=upload_timeout_s,
+    )
     app.add_middleware(_RequestLogMiddleware)
 
     @app.exception_handler(BoneAgeInputError)
@@ -330,6 +374,7 @@ def create_app(
         f"{API_PREFIX}/predict",
         tags=["assessment"],
         responses={
+            408: {"description": "the upload did not arrive within the time limit"},
             413: {"description": "upload over the size limit"},
             415: {"description": "not an image (content sniffed, not the file name)"},
             422: {"description": "bad input: corrupt image, missing or unknown sex, absurd age"},
@@ -348,7 +393,7 @@ def create_app(
     ) -> JSONResponse:
         """Bone age, SD score (Greulich & Pyle), uncertainty, heatmap and SD chart for one radiograph."""
         label = _safe_label(image.filename)
-        sex_norm = normalize_sex(sex, label)  # cheap checks first: a typo must not cost an inference
+        sex_norm = parse_sex(sex, label)  # cheap checks first, documented spellings only: `1` is refused
         age_text = age.strip() if age and age.strip() else None
         parse_age(age_text)
         data = await image.read(max_bytes + 1)  # bounded even if the cap above were bypassed

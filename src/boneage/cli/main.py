@@ -6,8 +6,11 @@ modules of this package and are attached to :data:`app` in ``boneage/cli/__init_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,7 +93,7 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
             files += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:
             files.append(item)
-    return files
+    return list(dict.fromkeys(files))  # a file named twice is predicted (and written) once
 
 
 def _sex_table(path: Path) -> dict[str, str]:
@@ -115,6 +118,141 @@ BATCH_FIELDS = [
 ]
 
 
+def _os_problem(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _writable_folder(folder: Path, label: Path, created: list[Path]) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it (permissions, read-only mounts and
+    /proc all answer only to a real attempt); a problem is one line naming ``label``. Folders this creates
+    are added to ``created``."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BoneAgeInputError(f"cannot create the folder {folder} ({_os_problem(exc)})", label) from None
+    finally:
+        created += [p for p in missing if p.is_dir()]
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".boneage-", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise BoneAgeInputError(f"cannot write in {folder} ({_os_problem(exc)})", label) from None
+
+
+def _check_outputs(out_csv: Path | None, report: Path | None) -> None:
+    """``--out`` and ``--report`` checked before the model loads, so a typo costs nothing; when one of them
+    is refused, the folders the check created for the other are removed again."""
+    created: list[Path] = []
+    try:
+        if out_csv is not None:
+            if out_csv.is_dir():
+                raise BoneAgeInputError("is a folder; --out takes a CSV file name, e.g. results.csv", out_csv)
+            _writable_folder(out_csv.parent, out_csv, created)
+        if report is not None:
+            if report.exists() and not report.is_dir():
+                raise BoneAgeInputError("is a file; --report takes a folder for the HTML reports", report)
+            _writable_folder(report, report, created)
+    except BoneAgeInputError:
+        for folder in created:  # deepest first; each is empty (the probe file is gone)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+class _BatchCSV:
+    """The ``--out`` CSV of a batch: one row per file, resumable, never losing a row already written.
+
+    Rows of earlier runs are read first; a file with a successful row is skipped, a failed one is tried again
+    and its new row replaces the old. During the run each row is appended and flushed (a crash loses at most
+    the row being written); at the start and at the end the whole table is rewritten atomically (temporary
+    file + replace), one row per file, so the CSV is never half-written and never keeps stale error rows.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fields = list(BATCH_FIELDS)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.handle: Any = None
+        self.writer: Any = None
+        if path.is_file():
+            self._read()
+
+    @staticmethod
+    def succeeded(row: dict[str, Any]) -> bool:
+        """A complete row without an error (a row cut short by a crash has no ``error`` value at all)."""
+        return row.get("error") == "" and row.get("bone_age_months") not in (None, "")
+
+    def _read(self) -> None:
+        try:
+            with self.path.open(newline="", encoding="utf-8-sig") as f:  # -sig: saved again by Excel
+                reader = csv.DictReader(f)
+                header = [name for name in (reader.fieldnames or []) if name]
+                rows = list(reader)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            problem = _os_problem(exc) if isinstance(exc, OSError) else type(exc).__name__
+            raise BoneAgeInputError(f"cannot read the existing results CSV ({problem})", self.path) from None
+        if header and "file" not in header:
+            raise BoneAgeInputError(
+                "is not a boneage results CSV (no 'file' column); choose another --out", self.path
+            )
+        self.fields += [name for name in header if name not in self.fields]  # a user's extra columns stay
+        for row in rows:
+            key = row.get("file")
+            if not key:
+                continue
+            old = self.rows.get(key)
+            if old is None or self.succeeded(row) or not self.succeeded(old):
+                self.rows[key] = row  # a success is kept over errors, else the latest row wins
+                # (dict order stays the first appearance)
+
+    def done(self, file: str) -> bool:
+        row = self.rows.get(file)
+        return row is not None and self.succeeded(row)
+
+    def _rewrite(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.rows.values())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _failed(self, exc: OSError, doing: str) -> BoneAgeInputError:
+        return BoneAgeInputError(f"cannot {doing} the results CSV ({_os_problem(exc)})", self.path)
+
+    def __enter__(self) -> _BatchCSV:
+        try:
+            self._rewrite()
+            self.handle = self.path.open("a", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise self._failed(exc, "write") from None
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.fields, restval="", extrasaction="ignore")
+        return self
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["file"]] = row  # a retried file's new row takes the place of its old one
+        try:
+            self.writer.writerow(row)
+            self.handle.flush()
+        except OSError as exc:
+            raise self._failed(exc, "append to") from None
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.handle.close()
+            self._rewrite()
+        except OSError as error:  # the rows of this run are still appended to the file as it was
+            raise self._failed(error, "rewrite") from None
+
+
 @app.command()
 @exit_on_user_error
 def predict(
@@ -126,7 +264,9 @@ def predict(
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per image")] = False,
     report: Annotated[Path | None, typer.Option(help="write one HTML report per image here")] = None,
-    out_csv: Annotated[Path | None, typer.Option("--out", help="batch: append one CSV row per image")] = None,
+    out_csv: Annotated[
+        Path | None, typer.Option("--out", help="batch: one CSV row per image; a re-run retries failed ones")
+    ] = None,
     sex_from: Annotated[Path | None, typer.Option(help="batch: CSV giving each image id's sex")] = None,
     heatmap: Annotated[bool, typer.Option(help="compute the Grad-CAM heatmap (for --report)")] = True,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
@@ -136,72 +276,76 @@ def predict(
     from rich.progress import Progress
 
     from boneage.assessment import assess_image, write_report
+    from boneage.clinical import parse_age
     from boneage.inference import Predictor
+    from boneage.labels import parse_sex
+    from boneage.report import report_names
 
+    # Everything a user can get wrong is checked before the model loads and before any image is decoded.
+    given_sex = parse_sex(sex, "--sex")  # the documented spellings only: `--sex 1` is not an answer
+    try:
+        given_age = parse_age(age)
+    except BoneAgeInputError as exc:
+        raise BoneAgeInputError(exc.problem, "--age") from None
+    _check_outputs(out_csv, report)
     files = _collect_images(images)
     if not files:
         raise BoneAgeInputError("no radiographs found", ", ".join(map(str, images)))
     sexes = _sex_table(sex_from) if sex_from else {}
-    done: set[str] = set()
-    if out_csv and out_csv.is_file():
-        with out_csv.open(newline="") as f:
-            done = {row["file"] for row in csv.DictReader(f) if not row.get("error")}
-    todo = [p for p in files if str(p) not in done]
+    results = _BatchCSV(out_csv) if out_csv else None
+    todo = [p for p in files if not (results and results.done(str(p)))]
+    names = report_names(files) if report else {}
     predictor = Predictor.load(checkpoint, tta=tta, runtime=runtime)
     batch = len(files) > 1 or out_csv is not None
-    writer = None
-    handle = None
-    if out_csv:
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not out_csv.is_file() or out_csv.stat().st_size == 0
-        handle = out_csv.open("a", newline="")
-        writer = csv.DictWriter(handle, fieldnames=BATCH_FIELDS)
-        if new:
-            writer.writeheader()
     failures = 0
-    try:
-        with Progress(console=err, disable=not batch or as_json, transient=True) as bar:
-            task = bar.add_task("predicting", total=len(todo))
-            for path in todo:
-                row: dict[str, Any] = {"file": str(path)}
-                try:
-                    result = assess_image(
-                        predictor,
-                        path,
-                        sex or sexes.get(path.stem),
-                        age,
-                        heatmap=heatmap and report is not None,
-                    )
-                    a = result.assessment
-                    row.update(
-                        sex=a.sex,
-                        bone_age_months=round(a.bone_age_months, 2),
-                        bone_age_years=round(a.bone_age_months / 12, 2),
-                        uncertainty_months=round(a.uncertainty_months or 0, 2),
-                        chronological_age_months=_r(a.chronological_age_months),
-                        difference_months=_r(a.difference_months),
-                        sd_score=_r(a.sd_score),
-                        flag=a.flag or "",
-                        warnings=" | ".join(a.warnings),
-                        error="",
-                    )
-                    if report:
-                        write_report(result, predictor, report)
-                    if as_json:
-                        print(json.dumps(result.to_dict()))
-                    elif not writer:
-                        _print_result(result)
-                except BoneAgeInputError as exc:
-                    failures += 1
-                    row["error"] = str(exc)
-                    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-                if writer and handle:
-                    writer.writerow(row)
-                    handle.flush()
-                bar.advance(task)
-    finally:
-        if handle:
-            handle.close()
+    with contextlib.ExitStack() as stack:
+        if results:
+            stack.enter_context(results)
+        bar = stack.enter_context(Progress(console=err, disable=not batch or as_json, transient=True))
+        task = bar.add_task("predicting", total=len(todo))
+        for path in todo:
+            row: dict[str, Any] = {"file": str(path)}
+            try:
+                result = assess_image(
+                    predictor,
+                    path,
+                    given_sex or sexes.get(path.stem),
+                    given_age,
+                    heatmap=heatmap and report is not None,
+                )
+            except BoneAgeInputError as exc:
+                failures += 1
+                row["error"] = str(exc)
+                err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            else:
+                a = result.assessment
+                row.update(
+                    sex=a.sex,
+                    bone_age_months=round(a.bone_age_months, 2),
+                    bone_age_years=round(a.bone_age_months / 12, 2),
+                    uncertainty_months=round(a.uncertainty_months or 0, 2),
+                    chronological_age_months=_r(a.chronological_age_months),
+                    difference_months=_r(a.difference_months),
+                    sd_score=_r(a.sd_score),
+                    flag=a.flag or "",
+                    warnings=" | ".join(a.warnings),
+                    error="",
+                )
+                if as_json:
+                    print(json.dumps(result.to_dict()))
+                elif not results:
+                    _print_result(result)
+                if report:
+                    try:
+                        write_report(result, predictor, report, name=names[str(path)])
+                    except (OSError, ValueError) as exc:  # one report must not stop the batch
+                        failures += 1
+                        problem = _os_problem(exc) if isinstance(exc, OSError) else _one_line(exc)
+                        row["error"] = f"{path}: report not written in {report} ({problem})"
+                        err.print(f"[red]error:[/red] {row['error']}", highlight=False, soft_wrap=True)
+            if results:
+                results.add(row)
+            bar.advance(task)
     if batch and not as_json:
         skipped = len(files) - len(todo)
         err.print(
@@ -211,6 +355,10 @@ def predict(
         )
     if failures:
         raise typer.Exit(2)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _r(value: float | None) -> float | str:

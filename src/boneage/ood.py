@@ -1,0 +1,84 @@
+"""Is this a PA hand radiograph of the kind the model was trained on? A density model of the network's own
+pooled features, fitted on training radiographs when a model is bundled and shipped inside the bundle.
+
+The method is the standard one for a trained network without extra labelled data (Lee et al., NeurIPS 2018,
+"A simple unified framework for detecting out-of-distribution samples"): the Mahalanobis distance of an
+image's penultimate features from the training features, here in the leading principal components, plus
+the squared residual outside them (what PCA cannot explain is itself unusual). The score is scaled so that
+training images average about 1; the refusal threshold is a high quantile of the scores of the run's
+validation split (training ids, never the held-out ones), so the false-refusal rate on real hands is known
+before the model ships. A noise image, a chest film or a rotated hand lands far outside that cloud, where
+the regression head would still print a confident, normal-looking bone age.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PREFIX = "ood."  # tensor names inside a bundle
+
+
+@dataclass
+class FeatureDensity:
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D), orthonormal rows
+    variances: np.ndarray  # (k,)
+    residual_scale: float  # mean squared residual of the training features
+    threshold: float = float("inf")  # scores above it: not a hand radiograph like the training ones
+
+    @classmethod
+    def fit(cls, features: np.ndarray, components: int = 64) -> FeatureDensity:
+        """PCA of the training features; ``components`` is capped by the number of images."""
+        x = np.asarray(features, dtype=np.float64)
+        mean = x.mean(0)
+        centred = x - mean
+        k = int(min(components, len(x) - 1, x.shape[1]))
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        comps = vt[:k]
+        variances = np.maximum((s[:k] ** 2) / max(1, len(x) - 1), 1e-12)
+        resid = centred - (centred @ comps.T) @ comps
+        residual_scale = max(float(np.mean(np.sum(resid**2, 1))), 1e-12)
+        model = cls(mean, comps, variances, residual_scale)
+        model._k = k
+        return model
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Distance from the training cloud: about 1 for a typical training image, larger further out."""
+        x = np.asarray(features, dtype=np.float64) - self.mean
+        z = x @ self.components.T
+        maha = np.sum(z**2 / self.variances, 1)
+        resid = np.sum((x - z @ self.components) ** 2, 1) / self.residual_scale
+        k = len(self.variances)
+        return (maha + resid) / (k + 1)
+
+    def calibrate(self, features: np.ndarray, quantile: float = 0.995, margin: float = 1.25) -> float:
+        """Set the threshold to ``margin`` x the ``quantile`` of real hands' scores (validation split)."""
+        self.threshold = float(np.quantile(self.score(features), quantile) * margin)
+        return self.threshold
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        return {
+            f"{PREFIX}mean": self.mean.astype(np.float32),
+            f"{PREFIX}components": self.components.astype(np.float32),
+            f"{PREFIX}variances": self.variances.astype(np.float32),
+            f"{PREFIX}residual_scale": np.array([self.residual_scale], dtype=np.float32),
+            f"{PREFIX}threshold": np.array([self.threshold], dtype=np.float32),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> FeatureDensity | None:
+        """The density a bundle ships, or None for a bundle made without one (v0.1, tiny test models)."""
+        names = ("mean", "components", "variances", "residual_scale", "threshold")
+        if not all(f"{PREFIX}{n}" in tensors for n in names):
+            return None
+        t = {n: np.asarray(tensors[f"{PREFIX}{n}"], dtype=np.float64) for n in names}
+        scale, threshold = float(t["residual_scale"][0]), float(t["threshold"][0])
+        return cls(t["mean"], t["components"], t["variances"], scale, threshold)
+
+
+def image_checks(image: np.ndarray) -> list[str]:
+    """Cheap statistics of the preprocessed uint8 image that no hand radiograph fails: reasons, or []."""
+    img = np.asarray(image, dtype=np.float32)
+    return ["the image is almost uniform"] if img.std() < 8 else []

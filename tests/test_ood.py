@@ -1,0 +1,68 @@
+"""The out-of-distribution check: a density of the network's own features refuses what is not a hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boneage.errors import BoneAgeInputError
+from boneage.ood import FeatureDensity, image_checks
+
+
+def test_density_scores_the_training_cloud_near_one_and_outliers_far() -> None:
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(8, 40))
+    train = rng.normal(size=(500, 8)) @ basis + 0.05 * rng.normal(size=(500, 40))
+    density = FeatureDensity.fit(train, components=8)
+    scores = density.score(train)
+    assert 0.5 < scores.mean() < 1.5
+    inside = rng.normal(size=(200, 8)) @ basis + 0.05 * rng.normal(size=(200, 40))
+    off_plane = inside + rng.normal(size=(200, 40))  # leaves the subspace the training features span
+    far = inside * 6  # along it, but far out
+    threshold = density.calibrate(inside, quantile=0.995, margin=1.25)
+    assert (density.score(inside) > threshold).mean() <= 0.01
+    assert (density.score(off_plane) > threshold).all()
+    assert (density.score(far) > threshold).all()
+    again = FeatureDensity.from_tensors(density.to_tensors())
+    assert again is not None
+    np.testing.assert_allclose(again.score(far[:5]), density.score(far[:5]), rtol=1e-4)
+    assert FeatureDensity.from_tensors({}) is None
+
+
+def test_uniform_images_fail_the_image_check() -> None:
+    assert image_checks(np.zeros((64, 64), np.uint8))
+    assert not image_checks(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+
+
+@pytest.mark.integration
+def test_bundled_model_refuses_non_hands_and_accepts_real_hands(shared_sample: Path, tmp_path: Path) -> None:
+    """Noise, a text-like page and a real hand turned by 90 degrees are refused with one line; real
+    held-out hands are not."""
+    from boneage.inference import Predictor
+    from boneage.labels import read_labels
+
+    predictor = Predictor.load()
+    assert predictor.ood is not None, "the bundled model ships its OOD density"
+    rng = np.random.default_rng(1)
+    labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
+    hand = np.asarray(Image.open(labels["path"].iloc[3]).convert("L"))
+    stripes = ((np.arange(900)[:, None] // 12 % 2) * 255 * np.ones((1, 700))).astype(np.uint8)
+    bad = {
+        "noise.png": rng.integers(0, 256, (900, 700), dtype=np.uint8),
+        "stripes.png": stripes,
+        "hand-rot90.png": np.ascontiguousarray(np.rot90(hand)),
+    }
+    for name, img in bad.items():
+        path = tmp_path / name
+        Image.fromarray(img).save(path)
+        with pytest.raises(BoneAgeInputError, match="does not look like a PA left-hand radiograph") as info:
+            predictor.predict(path, "female")
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    plain = Predictor.load(tta=False)
+    real = labels.iloc[::50]
+    images = np.stack([plain.prepare(p)[1] for p in real["path"]])
+    scores = plain.ood_scores(images, real["male"].to_numpy(bool))
+    assert (scores <= plain.ood.threshold).mean() >= 0.95, scores
