@@ -9,7 +9,7 @@ b/a is the share of the network's speed the data path keeps (target ≥ 0.9). Re
 squashed 299 px RSNA set go through the squash-geometry preprocessing first (cached under .cache/).
 
     python benchmarks/cpu_training_speed.py --models tf_efficientnet_lite0 mobilenetv2_100 \
-        --sizes 160 224 --batch 32 --steps 6
+        --sizes 160 224 --batch 32 --steps 6 --precision fp32 bf16
 """
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ from boneage.preprocess import Preprocess
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-bone-age-299"
 
 
-def step_fn(model: BoneAgeNet):
+def step_fn(model: BoneAgeNet, precision: str = "fp32"):
+    """One training step as Lightning runs it: ``bf16`` is ``trainer.precision: bf16-mixed`` (autocast on the
+    CPU; weights and optimizer state stay fp32)."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(x: torch.Tensor, male: torch.Tensor, age: torch.Tensor) -> None:
-        loss = torch.nn.functional.l1_loss(model(x.contiguous(memory_format=torch.channels_last), male), age)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x.contiguous(memory_format=torch.channels_last), male)
+        loss = torch.nn.functional.l1_loss(out.float(), age)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per result here")
     args = ap.parse_args()
     if args.threads:
@@ -79,10 +84,10 @@ def main() -> None:
     augment = Augment(AugmentConfig())
     n_batches = args.warmup + args.steps
     for name in args.models:
-        for size in args.sizes:
+        for size, precision in [(s, p) for s in args.sizes for p in args.precision]:
             torch.manual_seed(0)
             model = BoneAgeNet(name, [512], 32, 0.2, 1).to(memory_format=torch.channels_last).train()
-            step = step_fn(model)
+            step = step_fn(model, precision)
             mem = [
                 (
                     torch.rand(args.batch, 1, size, size),
@@ -110,6 +115,7 @@ def main() -> None:
                 "size": size,
                 "cache_size": cache_size,
                 "batch": args.batch,
+                "precision": precision,
                 "ceiling_images_s": round(ceiling, 2),
                 "pipeline_images_s": round(piped, 2),
                 "share": round(piped / ceiling, 3),

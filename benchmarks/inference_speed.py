@@ -1,6 +1,9 @@
-"""CPU inference speed of the bundled model: ONNX Runtime vs PyTorch eager, and one `boneage predict` call.
+"""CPU inference speed of the bundled model: ONNX Runtime vs PyTorch eager, and the wall time of one
+`boneage predict IMAGE --sex --age --json` call on the ONNX engine (torch-free) and the torch engine, in
+the same run (median of ``--predict-runs`` calls each, alternating engines).
 
-Usage: python benchmarks/inference_speed.py [--checkpoint CKPT] [--images N] [--threads 2]
+Usage: python benchmarks/inference_speed.py [--checkpoint CKPT] [--images N] [--threads 2] [--predict-runs 5]
+       python benchmarks/inference_speed.py --predict-only     # just the two CLI wall times
 Prints one JSON object; results go into benchmarks/RESULTS.md by hand with the date and command.
 """
 
@@ -40,8 +43,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--predict-runs", type=int, default=5, help="CLI calls per engine (median reported)")
+    ap.add_argument("--predict-only", action="store_true", help="skip the throughput part")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.predict_only:
+        print(json.dumps(predict_wall_times(args), indent=2))
+        return
 
     labels = read_labels(SHARED / "labels.csv", SHARED / "images").iloc[: args.images]
     base = Predictor.load(args.checkpoint, tta=False)
@@ -51,8 +59,8 @@ def main() -> None:
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
-        "backbone": base.cfg.model.backbone,
-        "input_size": base.cfg.preprocess.size,
+        "backbone": base.spec.backbone,
+        "input_size": base.spec.preprocess.size,
         "images": len(prepared),
     }
     for tta in (False, True):
@@ -60,7 +68,8 @@ def main() -> None:
         onnx_pred = Predictor.load(args.checkpoint, tta=tta, runtime="onnx")
         t = images_per_second(torch_pred, prepared, male, args.repeats)
         o = images_per_second(onnx_pred, prepared, male, args.repeats)
-        diff = np.abs(torch_pred.predict_arrays(prepared, male)[0] - onnx_pred.predict_arrays(prepared, male)[0])
+        ref, got = torch_pred.predict_arrays(prepared, male)[0], onnx_pred.predict_arrays(prepared, male)[0]
+        diff = np.abs(ref - got)
         key = "tta6" if tta else "single_view"
         results[key] = {
             "torch_eager_images_per_s": round(t, 2),
@@ -69,14 +78,42 @@ def main() -> None:
             "max_abs_diff_months": round(float(diff.max()), 4),
         }
 
-    image = str(labels["path"].iloc[0])
-    cmd = [sys.executable, "-m", "boneage", "predict", image, "--sex", "female", "--age", "10y", "--json"]
-    if args.checkpoint:
-        cmd += ["--checkpoint", args.checkpoint]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    results["boneage_predict_wall_s"] = round(time.perf_counter() - start, 2)
+    results.update(predict_wall_times(args))
     print(json.dumps(results, indent=2))
+
+
+def predict_wall_times(args: argparse.Namespace) -> dict[str, object]:
+    """Wall time of whole `boneage predict` processes (interpreter start, imports, model load, TTA, JSON),
+    ONNX engine against torch engine, alternating so machine load hits both alike; one warm-up call each
+    fills the OS file cache. The issue's target: ONNX ≤ 2.0 s on 2 cores."""
+    image = str(sorted((SHARED / "images").glob("*.png"))[0])
+    exe = str(Path(sys.executable).with_name("boneage"))
+    base = [exe, "predict", image, "--sex", "female", "--age", "10y", "--json"]
+    if args.checkpoint:
+        base += ["--checkpoint", args.checkpoint]
+    times: dict[str, list[float]] = {"onnx": [], "torch": []}
+    outputs: dict[str, float] = {}
+    for i in range(args.predict_runs + 1):
+        for engine in ("onnx", "torch"):
+            start = time.perf_counter()
+            done = subprocess.run([*base, "--engine", engine], check=True, capture_output=True, text=True)
+            elapsed = time.perf_counter() - start
+            outputs[engine] = json.loads(done.stdout.strip().splitlines()[-1])["bone_age_months"]
+            if i:  # the first round is the warm-up
+                times[engine].append(elapsed)
+    onnx_s, torch_s = float(np.median(times["onnx"])), float(np.median(times["torch"]))
+    return {
+        "predict_runs_per_engine": args.predict_runs,
+        "boneage_predict_wall_s": {
+            "onnx_engine_median": round(onnx_s, 2),
+            "onnx_engine_max": round(max(times["onnx"]), 2),
+            "torch_engine_median": round(torch_s, 2),
+            "torch_engine_max": round(max(times["torch"]), 2),
+            "speedup": round(torch_s / onnx_s, 2),
+            "onnx_meets_2s": bool(onnx_s <= 2.0),
+        },
+        "bone_age_months_onnx_minus_torch": round(outputs["onnx"] - outputs["torch"], 4),
+    }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Load test for the web API: N concurrent clients post real radiographs to /api/v1/predict.
+"""Load test for the web API: N concurrent clients post real radiographs to /api/v1/predict (heatmaps on:
+every response carries one).
 
 Starts the app with uvicorn on 127.0.0.1 (free port, background thread, the model of ``--checkpoint`` or the
 bundled one), sends a bounded number of requests within a hard time limit, and prints throughput, p50/p95
-latency and the error count. Exit status 1 if any request failed, 2 if the server could not serve a model.
+latency and the error count. ``--engine`` runs one or more engines one after the other in the same process,
+side by side: ``torch`` is the pre-ONNX server (torch Predictor, Grad-CAM hooks, one global model lock),
+``onnx`` the torch-free one (one shared ONNX Runtime session, in-graph heatmap, no lock). Exit status 1 if
+any request failed, 2 if the server could not serve a model.
 
-    python benchmarks/load_test.py                         # bundled model
+    python benchmarks/load_test.py --engine torch --engine onnx     # old vs new, 16 clients, bundled model
     python benchmarks/load_test.py --checkpoint tiny.safetensors --requests 160 --clients 16
 """
 
@@ -79,7 +83,8 @@ def client_loop(url: str, images: list[tuple[str, bytes, str]], tickets: itertoo
                     tally.errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             elapsed = (time.perf_counter() - start) * 1000
-            ok = response.status_code == 200 and isinstance(response.json().get("bone_age_months"), float)
+            body = response.json() if response.status_code == 200 else {}
+            ok = isinstance(body.get("bone_age_months"), float) and bool(body.get("heatmap_png_base64"))
             with tally.lock:
                 if ok:
                     tally.latencies_ms.append(elapsed)
@@ -96,15 +101,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=120.0, help="hard stop in seconds (default 120)")
     parser.add_argument("--workers", type=int, default=2, help="server inference worker threads (default 2)")
     parser.add_argument("--images", type=int, default=32, help="distinct radiographs to cycle through")
+    parser.add_argument("--engine", action="append", choices=["torch", "onnx", "auto"],
+                        help="engine(s) to measure, in order (repeatable; default: onnx)")
     args = parser.parse_args(argv)
 
     images = load_images(args.sample, args.images)
-    app = create_app(args.checkpoint, workers=args.workers)
+    summaries = []
+    status = 0
+    for engine in args.engine or ["onnx"]:
+        code, summary = run_engine(args, images, engine)
+        status = max(status, code)
+        if summary:
+            summaries.append(summary)
+    if len(summaries) > 1:
+        base = summaries[0]
+        print("side by side (same machine, same run)")
+        for s in summaries:
+            ratio = s["throughput"] / base["throughput"] if base["throughput"] else float("nan")
+            print(f"  {s['engine']:<6} {s['throughput']:.2f} requests/s (x{ratio:.2f} the first), "
+                  f"p95 {s['p95_ms']:.0f} ms, {s['errors']} errors")
+    return status
+
+
+def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], engine: str
+               ) -> tuple[int, dict | None]:
+    """One server on ``engine`` under the load; (exit status, summary numbers)."""
+    app = create_app(args.checkpoint, workers=args.workers, engine=engine)
     with background_server(app) as url:
         health = httpx.get(f"{url}/api/v1/health").json()
         if not health["model_loaded"]:
             print(f"server has no model: {health['model_error']}", file=sys.stderr)
-            return 2
+            return 2, None
         model = httpx.get(f"{url}/api/v1/model").json()
         name, data, sex = images[0]
         warm = time.perf_counter()
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     done = len(tally.latencies_ms)
     attempted = done + len(tally.errors) + tally.unfinished
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
-    print("boneage web API load test")
+    print(f"boneage web API load test: {engine} engine")
     print(f"  machine      {machine}")
     print(f"  model        {model.get('backbone')} ({model.get('input_size')} px), "
           f"version {model.get('version')}")
@@ -143,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
               f"p95 {percentile(tally.latencies_ms, 95):.0f} ms, max {max(tally.latencies_ms):.0f} ms")
     for error in tally.errors[:5]:
         print(f"  error        {error}")
-    return 1 if tally.errors or not done else 0
+    summary = {
+        "engine": engine,
+        "throughput": done / wall if done else 0.0,
+        "p95_ms": percentile(tally.latencies_ms, 95) if done else float("nan"),
+        "errors": len(tally.errors),
+    }
+    return (1 if tally.errors or not done else 0), summary
 
 
 if __name__ == "__main__":

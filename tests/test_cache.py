@@ -357,3 +357,22 @@ def test_named_cache_is_built_when_missing_and_respects_preprocess(tmp_path: Pat
     other.preprocess.size = 48
     with pytest.raises(BoneAgeInputError, match="preprocess settings"):
         datamodule_from_config(other, progress=False).setup("fit")
+
+
+def test_training_from_shards_scores_the_holdout_it_never_trains_on(tmp_path: Path) -> None:
+    """data.holdout_labels with a shard cache: the held-out ids are left out of training and validation and
+    scored each epoch from the cache as holdout_mae (the second validation loader)."""
+    from boneage.training import train
+
+    _dataset(tmp_path, 12)
+    pd.read_csv(tmp_path / "labels-12.csv").iloc[::4].to_csv(tmp_path / "holdout.csv", index=False)  # 3 ids
+    cfg = _cache_config(tmp_path / "cache", tmp_path, decode="worker", shard_format="raw")
+    cfg.data.holdout_labels = str(tmp_path / "holdout.csv")
+    cfg.model.backbone, cfg.model.pretrained, cfg.model.head = "test_efficientnet", "none", [8]
+    cfg.model.sex_units, cfg.model.preset = 4, ""
+    cfg.train.epochs, cfg.train.batch_size = 1, 4
+    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
+    cfg.trainer.progress_bar = False
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert (summary["train_images"], summary["val_images"], summary["holdout_images"]) == (6, 3, 3)
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["holdout_mae"].notna().any()

@@ -296,8 +296,9 @@ def test_every_shipped_config_validates() -> None:
 def test_run_config_makes_the_model_spec() -> None:
     cfg = load_config(REPO / "configs" / "bundled-v0.2.yaml")
     spec = cfg.model_spec(100.0, 30.0)
-    assert spec.preprocess.geometry == "squash" and spec.preprocess.size == 224
+    assert spec.preprocess.geometry == "squash" and spec.preprocess.size == 256
     assert (spec.backbone, spec.head) == ("tf_efficientnet_lite0", [512])
     assert (spec.target_mean, spec.target_std) == (100, 30)
     assert "pretrained" not in spec.model_dump()  # how it was initialised is training history, not the model
-    assert cfg.train.size_schedule == {0: 160, 5: 224} and cfg.train.ema_decay == pytest.approx(0.998)
+    assert cfg.train.size_schedule == {} and cfg.train.ema_decay == pytest.approx(0.998)
+    assert cfg.trainer.precision == "bf16-mixed"

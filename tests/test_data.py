@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import boneage.data as data_mod
+from boneage.cache import ShardCache, ShardDataset
 from boneage.data import BoneAgeDataset, ImageCache, split_indices, strata, to_float
 from boneage.errors import BoneAgeInputError
 from boneage.io import read_radiograph
@@ -253,3 +254,163 @@ def test_device_decode_without_cuda_falls_back_with_one_log_line(
     with caplog.at_level(logging.WARNING, logger="boneage.data"):
         assert auto.decode_mode("jpeg") == "worker"
     assert not [r for r in caplog.records if r.name == "boneage.data"]
+
+
+# ---- learning curves and holdout validation (the CPU grids of docs/experiments.md) -------------------
+
+
+def test_stratified_subset_is_seeded_nested_and_stratified() -> None:
+    labels = _synthetic_labels(2000, seed=3)
+    idx = np.arange(0, 2000, 2)  # a training split: every other row
+    small = data_mod.stratified_subset(labels, idx, 100, seed=7)
+    large = data_mod.stratified_subset(labels, idx, 400, seed=7)
+    assert len(small) == 100 and len(large) == 400 and len(np.unique(large)) == 400
+    assert set(small) <= set(large) <= set(idx)  # nested, and only from the rows given
+    assert np.array_equal(small, data_mod.stratified_subset(labels, idx, 100, seed=7))
+    assert not np.array_equal(small, data_mod.stratified_subset(labels, idx, 100, seed=8))
+    # each sex x age-band stratum keeps its share (within two images)
+    full, part = np.bincount(strata(labels.iloc[idx])), np.bincount(strata(labels.iloc[small]), minlength=10)
+    assert np.all(np.abs(part - full * 100 / len(idx)) < 2)
+    assert np.array_equal(data_mod.stratified_subset(labels, idx, 0), idx)
+    assert np.array_equal(data_mod.stratified_subset(labels, idx, 5000), idx)
+
+
+def _datamodule(tmp_path: Path, **data: object) -> data_mod.BoneAgeDataModule:
+    from boneage.config import DataConfig
+    from boneage.spec import PreprocessSpec
+
+    table = _write_images(tmp_path / "images", 50)
+    table[["id", "boneage", "male"]].to_csv(tmp_path / "labels.csv", index=False)
+    table.iloc[::5][["id", "boneage", "male"]].to_csv(tmp_path / "holdout.csv", index=False)  # 10 ids
+    cfg = DataConfig(
+        images=str(tmp_path / "images"),
+        labels=str(tmp_path / "labels.csv"),
+        holdout_labels=str(tmp_path / "holdout.csv"),
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=1,
+        **data,
+    )
+    return data_mod.make_datamodule(cfg, PreprocessSpec(size=32, crop=False), progress=False)
+
+
+def test_val_from_holdout_validates_on_the_holdout_and_trains_on_all_others(tmp_path: Path) -> None:
+    dm = _datamodule(tmp_path, val_from_holdout=True, val_fraction=0.2)
+    dm.setup("fit")
+    held = set(pd.read_csv(tmp_path / "holdout.csv", dtype=str)["id"])
+    val_ids = set(dm.labels.iloc[dm.val_idx]["id"])
+    train_ids = set(dm.labels.iloc[dm.train_idx]["id"])
+    assert val_ids == held and len(train_ids) == 40 and not train_ids & held  # val_fraction unused
+    assert len(dm.val_set) == 10 and len(dm.train_set) == 40 and dm.holdout_set is None
+    assert not isinstance(dm.val_dataloader(), list)  # one validation set: the holdout
+
+
+def test_train_limit_and_epoch_images(tmp_path: Path) -> None:
+    dm = _datamodule(tmp_path, val_from_holdout=True, train_limit=20, epoch_images=64)
+    dm.setup("fit")
+    assert len(dm.train_set) == 20 and len(dm.val_set) == 10
+    assert set(dm.train_idx) <= set(np.flatnonzero(~dm.labels["id"].isin(dm.holdout_labels["id"])))
+    loader = dm.train_dataloader()
+    assert len(loader) == 4  # 64 images drawn per epoch at batch 16: the 20 repeated, not 1 pass
+    seen = torch.cat([age for _, _, age in loader])
+    assert len(seen) == 64 and set(seen.tolist()) == set(dm.train_set.boneage.tolist())
+
+
+def test_val_from_holdout_needs_holdout_labels() -> None:
+    from boneage.config import DataConfig
+    from boneage.spec import PreprocessSpec
+
+    with pytest.raises(BoneAgeInputError, match="val_from_holdout needs data.holdout_labels"):
+        data_mod.make_datamodule(DataConfig(val_from_holdout=True), PreprocessSpec(size=32))
+
+
+# ---- the shard cache selects the same ids as the .npy cache (holdout, val_from_holdout, limits) ----------
+
+SHARDS = {"cache_format": "shards", "shard_format": "raw", "decode": "worker"}
+
+
+def _ids(dm: data_mod.BoneAgeDataModule) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, holdout) ids, in order."""
+    ids = dm.labels["id"].astype(str)
+    held = [] if dm.holdout_labels is None else dm.holdout_labels["id"].astype(str).tolist()
+    return ids.iloc[dm.train_idx].tolist(), ids.iloc[dm.val_idx].tolist(), held
+
+
+def _held(tmp_path: Path) -> set[str]:
+    return set(pd.read_csv(tmp_path / "holdout.csv", dtype=str)["id"])
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["cache_format=shards", "data.cache=PATH"])
+def test_shards_never_train_on_the_holdout_and_monitor_it(tmp_path: Path, named: bool) -> None:
+    extra = {"cache": str(tmp_path / "named")} if named else {}
+    dm = _datamodule(tmp_path, val_fraction=0.2, **SHARDS, **extra)
+    dm.setup("fit")
+    held = _held(tmp_path)
+    train, val, holdout = _ids(dm)
+    assert not (set(train) | set(val)) & held and len(train) + len(val) == 40
+    assert set(holdout) == held
+    # holdout_monitor: a second validation loader over exactly the holdout ids, read from the shard cache
+    loaders = dm.val_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == 2
+    assert isinstance(dm.holdout_set, ShardDataset) and sorted(dm.holdout_set.ids) == sorted(held)
+    ages = torch.cat([age for _, _, age in loaders[1]]).tolist()
+    assert sorted(ages) == sorted(100.0 + int(i) for i in held)  # _write_images: boneage = 100 + id
+
+
+def test_val_from_holdout_on_shards(tmp_path: Path) -> None:
+    dm = _datamodule(tmp_path, val_from_holdout=True, train_limit=20, epoch_images=32, **SHARDS)
+    dm.setup("fit")
+    train, val, _ = _ids(dm)
+    assert set(val) == _held(tmp_path) and len(train) == 20 and not set(train) & set(val)
+    assert dm.holdout_set is None and not isinstance(dm.val_dataloader(), list)
+    assert len(dm.train_dataloader()) == 2  # epoch_images=32 at batch 16
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"val_fraction": 0.2},
+        {"val_fraction": 0.25, "seed": 3, "train_limit": 15, "holdout_monitor": False},
+        {"val_from_holdout": True, "train_limit": 25},
+        {"folds": 4, "fold": 2, "limit": 30},
+    ],
+    ids=["holdout", "train_limit", "val_from_holdout", "kfold+limit"],
+)
+def test_npy_and_shard_caches_select_the_same_ids(tmp_path: Path, data: dict) -> None:
+    npy = _datamodule(tmp_path, **data)
+    npy.setup("fit")
+    expected = _ids(npy)
+    assert expected[0] and expected[1] and expected[2]
+    for extra in ({}, {"cache": str(tmp_path / "named")}):
+        shards = _datamodule(tmp_path, **data, **SHARDS, **extra)
+        shards.setup("fit")
+        assert _ids(shards) == expected, extra
+        assert (shards.holdout_set is None) == (npy.holdout_set is None)
+        assert shards.target_stats == npy.target_stats
+
+
+def test_named_cache_built_with_limit_holds_the_holdout(tmp_path: Path) -> None:
+    """data.limit=20 builds the first 20 images plus the 6 holdout ids beyond them, so the monitor can read
+    them later; the rows used are still those of the .npy cache."""
+    npy = _datamodule(tmp_path, limit=20)
+    npy.setup("fit")
+    dm = _datamodule(tmp_path, limit=20, cache=str(tmp_path / "named"), **SHARDS)
+    dm.setup("fit")
+    assert ShardCache(tmp_path / "named").count == 26
+    assert _ids(dm) == _ids(npy) and len(_ids(dm)[2]) == 4
+
+
+def test_named_cache_without_the_holdout_ids_is_a_one_line_error(tmp_path: Path) -> None:
+    from boneage.cache import build_cache
+
+    _datamodule(tmp_path)  # writes the images and CSVs
+    table = read_labels(tmp_path / "labels.csv", tmp_path / "images")
+    keep = table[~table["id"].isin(["0", "5", "10"])]  # 3 of the 10 holdout ids left out
+    build_cache(tmp_path / "named", Preprocess(size=32, crop=False), keep, workers=1, progress=False)
+    dm = _datamodule(tmp_path, cache=str(tmp_path / "named"), **SHARDS)
+    with pytest.raises(BoneAgeInputError, match="3 of the 10 holdout ids") as err:
+        dm.setup("fit")
+    assert "\n" not in str(err.value)
+    # held out but not scored: nothing needs to be read from the cache, so the missing ids do not matter
+    quiet = _datamodule(tmp_path, cache=str(tmp_path / "named"), holdout_monitor=False, **SHARDS)
+    quiet.setup("fit")
+    assert not set(_ids(quiet)[0] + _ids(quiet)[1]) & _held(tmp_path)

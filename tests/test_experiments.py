@@ -314,6 +314,103 @@ def test_grid_runs_resumes_after_a_kill_and_reports(tiny_yaml: Path, tmp_path: P
     assert "| all-layers | random |" in md and "| last-5 | random |" in md and "Best validation MAE" in md
 
 
+class _StopAfterFirstEpoch:
+    """A Lightning callback that ends fit after epoch 0, as a killed session would (last.ckpt is written)."""
+
+    def __new__(cls):  # built lazily: importing lightning at collection time slows every test file
+        from lightning.pytorch.callbacks import Callback
+
+        class Stop(Callback):
+            def on_train_epoch_end(self, trainer, pl_module) -> None:
+                trainer.should_stop = True
+
+        return Stop()
+
+
+def test_grid_resumes_an_interrupted_variant_with_holdout_validation_and_subsets(
+    tiny_yaml: Path, tmp_path: Path
+) -> None:
+    """The CPU grids' settings end to end on a tiny network: validation = the holdout ids, a stratified
+    training subset drawn for a fixed number of images per epoch; a variant stopped after its first epoch
+    resumes from last.ckpt on the next run_grid and the finished one is skipped."""
+    from boneage.experiments import report, run_grid
+
+    labels = pd.read_csv(load_config(tiny_yaml).data.labels)
+    holdout = tmp_path / "holdout.csv"
+    labels.iloc[::4].to_csv(holdout, index=False)  # 7 of the 28 ids validate
+    spec = {
+        "name": "cpu-like",
+        "base": str(tiny_yaml),
+        "overrides": {
+            "data": {"holdout_labels": str(holdout), "val_from_holdout": True, "epoch_images": 24},
+            "train.epochs": 2,
+        },
+        "variants": {"n12": {"data.train_limit": 12}, "all": {}},
+    }
+    runs = tmp_path / "runs"
+    stopped = run_grid(spec, runs_dir=runs, variants=["n12"], callbacks=[_StopAfterFirstEpoch()])
+    assert [r["status"] for r in stopped] == ["stopped"]
+    n12 = runs / "cpu-like" / "n12"
+    assert (n12 / "last.ckpt").is_file()
+    assert json.loads((n12 / "summary.json").read_text())["epochs_completed"] == 1
+    assert [r["status"] for r in run_grid(spec, runs_dir=runs, dry_run=True)] == ["partial", "new"]
+
+    records = run_grid(spec, runs_dir=runs)
+    assert [(r["variant"], r["status"]) for r in records] == [("n12", "finished"), ("all", "finished")]
+    summary = json.loads((n12 / "summary.json").read_text())
+    assert summary["resumed_from"] == str(n12 / "last.ckpt") and summary["epochs_completed"] == 2
+    assert (summary["train_images"], summary["val_images"], summary["holdout_images"]) == (12, 7, 0)
+    assert list(pd.read_csv(n12 / "metrics.csv")["epoch"]) == [0, 1]  # epoch 0 was not trained again
+    full = json.loads((runs / "cpu-like" / "all" / "summary.json").read_text())
+    assert (full["train_images"], full["val_images"]) == (21, 7)
+    assert [r["status"] for r in run_grid(spec, runs_dir=runs)] == ["skipped", "skipped"]
+
+    table = report(spec, runs_dir=runs, out=tmp_path / "docs" / "cpu-like")
+    assert list(table["train_images"]) == [12, 21] and list(table["size"]) == [32, 32]
+    assert table["last_val_mae"].notna().all() and (table["train_images_per_s"] > 0).all()
+    md = (tmp_path / "docs" / "cpu-like" / "report.md").read_text()
+    assert "| n12 | random | test_efficientnet | 32 | all | 12 | 2 |" in md and "train img/s" in md
+    assert (tmp_path / "docs" / "cpu-like" / "report.png").is_file()
+
+
+def test_cpu_grids_validate_without_training() -> None:
+    """Every configs/experiments/cpu-*.yaml resolves (a dry run: nothing trains, no image is read) and sets
+    up the split issue #12 asks for: validation = the 1,001 sample ids, training = every other id."""
+    from boneage.data import make_datamodule
+    from boneage.experiments import run_grid
+
+    root = Path(__file__).resolve().parents[1]
+    grids = sorted((root / "configs" / "experiments").glob("cpu-*.yaml"))
+    assert {g.stem for g in grids} >= {
+        "cpu-init-learning-curve",
+        "cpu-finetune-layers",
+        "cpu-backbones",
+        "cpu-resolution",
+    }
+    seen: dict[str, list[dict]] = {}
+    for grid in grids:
+        records = run_grid(grid, runs_dir=root / "runs-dry-run-never-written", dry_run=True)
+        assert records and all(r["status"] == "new" for r in records), grid.name
+        seen[grid.stem] = records
+        from boneage.experiments import resolve
+
+        _, configs = resolve(grid)
+        for cfg in configs.values():
+            d = cfg.data
+            assert d.val_from_holdout and d.holdout_labels.endswith("rsna-bone-age-sample/labels.csv")
+            assert d.labels.endswith("rsna-bone-age-299/labels.csv")
+            assert cfg.trainer.precision == "bf16-mixed" and cfg.train.ema_decay == 0
+            make_datamodule(d, cfg.preprocess, cfg.train, cfg.trainer)  # the data checks, before any image
+    assert not (root / "runs-dry-run-never-written").exists()
+    layers = [r["layers"] for r in seen["cpu-finetune-layers"]]
+    assert layers[:6] == [3, 11, 17, 23, 35, "all"]
+    assert sorted({r["size"] for r in seen["cpu-resolution"]}) == [128, 192, 256, 299]
+    _, curve = resolve(root / "configs" / "experiments" / "cpu-init-learning-curve.yaml")
+    assert sorted({c.data.train_limit for c in curve.values()}) == [0, 500, 2000]
+    assert {c.data.epoch_images for c in curve.values()} == {11374}
+    assert len({c.train.seed for c in curve.values()}) == 2  # a seed repeat states the noise
+
+
 def test_report_lists_variants_not_run_yet_and_test_mae(
     tiny_yaml: Path, tiny_run: Path, tmp_path: Path
 ) -> None:

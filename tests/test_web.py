@@ -411,3 +411,28 @@ def test_sex_form_field_accepts_documented_spellings(client: TestClient, value: 
     assert response.status_code == 200, response.text
     female = value.strip().lower() in ("girl", "f", "female")
     assert response.json()["sex"] == ("female" if female else "male")
+
+
+def test_docs_work_offline(client: TestClient) -> None:
+    """Swagger UI and ReDoc load their scripts from this server (a hospital network has no CDN)."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn.jsdelivr" not in page.text
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/docs-assets/redoc.standalone.js" in redoc.text
+    assert "fonts.googleapis" not in redoc.text
+
+
+def test_onnx_engine_serves_without_a_model_lock(tiny_bundle: Path) -> None:
+    """The default engine is thread-safe: no lock around the model (the torch engine keeps one)."""
+    from boneage.runtime import OnnxPredictor
+
+    app = create_app(tiny_bundle, workers=2)
+    service = app.state.service
+    assert isinstance(service.load(), OnnxPredictor)
+    assert not isinstance(service._model_lock, type(threading.Lock()))
+    torch_service = create_app(tiny_bundle, workers=2, engine="torch").state.service
+    torch_service.load()
+    assert isinstance(torch_service._model_lock, type(threading.Lock()))

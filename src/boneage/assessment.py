@@ -16,9 +16,8 @@ import numpy as np
 from PIL import Image
 
 from boneage.clinical import Assessment, assess, format_months, parse_age
-from boneage.inference import Prediction, Predictor
 from boneage.io import Radiograph
-from boneage.report import write_html_report
+from boneage.runtime import BasePredictor, Prediction
 
 AGE_CONFLICT_MONTHS = 1.0
 
@@ -82,7 +81,7 @@ def resolve_age(given: str | float | None, radiograph: Radiograph | None) -> tup
 
 
 def assess_image(
-    predictor: Predictor,
+    predictor: BasePredictor,
     image: str | Path | bytes | Radiograph,
     sex: str | None = None,
     age: str | float | None = None,
@@ -103,12 +102,17 @@ def assess_image(
     )
     heat = None
     if heatmap and pred.image is not None:
-        heat = heatmap_overlay_png(pred.image, predictor.heatmap(pred))
+        cam = predictor.heatmap(pred)  # None: this model's graph has no heatmap
+        heat = heatmap_overlay_png(pred.image, cam) if cam is not None else None
     return Result(pred, result, heat)
 
 
-def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name: str | None = None) -> Path:
+def write_report(
+    result: Result, predictor: BasePredictor, out_dir: str | Path, name: str | None = None
+) -> Path:
     """The one-page HTML report for a result (radiograph, heatmap, SD chart, numbers, caveats)."""
+    from boneage.report import write_html_report  # matplotlib: only when a report is written
+
     stem = name or Path(result.prediction.source).stem or "report"
     return write_html_report(
         result.assessment, result.radiograph_png, result.heatmap_png, out_dir, stem, model_info=predictor.info

@@ -1,4 +1,5 @@
-"""Checkpoint → the shipped model: one fp16 safetensors file with its ``ModelSpec`` and model-card facts.
+"""Checkpoint → the shipped model: an fp16 safetensors file with its ``ModelSpec`` and model-card facts,
+and the ONNX graph of the same weights beside it (``model.onnx``) for the torch-free engine.
 
 The file carries what prediction needs and nothing about how the model was trained (no data paths, no
 optimiser). ``make_bundle`` also measures the facts a clinician-facing model must state: its MAE on the
@@ -24,7 +25,7 @@ import yaml
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
-from boneage.inference import Predictor
+from boneage.inference import Predictor, export_bundle_onnx
 from boneage.labels import read_labels
 from boneage.ood import FeatureDensity
 from boneage.runs import git_commit
@@ -36,7 +37,8 @@ LICENCE = "RSNA Pediatric Bone Age data: non-commercial research and education u
 
 def save_bundle(predictor: Predictor, path: str | Path, facts: dict[str, Any] | None = None) -> Path:
     """fp16 safetensors with the spec and facts in its metadata (and the OOD density, fp32, when the
-    predictor has one): one file, well under 25 MB."""
+    predictor has one), plus the ONNX graph of the same weights beside it (``model.onnx``, fp16
+    initializers, in-graph Grad-CAM) for ``boneage.runtime``: two files, together well under 25 MB."""
     import torch
     from safetensors.torch import save_file
 
@@ -56,6 +58,7 @@ def save_bundle(predictor: Predictor, path: str | Path, facts: dict[str, Any] | 
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(state, str(tmp), metadata={"boneage": json.dumps(meta)})
     tmp.replace(out)
+    export_bundle_onnx(out)  # model.onnx beside it, from the same (upcast fp16) weights: the light engine
     return out
 
 

@@ -29,7 +29,7 @@ import os
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,14 +275,17 @@ def build_cache(
     workers: int = 2,
     shard_mb: float = DEFAULT_SHARD_MB,
     limit: int = 0,
+    include: Collection[str] = (),
     progress: ProgressOption = True,
 ) -> BuildReport:
     """Add every labelled radiograph that ``out`` does not hold yet, as new shards; returns what it did.
 
     ``labels`` is a label CSV (read with ``images``) or a table with ``id``, ``boneage``, ``male`` and
     ``path``. Ids already cached are not re-encoded; a changed age or sex only updates the manifest.
-    Unreadable images are skipped and listed in ``BuildReport.failed``. A file lock lets several
-    processes (DDP ranks, a CLI build) call this at once: one builds, the others wait and find it done.
+    ``limit``: only the first N labelled images, and those listed in ``include`` wherever they are (a
+    holdout scored from the cache). Unreadable images are skipped and listed in ``BuildReport.failed``.
+    A file lock lets several processes (DDP ranks, a CLI build) call this at once: one builds, the others
+    wait and find it done.
     ``progress``: a ``(done, total)`` callback, or True to report through :mod:`boneage.progress`.
     """
     from filelock import FileLock
@@ -303,7 +306,9 @@ def build_cache(
         table = labels
         source = {"images": str(images or ""), "labels": ""}
     if limit:
-        table = table.iloc[:limit]
+        keep = table["id"].astype(str).isin(set(include)).to_numpy(copy=True)
+        keep[:limit] = True
+        table = table[keep]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     report = BuildReport(path=str(root))
@@ -676,7 +681,11 @@ def training_cache(
     ``data.cache: PATH``: the cache *is* the dataset (labels included); data.images/data.labels are read
     only to build it when PATH holds no cache yet. ``data.cache_format: shards`` without ``data.cache``: a
     cache under ``data.cache_dir`` kept in step with the label CSV, like the per-image .npy cache.
+    The rows are then chosen by ``boneage.data.select_rows``, as for the .npy cache. When the holdout is
+    scored (``data.holdout_monitor`` or ``data.val_from_holdout``) its images come from the cache too: a build
+    adds them (even beyond ``data.limit``), and a ``data.cache`` that lacks some is an error.
     """
+    from boneage.data import holdout_ids
     from boneage.labels import read_labels
     from boneage.preprocess import Preprocess
 
@@ -688,6 +697,9 @@ def training_cache(
         "progress": progress,
     }
     csv_ids: list[str] | None = None
+    scored: set[str] = set()  # holdout ids read from the cache (a second validation set, or the first)
+    if d.holdout_labels and (d.holdout_monitor or d.val_from_holdout):
+        scored = holdout_ids(d.holdout_labels)
     if d.cache:
         root = Path(d.cache)
         if not (root / MANIFEST).is_file():
@@ -697,7 +709,7 @@ def training_cache(
                     "not available to build one",
                     root,
                 )
-            report = build_cache(root, prep, d.labels, d.images, limit=d.limit, **build)
+            report = build_cache(root, prep, d.labels, d.images, limit=d.limit, include=scored, **build)
             _raise_failures(report)
     else:
         root = auto_cache_path(d, p)
@@ -711,6 +723,15 @@ def training_cache(
     if d.cache_verify:
         cache.check()
     table = cache.labels()
+    if d.cache and scored:
+        missing = scored - set(table["id"].astype(str))
+        if missing:
+            raise BoneAgeInputError(
+                f"{len(missing)} of the {len(scored)} holdout ids in {d.holdout_labels} are not in this "
+                "shard cache (data.holdout_monitor / data.val_from_holdout read them from it); add them with "
+                "`boneage cache build` or set data.holdout_monitor=false",
+                root,
+            )
     if csv_ids is not None:  # the CSV decides which images and in which order (as with the .npy cache)
         table = table.set_index("id").loc[csv_ids].reset_index()
     elif d.limit:

@@ -56,6 +56,15 @@ class DataConfig(Section):
     # the train/validation split and, with holdout_monitor, scored each epoch as holdout_mae (a record only)
     holdout_labels: str = ""
     holdout_monitor: bool = True
+    # the holdout ids ARE the validation set (they pick best.ckpt, logged as val_mae); every other id trains
+    # and val_fraction/folds are not used. Needs holdout_labels
+    val_from_holdout: bool = False
+    # train on N of the training images (0: all): stratified by sex and age band, seeded by `seed`, nested
+    # (with one seed, the 500 images of train_limit=500 are among the 2,000 of train_limit=2000)
+    train_limit: int = Field(0, ge=0)
+    # images drawn per training epoch (0: one pass over the training set); more than the set repeats it,
+    # reshuffled each pass, so runs on subsets of different sizes get the same steps and validations
+    epoch_images: int = Field(0, ge=0)
     cache_dir: str = ".cache/boneage"  # preprocessed images are stored here, keyed by the preprocess settings
     num_workers: int = Field(2, ge=0)
     # shard cache (boneage.cache): compact checksummed shards that hold the labels too

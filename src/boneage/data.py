@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from boneage.config import Config, DataConfig, TrainConfig, TrainerConfig
 from boneage.errors import BoneAgeInputError
@@ -62,8 +63,27 @@ def split_indices(
     return np.sort(train), np.sort(val)
 
 
-def holdout_mask(labels: pd.DataFrame, csv: str | Path) -> np.ndarray:
-    """Rows of ``labels`` whose id is listed in ``csv`` (any RSNA layout; only its ids are read)."""
+def stratified_subset(labels: pd.DataFrame, idx: np.ndarray, n: int, seed: int = 42) -> np.ndarray:
+    """``n`` of the rows ``idx`` (sorted), stratified by sex and age band and seeded; nested: with one seed,
+    the subset for a smaller ``n`` lies inside the subset for a larger one (a learning curve adds images)."""
+    idx = np.asarray(idx)
+    if n <= 0 or n >= len(idx):
+        return np.sort(idx)
+    rng = np.random.default_rng(seed)
+    y = strata(labels.iloc[idx], 5)
+    # the k-th of a stratum's m shuffled members sits at (k + u) / m along [0, 1): the first n positions take
+    # each stratum in proportion to its size, and the order is the same for every n
+    position = np.empty(len(idx))
+    for stratum in np.unique(y):
+        members = np.flatnonzero(y == stratum)
+        rng.shuffle(members)
+        position[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    order = np.lexsort((rng.random(len(idx)), position))
+    return np.sort(idx[order[:n]])
+
+
+def holdout_ids(csv: str | Path) -> set[str]:
+    """The ids listed in ``csv`` (any RSNA layout; only its id column is read)."""
     p = Path(csv)
     if not p.is_file():
         raise BoneAgeInputError("holdout labels file not found", p)
@@ -74,8 +94,59 @@ def holdout_mask(labels: pd.DataFrame, csv: str | Path) -> np.ndarray:
     column = next((c for c in table.columns if c.strip().lower() in {"id", "case id", "image id"}), None)
     if column is None:
         raise BoneAgeInputError("holdout labels have no id column", p)
-    ids = set(table[column].astype(str).str.strip())
-    return labels["id"].astype(str).isin(ids).to_numpy()
+    return set(table[column].astype(str).str.strip())
+
+
+def holdout_mask(labels: pd.DataFrame, csv: str | Path) -> np.ndarray:
+    """Rows of ``labels`` whose id is listed in ``csv`` (any RSNA layout; only its ids are read)."""
+    return labels["id"].astype(str).isin(holdout_ids(csv)).to_numpy()
+
+
+def split_rows(labels: pd.DataFrame, d: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) rows of ``labels``: stratified by sex and age band; by patient when the source
+    knows patients (NIH, MURA), so follow-up films of a validation patient never appear in training."""
+    if "patient" in labels:
+        return group_split(labels["patient"], d.val_fraction, d.seed, d.folds, d.fold)
+    return split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows of a label table train, validate and are scored as the holdout (see :func:`select_rows`)."""
+
+    labels: pd.DataFrame  # rows in use: data.limit applied, holdout rows out (kept with val_from_holdout)
+    train_idx: np.ndarray  # rows of `labels`
+    val_idx: np.ndarray
+    holdout: pd.DataFrame | None  # the data.holdout_labels rows (None without holdout_labels)
+    monitor: bool  # `holdout` is scored each epoch as a second validation set (holdout_mae)
+
+
+def select_rows(labels: pd.DataFrame, d: DataConfig) -> Selection:
+    """The one id selection of every image cache: ``data.limit`` → holdout (``data.holdout_labels`` never
+    trains; with ``val_from_holdout`` it is the validation set) → train/validation split → ``train_limit``."""
+    if d.limit:
+        labels = labels.iloc[: d.limit]
+    labels = labels.reset_index(drop=True)
+    holdout, validation = None, None
+    if d.holdout_labels:
+        held = holdout_mask(labels, d.holdout_labels)
+        holdout = labels[held].reset_index(drop=True)
+        if d.val_from_holdout:
+            if not held.any():
+                raise BoneAgeInputError("none of the holdout ids is in data.labels", d.holdout_labels)
+            validation = held
+            log.info("validating on the %d images listed in %s", int(held.sum()), d.holdout_labels)
+        else:
+            labels = labels[~held].reset_index(drop=True)
+            log.info("held out %d images listed in %s", len(holdout), d.holdout_labels)
+    if validation is not None:
+        train_idx, val_idx = np.flatnonzero(~validation), np.flatnonzero(validation)
+    else:
+        train_idx, val_idx = split_rows(labels, d)
+    if d.train_limit:
+        train_idx = stratified_subset(labels, train_idx, d.train_limit, d.seed)
+    monitor = bool(d.holdout_monitor and holdout is not None and len(holdout) and validation is None)
+    return Selection(labels, train_idx, val_idx, holdout, monitor)
 
 
 def _preprocess_file(args: tuple[str, Preprocess]) -> np.ndarray:
@@ -205,10 +276,12 @@ class BoneAgeDataModule(L.LightningDataModule):
         self.progress = progress
         self.labels: pd.DataFrame | None = None
         self.holdout_labels: pd.DataFrame | None = None  # data.holdout_labels rows: never trained on
-        self.holdout_set: BoneAgeDataset | None = None  # scored each epoch when data.holdout_monitor
+        self.holdout_set: Dataset | None = None  # scored each epoch when data.holdout_monitor
         self.train_idx = self.val_idx = np.array([], dtype=int)
 
     def setup(self, stage: str | None = None) -> None:
+        """Labels → :func:`select_rows` (the same ids for either cache) → datasets from the .npy or shard
+        cache."""
         if self.labels is not None:
             return
         d = self.data
@@ -217,32 +290,28 @@ class BoneAgeDataModule(L.LightningDataModule):
             return
         if d.cache_format != "npy":
             raise BoneAgeInputError(f"unknown data.cache_format {d.cache_format!r} (npy or shards)")
-        labels = self.read_table()
-        if d.limit:
-            labels = labels.iloc[: d.limit].reset_index(drop=True)
+        sel = self._select(self.read_table())
         cache = ImageCache(d.cache_dir, Preprocess.from_config(self.preprocess))
-        if d.holdout_labels:
-            held = holdout_mask(labels, d.holdout_labels)
-            self.holdout_labels = labels[held].reset_index(drop=True)
-            labels = labels[~held].reset_index(drop=True)
-            log.info("held out %d images listed in %s", len(self.holdout_labels), d.holdout_labels)
-            if d.holdout_monitor and len(self.holdout_labels):
-                h = self.holdout_labels
-                self.holdout_set = BoneAgeDataset(
-                    cache.load(h, workers=max(1, d.num_workers), progress=self.progress),
-                    h["male"].astype(float),
-                    h["boneage"],
-                )
-        self.train_idx, self.val_idx = self.split(labels)
+
+        def dataset(rows: pd.DataFrame, images: np.ndarray | None = None) -> BoneAgeDataset:
+            if images is None:
+                images = cache.load(rows, workers=max(1, d.num_workers), progress=self.progress)
+            return BoneAgeDataset(images, rows["male"].astype(float), rows["boneage"])
+
+        if sel.monitor:
+            self.holdout_set = dataset(sel.holdout)
+        labels = sel.labels
         images = cache.load(labels, workers=max(1, d.num_workers), progress=self.progress)
+        self.train_set = dataset(labels.iloc[self.train_idx], images[self.train_idx])
+        self.val_set = dataset(labels.iloc[self.val_idx], images[self.val_idx])
         self.labels = labels
-        target, male = labels["boneage"], labels["male"].astype(float)
-        self.train_set = BoneAgeDataset(
-            images[self.train_idx], male.iloc[self.train_idx], target.iloc[self.train_idx]
-        )
-        self.val_set = BoneAgeDataset(
-            images[self.val_idx], male.iloc[self.val_idx], target.iloc[self.val_idx]
-        )
+
+    def _select(self, table: pd.DataFrame) -> Selection:
+        """The shared id selection; ``labels`` is set once the datasets exist (setup then counts as done)."""
+        sel = select_rows(table, self.data)
+        self.train_idx, self.val_idx = sel.train_idx, sel.val_idx
+        self.holdout_labels = sel.holdout
+        return sel
 
     def read_table(self) -> pd.DataFrame:
         """The tidy ``id, boneage, male, path`` table of ``data.source`` (RSNA, NIH or MURA)."""
@@ -251,23 +320,22 @@ class BoneAgeDataModule(L.LightningDataModule):
     def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Stratified by sex and age band; by patient when the source knows patients (NIH, MURA), so
         follow-up films of a validation patient never appear in training."""
-        d = self.data
-        if "patient" in labels:
-            return group_split(labels["patient"], d.val_fraction, d.seed, d.folds, d.fold)
-        return split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
+        return split_rows(labels, self.data)
 
     def _setup_shards(self) -> None:
         """``data.cache`` or ``data.cache_format: shards``: images (with ``data.cache`` also the labels) come
-        from a shard cache, built or updated first when needed (see ``boneage.cache.training_cache``)."""
+        from a shard cache, built or updated first when needed (see ``boneage.cache.training_cache``); the
+        rows are chosen exactly as for the .npy cache (holdout, split, train_limit)."""
         from boneage.cache import training_cache
 
-        d = self.data
-        cache, labels = training_cache(d, self.preprocess, progress=self.progress)
-        self.train_idx, self.val_idx = split_indices(labels, d.val_fraction, d.seed, d.folds, d.fold)
+        cache, table = training_cache(self.data, self.preprocess, progress=self.progress)
+        sel = self._select(table)
         decode = self.decode_mode(cache.format)
-        self.labels = labels
-        self.train_set = cache.dataset(labels.iloc[self.train_idx], decode)
-        self.val_set = cache.dataset(labels.iloc[self.val_idx], decode)
+        if sel.monitor:
+            self.holdout_set = cache.dataset(sel.holdout, decode)
+        self.train_set = cache.dataset(sel.labels.iloc[self.train_idx], decode)
+        self.val_set = cache.dataset(sel.labels.iloc[self.val_idx], decode)
+        self.labels = sel.labels
 
     def decode_mode(self, fmt: str) -> str:
         """Where shard images are decoded: ``device`` (the batch, after the transfer: nvJPEG on a GPU) or
@@ -324,6 +392,14 @@ class BoneAgeDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batch = self.batch_size
+        if self.data.epoch_images:  # a fixed epoch length: the set repeated (reshuffled each pass) or cut
+            return DataLoader(
+                self.train_set,
+                batch_size=batch,
+                sampler=RandomSampler(self.train_set, num_samples=self.data.epoch_images),
+                drop_last=self.data.epoch_images > batch,
+                **self._loader_options(self.train_set),
+            )
         return DataLoader(
             self.train_set,
             batch_size=batch,
@@ -359,6 +435,8 @@ def make_datamodule(
     """The data module for ``data.source``, checked before any image is read."""
     if data.source not in SOURCES:
         raise BoneAgeInputError(f"unknown data.source {data.source!r} ({', '.join(SOURCES)})")
+    if data.val_from_holdout and not data.holdout_labels:
+        raise BoneAgeInputError("data.val_from_holdout needs data.holdout_labels (the validation ids)")
     if data.source != "rsna" and (data.cache or data.cache_format != "npy"):
         raise BoneAgeInputError(
             f"data.source={data.source} uses the .npy image cache (data.cache_format=npy)"

@@ -385,6 +385,10 @@ REPORT_COLUMNS = [
     "test_mae",
     "wall_time_s",
     "status",
+    "size",
+    "train_images",
+    "last_val_mae",
+    "train_images_per_s",
 ]
 
 
@@ -436,10 +440,18 @@ def collect(
         status = variant_status(run, cfg)
         wall = summary.get("total_fit_seconds", summary.get("fit_seconds"))
         epochs, best = summary.get("epochs_completed", 0), summary.get("best_val_mae")
-        if not summary and (run / "metrics.csv").is_file():  # killed before its summary: what it logged
-            logged = pd.read_csv(run / "metrics.csv")
+        logged = _metrics(run)
+        if not summary and logged is not None:  # killed before its summary: what it logged
             epochs = len(logged)
             best = float(logged["val_mae"].min()) if logged["val_mae"].notna().any() else None
+        train_images = summary.get("train_images")
+        last_val = speed = None
+        if logged is not None and len(logged):
+            last_val = float(logged["val_mae"].iloc[-1]) if pd.notna(logged["val_mae"].iloc[-1]) else None
+            per_epoch = cfg.data.epoch_images or train_images
+            if per_epoch:
+                per_epoch = max(1, int(per_epoch) // cfg.train.batch_size) * cfg.train.batch_size  # drop_last
+                speed = _throughput(logged, cfg.finetune.head_epochs, per_epoch)
         rows.append(
             {
                 "experiment": exp.name,
@@ -453,9 +465,44 @@ def collect(
                 "test_mae": _test_mae(exp, run) if test else None,
                 "wall_time_s": wall,
                 "status": status,
+                "size": cfg.preprocess.size,
+                "train_images": train_images,
+                "last_val_mae": last_val,
+                "train_images_per_s": speed,
             }
         )
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+
+def _metrics(run: Path) -> Any:
+    """The run's metrics.csv (one row per epoch, across resumes), or None."""
+    import pandas as pd
+
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return None
+    try:
+        logged = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+    return logged if {"epoch", "val_mae", "elapsed_s"} <= set(logged.columns) else None
+
+
+def _throughput(logged: Any, head_epochs: int, per_epoch: int) -> float | None:
+    """Training images per second over the epochs of the last phase (fine-tuning, after ``head_epochs``),
+    from metrics.csv's ``elapsed_s`` (which counts on across resumes). Validation and checkpointing are in
+    that time; the first epoch also carries Lightning's start-up, so it is left out when there are more."""
+    rows = logged.reset_index(drop=True)
+    later = rows.index[rows["epoch"] >= head_epochs]
+    if len(later) == 0:
+        return None
+    first, last = int(later[0]), int(later[-1])
+    if first == 0 and last >= 1:
+        first = 1  # measure from the end of epoch 0
+    start = float(rows["elapsed_s"].iloc[first - 1]) if first >= 1 else 0.0
+    seconds = float(rows["elapsed_s"].iloc[last]) - start
+    epochs = last - first + 1
+    return epochs * per_epoch / seconds if seconds > 0 else None
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -464,6 +511,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _count(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{int(value):,}"
 
 
 def _duration(seconds: Any) -> str:
@@ -479,29 +532,33 @@ def report(
     runs_dir: str | Path = "runs",
     experiments_dir: str | Path | None = None,
     test: bool = True,
+    out: str | Path | None = None,
 ) -> Any:
-    """Write ``runs_dir/NAME/report.md``, ``report.csv`` and ``report.png`` (validation MAE per variant);
-    returns the table (pandas DataFrame)."""
+    """Write ``report.md``, ``report.csv`` and ``report.png`` (validation MAE per variant) into ``out``
+    (default ``runs_dir/NAME``, beside the runs); returns the table (pandas DataFrame)."""
     exp = load_experiment(name, experiments_dir)
     table = collect(exp, runs_dir=runs_dir, test=test)
-    out = Path(runs_dir) / exp.name
+    runs = Path(runs_dir) / exp.name
+    out = Path(out) if out is not None else runs
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "report.csv", index=False)
     has_test = table["test_mae"].notna().any()
-    header = ["variant", "init", "backbone", "layers", "epochs", "val MAE (months)"]
+    header = ["variant", "init", "backbone", "size", "layers", "train images", "epochs", "val MAE (months)"]
+    header += ["last-epoch val MAE"]
     header += ["test MAE (months)"] if has_test else []
-    header += ["wall time", "status"]
+    header += ["train img/s", "wall time", "status"]
     lines = [f"# Experiment `{exp.name}`", ""]
     if exp.description:
         lines += [exp.description, ""]
     if exp.base is not None:
-        lines += [f"Base config: `{exp.base}`; runs in `{out}/`.", ""]
+        lines += [f"Base config: `{exp.base}`; runs in `{runs}/`.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.itertuples(index=False):
         layers = str(row.layers) + (f" (head {row.head_epochs} ep)" if row.head_epochs else "")
-        cells = [row.variant, row.init, row.backbone, layers, str(row.epochs), _fmt(row.best_val_mae)]
+        cells = [row.variant, row.init, row.backbone, str(row.size), layers, _count(row.train_images)]
+        cells += [str(row.epochs), _fmt(row.best_val_mae), _fmt(row.last_val_mae)]
         cells += [_fmt(row.test_mae)] if has_test else []
-        cells += [_duration(row.wall_time_s), row.status]
+        cells += [_fmt(row.train_images_per_s, 1), _duration(row.wall_time_s), row.status]
         lines.append("| " + " | ".join(cells) + " |")
     done = table.dropna(subset=["best_val_mae"])
     if len(done):
@@ -510,7 +567,14 @@ def report(
             "",
             f"Best validation MAE: **{best['variant']}**, {float(best['best_val_mae']):.2f} months.",
         ]
-    lines += ["", "![validation MAE by variant](report.png)", ""]
+    lines += [
+        "",
+        "val MAE: the best epoch's (it picks best.ckpt); last-epoch val MAE: the final epoch's. train img/s: "
+        "training images per second over the last phase's epochs (validation included), from metrics.csv.",
+        "",
+        "![validation MAE by variant](report.png)",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     _bar_chart(table, out / "report.png", exp.name)
     return table

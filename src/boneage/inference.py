@@ -10,9 +10,7 @@ are converted on load.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
-from importlib import resources
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,37 @@ import numpy as np
 import torch
 
 from boneage.errors import BoneAgeInputError
-from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
 from boneage.models import BoneAgeNet, read_state_dict
 from boneage.ood import PREFIX as OOD_PREFIX
-from boneage.ood import FeatureDensity, image_checks
-from boneage.preprocess import Preprocess
+from boneage.ood import FeatureDensity
+from boneage.runtime import (
+    BUNDLED_NAME,
+    ONNX_EXPORT_VERSION,
+    ONNX_META_DIGEST,
+    ONNX_META_VERSION,
+    TTA_VIEWS,
+    BasePredictor,
+    Prediction,
+    bundled_model_path,
+    file_digest,
+    onnx_path_for,
+)
 from boneage.spec import ModelSpec, spec_from_record
 
-BUNDLED_NAME = "model.safetensors"
-
-# (horizontal flip, rotation in degrees, zoom): small, label-preserving views whose spread is the uncertainty
-TTA_VIEWS: list[tuple[bool, float, float]] = [
-    (False, 0.0, 1.0),
-    (True, 0.0, 1.0),
-    (False, 8.0, 1.0),
-    (False, -8.0, 1.0),
-    (False, 0.0, 0.92),
-    (True, 0.0, 1.08),
+__all__ = [
+    "BUNDLED_NAME",
+    "TTA_VIEWS",
+    "Prediction",
+    "Predictor",
+    "bundled_model_path",
+    "cached_onnx_export",
+    "export_bundle_onnx",
+    "export_onnx",
+    "normalize_sex",
+    "read_model_file",
+    "tta_batch",
 ]
-
-
-def bundled_model_path() -> Path:
-    return Path(str(resources.files("boneage") / "assets" / BUNDLED_NAME))
 
 
 def tta_batch(images: torch.Tensor, views: list[tuple[bool, float, float]]) -> torch.Tensor:
@@ -58,31 +64,6 @@ def tta_batch(images: torch.Tensor, views: list[tuple[bool, float, float]]) -> t
             x = KT.scale(x, torch.full((x.shape[0], 2), float(zoom), device=x.device))
         out.append(x)
     return torch.cat(out, 0)
-
-
-@dataclass
-class Prediction:
-    """A bone-age estimate for one radiograph, plus what the clinical layer needs to report it."""
-
-    source: str
-    sex: str
-    bone_age_months: float
-    uncertainty_months: float
-    views_months: list[float]
-    radiograph: Radiograph | None = None
-    image: np.ndarray | None = None  # the preprocessed uint8 input the model saw
-    warnings: list[str] = field(default_factory=list)
-    ood_score: float | None = None  # unusualness under the bundle's feature density (about 1: typical)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "sex": self.sex,
-            "bone_age_months": round(self.bone_age_months, 2),
-            "bone_age_years": round(self.bone_age_months / 12, 2),
-            "uncertainty_months": round(self.uncertainty_months, 2),
-            "warnings": list(self.warnings),
-        }
 
 
 def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, torch.Tensor]]:
@@ -119,8 +100,13 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, to
     return {"source": str(path)}, spec, state
 
 
-class Predictor:
-    """Model + preprocessing + TTA; ``runtime='onnx'`` runs the network through onnxruntime on the CPU."""
+class Predictor(BasePredictor):
+    """The torch engine: model + preprocessing + kornia TTA + hook-based Grad-CAM, for research and for
+    checking the ONNX engine; ``runtime='onnx'`` runs its network through onnxruntime on the CPU.
+
+    Grad-CAM hooks the network's modules while it runs, so this predictor is not thread-safe (the web app
+    serialises it); ``boneage.runtime.OnnxPredictor`` is.
+    """
 
     def __init__(
         self,
@@ -131,14 +117,10 @@ class Predictor:
         device: str = "cpu",
         tta: bool = True,
     ) -> None:
+        super().__init__(spec, meta, tta=tta)
         self.model = model.eval().to(device)
-        self.spec = spec
-        self.meta = meta or {}
         self.device = torch.device(device)
-        self.preprocess = Preprocess.from_config(spec.preprocess)
-        self.views = TTA_VIEWS if tta else TTA_VIEWS[:1]
         self.onnx_session: Any = None
-        self.ood: FeatureDensity | None = None  # the bundle's "is this a hand radiograph?" density
         self.weights_path: Path | None = None  # set by load(); keys the cached ONNX export
 
     # ---- loading -------------------------------------------------------------------------------------
@@ -174,9 +156,7 @@ class Predictor:
             import onnxruntime as ort
         except ImportError:
             if required:
-                raise BoneAgeInputError(
-                    "onnxruntime is not installed (pip install 'boneage[onnx]')"
-                ) from None
+                raise BoneAgeInputError("onnxruntime is not installed (pip install onnxruntime)") from None
             return False
         if path is None:
             path = self._exported_onnx()
@@ -187,43 +167,15 @@ class Predictor:
     def _exported_onnx(self) -> Path:
         """The ONNX graph of these weights, exported once and kept in the user cache (keyed by the weights
         file's hash and the torch version), so a CLI call or server start pays ~0.1 s instead of ~1.5 s."""
-        import hashlib
-        import os
         import tempfile
 
         source = self.weights_path
         if source is None or not Path(source).is_file():
             target = Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx"
             return export_onnx(self, target)
-        digest = hashlib.sha1(Path(source).read_bytes()).hexdigest()[:16]
-        root = Path(os.environ.get("BONEAGE_CACHE") or Path.home() / ".cache" / "boneage") / "onnx"
-        target = root / f"{digest}-torch{torch.__version__.split('+')[0]}-feat.onnx"
-        if target.is_file():
-            return target
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root)) / "model.onnx"
-        except OSError:  # read-only home: export to a temporary folder instead
-            return export_onnx(self, Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx")
-        export_onnx(self, tmp)
-        tmp.replace(target)  # atomic: a concurrent process never reads a half-written graph
-        tmp.parent.rmdir()
-        return target
+        return cached_onnx_export(source, self)
 
     # ---- prediction ----------------------------------------------------------------------------------
-    @property
-    def info(self) -> dict[str, Any]:
-        """Model facts for reports and the API: backbone, input size, validation MAE when known."""
-        facts = {k: v for k, v in self.meta.items() if k not in {"config", "spec"}}
-        facts.update({"backbone": self.spec.backbone, "input_size": self.spec.preprocess.size})
-        return facts
-
-    @property
-    def training_range(self) -> tuple[float, float] | None:
-        """The bone ages (months) the model was trained on, as its bundle records them."""
-        rng = self.meta.get("training_range_months")
-        return (float(rng[0]), float(rng[1])) if isinstance(rng, list | tuple) and len(rng) == 2 else None
-
     def _network(self, images: torch.Tensor, male: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(months (B,), pooled features (B, D)) from either runtime."""
         if self.onnx_session is not None:
@@ -234,118 +186,13 @@ class Predictor:
             months, feats = self.model.forward_with_features(images.to(self.device), male.to(self.device))
             return months.float().cpu().numpy(), feats.float().cpu().numpy()
 
-    def predict_arrays(
-        self, images: np.ndarray, male: np.ndarray, batch_size: int = 16, *, features: bool = False
-    ) -> tuple[np.ndarray, ...]:
-        """Preprocessed uint8 images (N, S, S) → (mean, spread, per-view) bone age in months, and with
-        ``features`` also the pooled features of the plain (first) view, for the OOD check."""
-        means, spreads, all_views, first_feats = [], [], [], []
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float().div_(255)
-            x = x.unsqueeze(1)
-            s = torch.as_tensor(np.asarray(male[start : start + batch_size], dtype=np.float32))
-            v = len(self.views)
-            months, feats = self._network(tta_batch(x, self.views), s.repeat(v))
-            out = months.reshape(v, -1)
-            means.append(out.mean(0))
-            spreads.append(out.std(0) if v > 1 else np.zeros(out.shape[1], dtype=np.float32))
-            all_views.append(out.T)
-            first_feats.append(feats[: out.shape[1]])
-        if not means:
-            empty = np.zeros(0, dtype=np.float32)
-            result: tuple[np.ndarray, ...] = (empty, empty, np.zeros((0, len(self.views)), dtype=np.float32))
-            return (*result, np.zeros((0, 0), np.float32)) if features else result
-        result = (np.concatenate(means), np.concatenate(spreads), np.concatenate(all_views))
-        return (*result, np.concatenate(first_feats)) if features else result
-
-    def ood_scores(self, images: np.ndarray, male: np.ndarray) -> np.ndarray:
-        """The OOD density's score per preprocessed image (NaN without a density in the bundle)."""
-        if self.ood is None:
-            return np.full(len(images), np.nan)
-        plain_views, self.views = self.views, self.views[:1]
-        try:
-            feats = self.predict_arrays(images, male, features=True)[3]
-        finally:
-            self.views = plain_views
-        return self.ood.score(feats)
-
-    def prepare(
-        self, image: str | Path | bytes | Radiograph, name: str | None = None
-    ) -> tuple[Radiograph, np.ndarray, list[str]]:
-        """Read and preprocess; a right hand (DICOM laterality R) is mirrored to look like the left."""
-        rad = image if isinstance(image, Radiograph) else read_radiograph(image, name=name)
-        pixels, warnings = rad.pixels, []
-        if rad.laterality == "R":
-            pixels = pixels[:, ::-1]
-            warnings.append("right hand (DICOM laterality R) mirrored to match the left-hand training data")
-        return rad, self.preprocess(pixels), warnings
-
-    def predict(
-        self,
-        image: str | Path | bytes | Radiograph,
-        sex: str | bool | None = None,
-        *,
-        name: str | None = None,
-    ) -> Prediction:
-        """Bone age of one radiograph; ``sex`` may come from the DICOM header, and a given flag wins."""
-        rad, prepared, warnings = self.prepare(image, name=name)
-        given = normalize_sex(sex, rad.source)
-        header = rad.sex
-        if given and header and given != header:
-            warnings.append(f"sex given as {given} but the DICOM header says {header}; using {given}")
-        final = given or header
-        if final is None:
-            raise BoneAgeInputError(
-                "sex is required (--sex female|male) and the file does not state it", rad.source
-            )
-        mean, spread, views, feats = self.predict_arrays(
-            prepared[None], np.array([final == "male"]), features=True
-        )
-        ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
-        self.check_distribution(prepared, ood_score, rad.source)
-        pred = Prediction(
-            rad.source,
-            final,
-            float(mean[0]),
-            float(spread[0]),
-            [float(v) for v in views[0]],
-            radiograph=rad,
-            image=prepared,
-            warnings=warnings,
-            ood_score=ood_score,
-        )
-        pred.warnings += self.plausibility_warnings(pred)
-        return pred
-
-    def check_distribution(self, prepared: np.ndarray, ood_score: float | None, source: object) -> None:
-        """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would
-        look confident and normal and mean nothing (see ``boneage.ood``)."""
-        reasons = image_checks(prepared)
-        if ood_score is not None and self.ood is not None and ood_score > self.ood.threshold:
-            reasons.append(
-                f"its image features are far from those of the training radiographs (unusualness "
-                f"{ood_score:.1f}, limit {self.ood.threshold:.1f})"
-            )
-        if reasons:
-            raise BoneAgeInputError(
-                "does not look like a PA left-hand radiograph like those the model was trained on ("
-                + "; ".join(reasons)
-                + "); no bone age estimated",
-                source,
-            )
-
-    def plausibility_warnings(self, pred: Prediction) -> list[str]:
-        """Flags for an input unlike a hand radiograph: the views disagree far more than on real hands."""
-        out = []
-        limit = float(self.meta.get("tta_spread_p99_months", 12.0))
-        if pred.uncertainty_months > limit:
-            out.append(
-                f"the prediction is unstable across test-time views (±{pred.uncertainty_months:.1f} months, "
-                f"more than {limit:.1f} seen on 99% of training radiographs): is this a left-hand radiograph?"
-            )
-        if not math.isfinite(pred.bone_age_months):
-            out.append("the model returned no finite prediction")
-        return out
+    def _forward_views(
+        self, images: np.ndarray, male: np.ndarray, views: list[tuple[bool, float, float]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        s = torch.from_numpy(np.ascontiguousarray(male, dtype=np.float32))
+        months, feats = self._network(tta_batch(x, views), s.repeat(len(views)))
+        return months, feats, None
 
     def heatmap(self, pred: Prediction) -> np.ndarray:
         """Grad-CAM over the last feature stage: where the network looked (float (S, S) in [0, 1])."""
@@ -372,36 +219,201 @@ class Predictor:
         return np.asarray(grayscale[0], dtype=np.float32)
 
 
-def export_onnx(predictor: Predictor, path: str | Path, opset: int = 17) -> Path:
-    """The network (image, male) → (months, pooled features) as ONNX with a dynamic batch axis; TTA and
-    the OOD density stay in Python."""
+def _activation_grad(act: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor | None:
+    """d act(x) / dx at ``pre`` for the activations EfficientNet-style heads use (autograd's convention:
+    ReLU's gradient is 0 at 0, ReLU6's is 0 at 0 and 6); None for any other activation."""
+    if isinstance(act, torch.nn.ReLU6) or (isinstance(act, torch.nn.Hardtanh) and (act.min_val, act.max_val)
+                                            == (0.0, 6.0)):
+        return ((pre > 0) & (pre < 6)).to(pre.dtype)
+    if isinstance(act, torch.nn.ReLU):
+        return (pre > 0).to(pre.dtype)
+    if isinstance(act, torch.nn.SiLU):
+        sig = torch.sigmoid(pre)
+        return sig * (1 + pre * (1 - sig))
+    if isinstance(act, torch.nn.Identity):
+        return torch.ones_like(pre)
+    return None
+
+
+def cam_supported(net: BoneAgeNet) -> bool:
+    """Whether Grad-CAM can be written into the graph: an EfficientNet-family backbone (stem, blocks, 1x1
+    ``conv_head``, BatchNormAct ``bn2``, average pooling) whose Grad-CAM layer is its last block."""
+    b = net.backbone
+    if not all(hasattr(b, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+        return False
+    conv = b.conv_head
+    if not isinstance(conv, torch.nn.Conv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
+        return False
+    if not isinstance(b.bn2, torch.nn.BatchNorm2d) or getattr(b.global_pool, "pool_type", "") != "avg":
+        return False
+    if b.feature_info[-1]["module"] != f"blocks.{len(b.blocks) - 1}":
+        return False
+    act = getattr(b.bn2, "act", torch.nn.Identity())
+    return _activation_grad(act, torch.zeros(1)) is not None
+
+
+class _ExportGraph(torch.nn.Module):
+    """(image, male) → (months, pooled features[, Grad-CAM's weighted activations]) for export.
+
+    Grad-CAM's channel weights are the spatial mean of d months / d A, A the last block's output. Through
+    global average pooling, the dense head, BatchNorm and a 1x1 convolution that gradient is a closed form:
+    g = age_std · W_out · diag(ReLU'(head)) · W_hidden (per pooled channel), times act'(bn(conv(A))) and the
+    BatchNorm scale per pixel, mapped back through the 1x1 convolution's weights. Written as tensor maths it
+    exports like any other layer: the heatmap needs no hooks, no backward pass and no lock.
+    """
+
+    def __init__(self, net: BoneAgeNet, cam: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.cam = cam
+
+    def forward(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        net = self.net
+        if not self.cam:
+            return net.forward_with_features(image, male)
+        b = net.backbone
+        x = (image - net.pixel_mean) / net.pixel_std
+        if net.in_chans > 1:
+            x = x.expand(-1, net.in_chans, -1, -1)
+        a = b.blocks(b.bn1(b.conv_stem(x)))  # the Grad-CAM layer's output
+        bn = b.bn2
+        pre = torch.nn.functional.batch_norm(
+            b.conv_head(a), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+        )
+        act = getattr(bn, "act", torch.nn.Identity())
+        act_grad = _activation_grad(act, pre)
+        feats = b.forward_head(act(pre.clone()))
+        hidden = torch.cat([feats, net.sex(male.reshape(-1, 1).to(feats.dtype))], dim=1)
+        pres = []
+        for layer in net.head.hidden:
+            pres.append(layer(hidden))
+            hidden = torch.relu(pres[-1])
+        z = net.head.out(hidden).squeeze(1)
+        months = z.float() * net.age_std + net.age_mean
+        grad = net.head.out.weight.expand(z.shape[0], -1)
+        for layer, p in zip(reversed(list(net.head.hidden)), reversed(pres), strict=True):
+            grad = (grad * (p > 0).to(grad.dtype)) @ layer.weight
+        grad = grad[:, : feats.shape[1]] * net.age_std
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.weight is not None else 1.0
+        d_pre = act_grad * (grad * scale)[:, :, None, None]  # up to the constant 1/(h·w) of the pooling
+        alpha = d_pre.mean(dim=(2, 3)) @ b.conv_head.weight.flatten(1)  # (B, C of A)
+        cam = (alpha[:, :, None, None] * a).sum(1)
+        return months, feats, cam
+
+
+_export = torch.onnx.export
+
+
+def _compact_fp16(path: Path) -> None:
+    """Store every fp32 initializer that fp16 holds exactly (a bundle's upcast fp16 weights) as fp16 plus a
+    Cast node, which ONNX Runtime folds at load: the graph is half the size and numerically identical."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    casts, keep = [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            keep.append(init)
+            continue
+        arr = numpy_helper.to_array(init)
+        half = arr.astype(np.float16)
+        if arr.size < 16 or not np.array_equal(half.astype(np.float32), arr):
+            keep.append(init)
+            continue
+        name16 = f"{init.name}__fp16"
+        keep.append(numpy_helper.from_array(half, name16))
+        casts.append(helper.make_node("Cast", [name16], [init.name], to=onnx.TensorProto.FLOAT))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.save(model, str(path))
+
+
+def export_onnx(
+    predictor: Predictor,
+    path: str | Path,
+    opset: int = 17,
+    *,
+    heatmap: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """The network (image, male) → (bone_age_months, features[, cam]) as ONNX with a dynamic batch axis;
+    TTA, the OOD density and the heatmap's resizing stay in Python. BatchNorm is kept as its own node (not
+    folded into the convolutions) so the weights stay the bundle's fp16 values and are stored as such."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = predictor.spec.preprocess.size
     net = predictor.model.float().eval().cpu()
-
-    class _WithFeatures(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.net.forward_with_features(image, male)
-
+    cam = heatmap and cam_supported(net)
+    graph = _ExportGraph(net, cam).eval()
     dummy = (torch.rand(2, 1, size, size), torch.tensor([0.0, 1.0]))
-    torch.onnx.export(
-        _WithFeatures(),
-        dummy,
-        str(out),
-        input_names=["image", "male"],
-        output_names=["bone_age_months", "features"],
-        dynamic_axes={
-            "image": {0: "batch"},
-            "male": {0: "batch"},
-            "bone_age_months": {0: "batch"},
-            "features": {0: "batch"},
-        },
-        opset_version=opset,
-        dynamo=False,
-    )
+    if cam:  # the rewritten forward must give the network's own answer
+        with torch.no_grad():
+            ref = net.forward_with_features(*dummy)[0]
+            got = graph(*dummy)[0]
+        if not torch.allclose(ref, got, atol=1e-3, rtol=1e-4):
+            raise RuntimeError("in-graph Grad-CAM forward does not reproduce the network's output")
+    names = ["bone_age_months", "features", *(["cam"] if cam else [])]
+    tmp = out.with_name(f".{out.name}.tmp")
+    with warnings.catch_warnings():  # PRESERVE + constant folding: fine in eval mode, torch warns anyway
+        warnings.simplefilter("ignore", UserWarning)
+        _export(
+            graph,
+            dummy,
+            str(tmp),
+            input_names=["image", "male"],
+            output_names=names,
+            dynamic_axes={"image": {0: "batch"}, "male": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+            opset_version=opset,
+            training=torch.onnx.TrainingMode.PRESERVE,  # eval mode, BatchNorm not folded (see above)
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    _compact_fp16(tmp)
+    if metadata:
+        import onnx
+
+        model = onnx.load(str(tmp))
+        onnx.helper.set_model_props(model, dict(metadata))
+        onnx.save(model, str(tmp))
+    tmp.replace(out)  # atomic: a concurrent reader never sees a half-written graph
     return out
+
+
+def export_bundle_onnx(weights: str | Path, out: str | Path | None = None) -> Path:
+    """The ``.onnx`` that ships beside a bundle (default: same name, ``.onnx``), exported from the bundle's
+    own upcast weights and stamped with their digest, so ``boneage.runtime`` can tell a stale graph."""
+    src = Path(weights)
+    predictor = Predictor.load(src, tta=False, runtime="torch")
+    meta = {ONNX_META_DIGEST: file_digest(src), ONNX_META_VERSION: ONNX_EXPORT_VERSION}
+    return export_onnx(predictor, out or onnx_path_for(src), metadata=meta)
+
+
+def cached_onnx_export(weights: str | Path, predictor: Predictor | None = None) -> Path:
+    """The ONNX graph of a weights file, exported once into the user cache (keyed by the file's hash, the
+    export version and the torch version), for checkpoints and bundles without a current ``.onnx``."""
+    import os
+    import tempfile
+
+    source = Path(weights)
+    digest = file_digest(source)[:16]
+    root = Path(os.environ.get("BONEAGE_CACHE") or Path.home() / ".cache" / "boneage") / "onnx"
+    target = root / f"{digest}-torch{torch.__version__.split('+')[0]}-v{ONNX_EXPORT_VERSION}.onnx"
+    if target.is_file():
+        return target
+    model = predictor or Predictor.load(source, tta=False, runtime="torch")
+    meta = {ONNX_META_DIGEST: file_digest(source), ONNX_META_VERSION: ONNX_EXPORT_VERSION}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root)) / "model.onnx"
+    except OSError:  # read-only home: export to a temporary folder instead
+        fallback = Path(tempfile.mkdtemp(prefix="boneage-onnx-")) / "model.onnx"
+        return export_onnx(model, fallback, metadata=meta)
+    export_onnx(model, tmp, metadata=meta)
+    tmp.replace(target)  # atomic: a concurrent process never reads a half-written graph
+    tmp.parent.rmdir()
+    return target

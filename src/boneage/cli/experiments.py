@@ -89,11 +89,14 @@ def report_command(
     runs_dir: Annotated[Path, typer.Option(help="folder holding NAME/VARIANT runs")] = Path("runs"),
     experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
     test: Annotated[bool, typer.Option(help="evaluate best.ckpt on the experiment's test set")] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="write the report here (default RUNS_DIR/NAME), e.g. docs/results/X")
+    ] = None,
 ) -> None:
-    """Write RUNS_DIR/NAME/report.md, report.csv and report.png from the variants' run folders."""
+    """Write report.md, report.csv and report.png (into RUNS_DIR/NAME, or --out) from the variants' runs."""
     exp = load_experiment(name, experiments_dir)
-    report(exp, runs_dir=runs_dir, test=test)
-    typer.echo((Path(runs_dir) / exp.name / "report.md").read_text())
+    report(exp, runs_dir=runs_dir, test=test, out=out)
+    typer.echo(((out or Path(runs_dir) / exp.name) / "report.md").read_text())
 
 
 @exit_on_user_error

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from boneage.cli._common import err, exit_on_user_error, out
 from boneage.errors import BoneAgeInputError
@@ -26,8 +27,17 @@ app = typer.Typer(
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+ENGINE_HELP = "onnx (ONNX Runtime, no torch), torch (the research Predictor), or auto (onnx when installed)"
+RUNTIME_HELP = "torch engine only: where its network runs (torch, onnx or auto); implies --engine torch"
 
 
+def _load_predictor(checkpoint: Path | None, engine: str, runtime: str | None, *, tta: bool) -> Any:
+    """The predictor of ``--engine`` (``--runtime``, the torch engine's older option, implies torch)."""
+    from boneage.runtime import load_predictor
+
+    if runtime is not None and engine == "auto":
+        engine = "torch"
+    return load_predictor(checkpoint, engine=engine, tta=tta, runtime=runtime or "auto")
 
 
 @app.command()
@@ -61,13 +71,13 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object")] = False,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="reuse/keep preprocessed images here")] = None,
-    runtime: Annotated[str, typer.Option(help="torch, onnx or auto (onnxruntime when installed)")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
 ) -> None:
     """MAE, RMSE, median AE, MAE by sex and 2-year age band of a model on a labelled folder."""
     from boneage.evaluation import evaluate_folder, plot_predictions
-    from boneage.inference import Predictor
 
-    predictor = Predictor.load(checkpoint, tta=tta, runtime=runtime)
+    predictor = _load_predictor(checkpoint, engine, runtime, tta=tta)
     report = evaluate_folder(predictor, images, labels, cache_dir=cache_dir, progress=not as_json)
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -270,16 +280,15 @@ def predict(
     sex_from: Annotated[Path | None, typer.Option(help="batch: CSV giving each image id's sex")] = None,
     heatmap: Annotated[bool, typer.Option(help="compute the Grad-CAM heatmap (for --report)")] = True,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
-    runtime: Annotated[str, typer.Option(help="torch, onnx or auto (onnxruntime when installed)")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
 ) -> None:
     """Bone age (months, years), SD score against Greulich & Pyle, uncertainty, heatmap and report."""
     from rich.progress import Progress
 
     from boneage.assessment import assess_image, write_report
     from boneage.clinical import parse_age
-    from boneage.inference import Predictor
     from boneage.labels import parse_sex
-    from boneage.report import report_names
 
     # Everything a user can get wrong is checked before the model loads and before any image is decoded.
     given_sex = parse_sex(sex, "--sex")  # the documented spellings only: `--sex 1` is not an answer
@@ -294,8 +303,12 @@ def predict(
     sexes = _sex_table(sex_from) if sex_from else {}
     results = _BatchCSV(out_csv) if out_csv else None
     todo = [p for p in files if not (results and results.done(str(p)))]
-    names = report_names(files) if report else {}
-    predictor = Predictor.load(checkpoint, tta=tta, runtime=runtime)
+    names: dict[str, str] = {}
+    if report:
+        from boneage.report import report_names
+
+        names = report_names(files)
+    predictor = _load_predictor(checkpoint, engine, runtime, tta=tta)
     batch = len(files) > 1 or out_csv is not None
     failures = 0
     with contextlib.ExitStack() as stack:
@@ -316,7 +329,7 @@ def predict(
             except BoneAgeInputError as exc:
                 failures += 1
                 row["error"] = str(exc)
-                err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             else:
                 a = result.assessment
                 row.update(
@@ -342,7 +355,8 @@ def predict(
                         failures += 1
                         problem = _os_problem(exc) if isinstance(exc, OSError) else _one_line(exc)
                         row["error"] = f"{path}: report not written in {report} ({problem})"
-                        err.print(f"[red]error:[/red] {row['error']}", highlight=False, soft_wrap=True)
+                        line = escape(row["error"])
+                        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
             if results:
                 results.add(row)
             bar.advance(task)
@@ -390,11 +404,16 @@ def export(
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
 ) -> None:
     """Export the network to ONNX for onnxruntime (dynamic batch; TTA stays in the caller)."""
-    from boneage.inference import Predictor, export_onnx
+    from boneage.inference import Predictor, export_bundle_onnx, export_onnx
+    from boneage.runtime import bundled_model_path
 
     if fmt != "onnx":
         raise BoneAgeInputError(f"unknown export format {fmt!r} (onnx)")
-    export_onnx(Predictor.load(checkpoint), out_path)
+    source = checkpoint or bundled_model_path()
+    if source.suffix == ".safetensors":  # stamped with the bundle's digest: the onnx engine can use it
+        export_bundle_onnx(source, out_path)
+    else:
+        export_onnx(Predictor.load(checkpoint), out_path)
     out.print(f"wrote {out_path}")
 
 
@@ -412,12 +431,13 @@ def bundle(
     ] = None,
 ) -> None:
     """Turn a training checkpoint into the bundled-model format (fp16 safetensors + model spec + measured
-    facts: held-out MAE in both geometries, TTA-spread threshold, training range)."""
+    facts: held-out MAE in both geometries, TTA-spread threshold, training range) plus the ONNX graph of
+    the same weights beside it (same name, .onnx)."""
     from boneage.bundle import convert_bundle, make_bundle
 
     if convert is not None:
         path = convert_bundle(convert, out_path)
-        out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        out.print(f"wrote {path} and {path.with_suffix('.onnx').name} ({_sizes(path)})")
         return
     if checkpoint is None:
         raise BoneAgeInputError("pass --checkpoint CKPT (or --convert OLD_BUNDLE)")
@@ -430,7 +450,13 @@ def bundle(
     )
     meta.pop("_predictions", None)
     print(json.dumps(meta, indent=2))
-    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    out.print(f"wrote {path} and {path.with_suffix('.onnx').name} ({_sizes(path)})")
+
+
+def _sizes(path: Path) -> str:
+    onnx = path.with_suffix(".onnx")
+    a, b = path.stat().st_size / 1e6, onnx.stat().st_size / 1e6 if onnx.is_file() else 0.0
+    return f"{a:.1f} + {b:.1f} = {a + b:.1f} MB"
 
 
 @app.command()
@@ -439,8 +465,10 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    workers: Annotated[int, typer.Option(help="inference worker threads (default: one per CPU core)")] = 0,
 ) -> None:
     """Start the web page and REST API (FastAPI + uvicorn)."""
     from boneage.web import serve as run_server
 
-    run_server(host=host, port=port, checkpoint=checkpoint)
+    run_server(host=host, port=port, checkpoint=checkpoint, engine=engine, workers=workers or None)
