@@ -73,6 +73,8 @@ def main() -> None:
     preds = facts.pop("_predictions", None)
     summary = json.loads((args.run_dir / "summary.json").read_text())
     facts["bundle_bytes"] = path.stat().st_size
+    onnx_file = path.with_suffix(".onnx")
+    facts["onnx_bytes"] = onnx_file.stat().st_size if onnx_file.is_file() else None
     facts["bundle_seconds"] = round(time.perf_counter() - started, 1)
     facts["training_wall_seconds"] = summary.get("total_fit_seconds")
     facts["epochs_completed"] = summary.get("epochs_completed")

@@ -37,6 +37,7 @@ DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 class Tally:
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    refused: int = 0  # 422 "does not look like a PA left-hand radiograph": the OOD check answering
     unfinished: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -88,6 +89,8 @@ def client_loop(url: str, images: list[tuple[str, bytes, str]], tickets: itertoo
             with tally.lock:
                 if ok:
                     tally.latencies_ms.append(elapsed)
+                elif response.status_code == 422 and "does not look like" in response.text:
+                    tally.refused += 1
                 else:
                     tally.errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
 
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in summaries:
             ratio = s["throughput"] / base["throughput"] if base["throughput"] else float("nan")
             print(f"  {s['engine']:<6} {s['throughput']:.2f} requests/s (x{ratio:.2f} the first), "
-                  f"p95 {s['p95_ms']:.0f} ms, {s['errors']} errors")
+                  f"p95 {s['p95_ms']:.0f} ms, {s['errors']} errors, {s['refused']} refused (OOD)")
     return status
 
 
@@ -153,7 +156,7 @@ def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], e
         wall = time.monotonic() - start
 
     done = len(tally.latencies_ms)
-    attempted = done + len(tally.errors) + tally.unfinished
+    attempted = done + len(tally.errors) + tally.unfinished + tally.refused
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     print(f"boneage web API load test: {engine} engine")
     print(f"  machine      {machine}")
@@ -162,8 +165,9 @@ def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], e
     print(f"  load         {args.clients} clients, {args.requests} requests max, "
           f"{args.time_limit:g} s limit, {args.workers} server workers, {len(images)} distinct radiographs")
     print(f"  warm-up      1 request in {warm_ms:.0f} ms (not counted)")
-    print(f"  completed    {done} ok, {len(tally.errors)} errors, {tally.unfinished} cut off at the time "
-          f"limit, {args.requests - attempted} not started, in {wall:.1f} s")
+    print(f"  completed    {done} ok, {tally.refused} refused by the OOD check (422), {len(tally.errors)} "
+          f"errors, {tally.unfinished} cut off at the time limit, {args.requests - attempted} not started, "
+          f"in {wall:.1f} s (throughput and latency count the ok requests)")
     if done:
         print(f"  throughput   {done / wall:.2f} requests/s")
         print(f"  latency      p50 {percentile(tally.latencies_ms, 50):.0f} ms, "
@@ -175,6 +179,7 @@ def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], e
         "throughput": done / wall if done else 0.0,
         "p95_ms": percentile(tally.latencies_ms, 95) if done else float("nan"),
         "errors": len(tally.errors),
+        "refused": tally.refused,
     }
     return (1 if tally.errors or not done else 0), summary
 

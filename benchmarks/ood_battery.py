@@ -3,10 +3,10 @@ radiographs, and its false-refusal rate on real held-out hands.
 
     python benchmarks/ood_battery.py --out docs/results/ood
 
-Every battery image is written to a PNG and sent through ``Predictor.predict`` (the path the CLI, batch and
-web use): "refused" means a one-line BoneAgeInputError, "warned" a warning on the prediction, "passed" a bone
-age with no caveat (a failure of the check). Real hands: the 1,001 held-out native-aspect radiographs of
-../shared/data/rsna-bone-age-sample (never trained on), scored with the same density.
+Every battery image is written to a PNG and sent through ``load_predictor().predict`` (the engine the CLI,
+batch and web use): "refused" means a one-line BoneAgeInputError, "warned" a warning on the prediction,
+"passed" a bone age with no caveat (a failure of the check). Real hands: the 1,001 held-out native-aspect
+radiographs of ../shared/data/rsna-bone-age-sample (never trained on), scored with the same density.
 """
 
 from __future__ import annotations
@@ -106,11 +106,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from boneage.errors import BoneAgeInputError
-    from boneage.inference import Predictor
     from boneage.labels import read_labels
+    from boneage.ood import rotation_ratios, turned
+    from boneage.runtime import load_predictor
 
-    predictor = Predictor.load(args.checkpoint)
-    plain = Predictor.load(args.checkpoint, tta=False)
+    # the engine `boneage predict` and the web app use by default
+    predictor = load_predictor(args.checkpoint)
+    plain = load_predictor(args.checkpoint, tta=False)
     assert predictor.ood is not None, "this bundle has no OOD density"
     labels = read_labels(SAMPLE / "labels.csv", SAMPLE / "images")
     rng = np.random.default_rng(0)
@@ -136,29 +138,40 @@ def main() -> None:
                 )
             except BoneAgeInputError as exc:
                 row.update(outcome="refused", detail=str(exc).split(": ", 1)[-1])
-                prepared = plain.prepare(path)[1]
-                row["ood_score"] = round(float(plain.ood_scores(prepared[None], np.array([False]))[0]), 2)
+                try:
+                    prepared = plain.prepare(path)[1]
+                except BoneAgeInputError:  # refused while reading (e.g. a blank frame): no features
+                    row["ood_score"] = float("nan")
+                else:
+                    score = plain.ood_scores(prepared[None], np.array([False]))[0]
+                    row["ood_score"] = round(float(score), 2)
             rows.append(row)
     table = pd.DataFrame(rows)
     # real held-out hands (never trained on): how many would be refused?
     images = np.stack([plain.prepare(p)[1] for p in labels["path"]])
-    scores = plain.ood_scores(images, labels["male"].to_numpy(bool))
-    flagged = int((scores > plain.ood.threshold).sum())
+    male = labels["male"].to_numpy(bool)
+    scores = plain.ood_scores(images, male)
+    ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
+    refused = scores > plain.ood.threshold
+    rotated = ~refused & (ratios > plain.ood.rotation_ratio)
+    flagged = int(refused.sum() + rotated.sum())
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "battery.csv", index=False)
-    pd.DataFrame({"id": labels["id"], "ood_score": np.round(scores, 4)}).to_csv(
-        args.out / "real_hands.csv", index=False
-    )
+    real = {"id": labels["id"], "ood_score": np.round(scores, 4), "rotation_ratio": np.round(ratios, 4)}
+    pd.DataFrame(real).to_csv(args.out / "real_hands.csv", index=False)
     summary = {
         "threshold": round(plain.ood.threshold, 3),
+        "rotation_ratio_limit": round(plain.ood.rotation_ratio, 3),
         "battery_images": len(table),
         "battery_refused": int((table["outcome"] == "refused").sum()),
         "battery_warned": int((table["outcome"] == "warned").sum()),
         "battery_passed": int((table["outcome"] == "passed").sum()),
         "passed_inputs": table.loc[table["outcome"] == "passed", "input"].tolist(),
         "real_hands": len(labels),
-        "real_hands_refused": flagged,
-        "real_hands_refused_rate": round(flagged / len(labels), 4),
+        "real_hands_refused": int(refused.sum()),
+        "real_hands_warned_rotated": int(rotated.sum()),
+        "real_hands_flagged": flagged,
+        "real_hands_flagged_rate": round(flagged / len(labels), 4),
         "real_hand_score_p50_p99_max": [round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)],
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -19,10 +19,13 @@ pytestmark = pytest.mark.integration
 def test_bundled_model_is_shipped_small_and_fp16() -> None:
     path = bundled_model_path()
     assert path.is_file(), "the package must ship src/boneage/assets/model.safetensors"
-    assert path.stat().st_size < 25 * 1024 * 1024
+    graph = path.with_suffix(".onnx")
+    assert graph.is_file(), "the light (ONNX) engine needs model.onnx beside the weights"
+    assert path.stat().st_size + graph.stat().st_size < 25 * 1024 * 1024
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["boneage"])
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "weight" in k}
+        assert "ood.threshold" in f.keys()  # the out-of-distribution density ships with the model
     assert dtypes == {"torch.float16"}
     for key in (
         "version",
@@ -65,15 +68,22 @@ def test_bundled_model_reproduces_its_held_out_mae(bundled: Predictor, native_re
 
 
 def test_native_and_squashed_copies_agree(bundled: Predictor, native_report, shared_299) -> None:
-    """The same child's radiograph as a clinic's native PNG and as the squashed 299 px training copy gives
-    nearly the same bone age: the squash geometry is applied the same way in both."""
-    ids = native_report.predictions["id"].tolist()[:150]
+    """The same 1,001 children as a clinic's native PNGs and as the squashed 299 px training copies: the
+    model card's single-view MAE in the training geometry is reproduced, and the two geometries' MAEs are
+    within the 0.5 months the bundled-model issue sets. Per image the two files differ more (JPEG q60 and
+    another resampler made the copies): the mean per-image difference stays well below the MAE."""
+    ids = set(native_report.predictions["id"])
     labels = read_labels(shared_299 / "labels.csv", shared_299 / "images")
     labels = labels[labels["id"].isin(ids)].reset_index(drop=True)
-    square = evaluate(bundled, labels, progress=False).predictions.set_index("id")["predicted"]
+    square_report = evaluate(bundled, labels, progress=False)
+    assert square_report.metrics["n"] == 1001
+    square_mae, native_mae = square_report.metrics["mae_months"], native_report.metrics["mae_months"]
+    assert square_mae == pytest.approx(bundled.meta["val_mae_no_tta_months"], abs=0.05)
+    assert abs(square_mae - native_mae) <= 0.5
+    square = square_report.predictions.set_index("id")["predicted"]
     native = native_report.predictions.set_index("id").loc[square.index, "predicted"]
     diff = float(np.mean(np.abs(native.to_numpy() - square.to_numpy())))
-    assert diff < 0.25 * native_report.metrics["mae_months"], diff
+    assert diff < 0.6 * native_mae, diff
 
 
 def test_bundled_model_predicts_a_real_radiograph(shared_sample) -> None:

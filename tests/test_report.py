@@ -228,3 +228,24 @@ def test_report_names_are_distinct_readable_and_stable() -> None:
     assert names["a/x.png"] == "x.png" and re.fullmatch(r"x\.png-[0-9a-f]{6}", names["b/x.png"])
     assert all(safe_stem(n) == n for n in names.values())  # write_html_report keeps them as they are
     assert report_names(paths[::-1])["d/case 2.png"] == names["d/case 2.png"]  # not order-dependent
+
+
+def test_chart_is_drawn_per_patient_and_safe_across_threads() -> None:
+    """The reference part is cached per thread and the patient blitted onto it: each chart shows its own
+    patient only, and charts drawn concurrently equal the ones drawn one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    cases = [
+        assess(60.0 + 12 * i, "male" if i % 2 else "female", 72.0 + 10 * i, uncertainty_months=4.0)
+        for i in range(8)
+    ]
+    serial = [sd_chart_png(a) for a in cases]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(sd_chart_png, cases))
+    assert parallel == serial
+    first, again = (np.asarray(_open_png(sd_chart_png(cases[0])).convert("RGB")) for _ in range(2))
+    assert (first == again).all()  # a previous patient's point never stays on the cached background
+    other = np.asarray(_open_png(serial[2]).convert("RGB"))
+    assert first.shape == other.shape and (first != other).any()

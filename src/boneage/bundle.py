@@ -27,7 +27,7 @@ from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor, export_bundle_onnx
 from boneage.labels import read_labels
-from boneage.ood import FeatureDensity
+from boneage.ood import FeatureDensity, rotation_ratios, turned
 from boneage.runs import git_commit
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ def fit_ood(plain: Predictor, dm: Any, n_train: int, cache: str | Path) -> Featu
     val = dm.val_set
     val_feats = plain.predict_arrays(val.images.numpy(), val.male.numpy() > 0.5, features=True)[3]
     density.calibrate(val_feats, OOD_QUANTILE, OOD_MARGIN)
+    # the orientation check: the same rule on the validation split's ratios (upright hands)
+    val_images, val_male = val.images.numpy(), val.male.numpy() > 0.5
+    turned_feats = plain.predict_arrays(turned(val_images), np.tile(val_male, 4), features=True)[3]
+    ratios = rotation_ratios(density.score(val_feats), density.score(turned_feats))
+    density.rotation_ratio = float(np.quantile(ratios, OOD_QUANTILE) * OOD_MARGIN)
     return density
 
 
@@ -176,6 +181,7 @@ def make_bundle(
         # the "unlike a hand" warning: 1.5 x the 99th percentile of the TTA spread on real validation hands
         "tta_spread_p99_months": round(float(np.percentile(spread, 99)) * 1.5, 2),
         "ood_threshold": round(predictor.ood.threshold, 3),
+        "ood_rotation_ratio": round(predictor.ood.rotation_ratio, 3),
         "ood_train_images": min(ood_train_images, len(dm.train_idx)),
         "ood_calibration": f"{OOD_MARGIN} x the {OOD_QUANTILE:.1%} quantile of the validation split's scores",
         "created": datetime.date.today().isoformat(),

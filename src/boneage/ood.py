@@ -27,6 +27,8 @@ class FeatureDensity:
     variances: np.ndarray  # (k,)
     residual_scale: float  # mean squared residual of the training features
     threshold: float = float("inf")  # scores above it: not a hand radiograph like the training ones
+    # score(image) / min score(image turned): above it the hand is probably rotated or upside down
+    rotation_ratio: float = float("inf")
 
     @classmethod
     def fit(cls, features: np.ndarray, components: int = 64) -> FeatureDensity:
@@ -65,6 +67,7 @@ class FeatureDensity:
             f"{PREFIX}variances": self.variances.astype(np.float32),
             f"{PREFIX}residual_scale": np.array([self.residual_scale], dtype=np.float32),
             f"{PREFIX}threshold": np.array([self.threshold], dtype=np.float32),
+            f"{PREFIX}rotation_ratio": np.array([self.rotation_ratio], dtype=np.float32),
         }
 
     @classmethod
@@ -75,7 +78,31 @@ class FeatureDensity:
             return None
         t = {n: np.asarray(tensors[f"{PREFIX}{n}"], dtype=np.float64) for n in names}
         scale, threshold = float(t["residual_scale"][0]), float(t["threshold"][0])
-        return cls(t["mean"], t["components"], t["variances"], scale, threshold)
+        ratio = tensors.get(f"{PREFIX}rotation_ratio")  # absent in bundles made before the check
+        rotation = float(np.asarray(ratio).reshape(-1)[0]) if ratio is not None else float("inf")
+        return cls(t["mean"], t["components"], t["variances"], scale, threshold, rotation)
+
+
+# An upright PA hand scores lowest as it is; a hand turned by 90/180/270 degrees or upside down has an
+# orientation (the one that undoes the turn) that scores much lower than the image as given. A rotated hand
+# stays hand-like enough to pass the density threshold, so the ratio is checked separately.
+ORIENTATIONS = {
+    "turned 90 degrees": lambda a: np.rot90(a, 1, axes=(-2, -1)),
+    "turned 180 degrees": lambda a: np.rot90(a, 2, axes=(-2, -1)),
+    "turned 270 degrees": lambda a: np.rot90(a, 3, axes=(-2, -1)),
+    "upside down": lambda a: a[..., ::-1, :],
+}
+
+
+def turned(images: np.ndarray) -> np.ndarray:
+    """(N, S, S) → (4N, S, S): every image in every other orientation, orientation-major."""
+    return np.ascontiguousarray(np.concatenate([f(images) for f in ORIENTATIONS.values()]))
+
+
+def rotation_ratios(scores: np.ndarray, turned_scores: np.ndarray) -> np.ndarray:
+    """score as given / the lowest score over the other orientations (``turned_scores`` from ``turned``)."""
+    best = np.asarray(turned_scores, dtype=np.float64).reshape(len(ORIENTATIONS), -1).min(0)
+    return np.asarray(scores, dtype=np.float64) / np.maximum(best, 1e-9)
 
 
 def image_checks(image: np.ndarray) -> list[str]:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import math
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,8 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _TEMPLATE = "report.html.j2"  # in boneage/templates, shipped as package data
 
 
-def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> bytes:
-    """Plot the patient against the ±2 SD band so the z-score can be seen, not just read.
-
-    The band is chronological age ± 2·SD(age) around the identity line, the same definition the SD score
-    uses; the Brush Foundation mean is drawn for context. Uses the object-oriented Agg API (no pyplot
-    state), so it is safe to call from a web server thread.
-    """
-    sex = assessment.sex
+def _chart_axes(sex: str, ylim: tuple[float, float], patient_label: str | None) -> tuple[Figure, Any]:
+    """The reference part of the SD chart: the ±2 SD band, the identity line and the Brush mean."""
     ages_y = np.linspace(0.0, _CHART_MAX_YEARS, 229)
     sds_y = np.array([reference_sd(a * 12.0, sex)[1] for a in ages_y]) / 12.0
     table = sd_table()
@@ -72,36 +67,10 @@ def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> byte
         marker=".",
         label=f"Brush Foundation mean ({sex})",
     )
-
-    bone_y = assessment.bone_age_months / 12.0
-    unc_y = (assessment.uncertainty_months or 0.0) / 12.0
-    if assessment.chronological_age_months is not None:
-        chron_y = assessment.chronological_age_months / 12.0
-        ax.errorbar(
-            [chron_y],
-            [bone_y],
-            yerr=[unc_y] if unc_y > 0 else None,
-            fmt="o",
-            color="#d62728",
-            ms=7,
-            capsize=4,
-            zorder=5,
-            label="patient",
-        )
-    else:
-        if unc_y > 0:
-            ax.axhspan(bone_y - unc_y, bone_y + unc_y, color="#d62728", alpha=0.15, lw=0)
-        ax.axhline(
-            bone_y,
-            color="#d62728",
-            lw=1.5,
-            label=f"predicted bone age {format_months(assessment.bone_age_months)} (no age given)",
-        )
-
-    top = max(_CHART_MAX_YEARS, bone_y + unc_y + 0.5)
-    bottom = min(0.0, bone_y - unc_y - 0.5)
+    if patient_label:  # legend entry only; the point itself is drawn per patient
+        ax.errorbar([], [], yerr=[], fmt="o", color=_PATIENT, ms=7, capsize=4, label=patient_label)
     ax.set_xlim(0.0, _CHART_MAX_YEARS)
-    ax.set_ylim(bottom, top)
+    ax.set_ylim(*ylim)
     ax.set_xlabel("chronological age (years)")
     ax.set_ylabel("bone age (years)")
     ax.set_title(f"Bone age vs chronological age — {sex}")
@@ -115,10 +84,91 @@ def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> byte
         color="#555555",
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig, ax
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    data = buffer.getvalue()
+
+_PATIENT = "#d62728"
+_STATIC_YLIM = (0.0, _CHART_MAX_YEARS)
+_chart_cache = threading.local()  # per thread: Agg canvases are not safe to share between threads
+
+
+def _static_chart(sex: str) -> tuple[Any, Any, Any, list[Any]]:
+    """The reference part rendered once per thread and sex, plus the patient artists to blit onto it: the
+    web app draws one chart per request, and a full matplotlib render cost most of a request's CPU."""
+    cache = _chart_cache.__dict__.setdefault("charts", {})
+    if sex not in cache:
+        from matplotlib.lines import Line2D
+
+        fig, ax = _chart_axes(sex, _STATIC_YLIM, "patient")
+        canvas = fig.canvas
+        canvas.draw()
+        background = canvas.copy_from_bbox(fig.bbox)
+        bar = Line2D([], [], color=_PATIENT, lw=1.5, zorder=5, animated=True)
+        caps = Line2D([], [], color=_PATIENT, marker="_", ms=8, mew=1.5, ls="none", zorder=5, animated=True)
+        point = Line2D([], [], color=_PATIENT, marker="o", ms=7, ls="none", zorder=6, animated=True)
+        for artist in (bar, caps, point):
+            ax.add_line(artist)
+        cache[sex] = (canvas, ax, background, [bar, caps, point])
+    return cache[sex]
+
+
+def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> bytes:
+    """Plot the patient against the ±2 SD band so the z-score can be seen, not just read.
+
+    The band is chronological age ± 2·SD(age) around the identity line, the same definition the SD score
+    uses; the Brush Foundation mean is drawn for context. Uses the object-oriented Agg API (no pyplot
+    state), so it is safe to call from a web server thread. A patient with a chronological age inside the
+    chart's range is blitted onto a cached rendering of the reference part; anything else is drawn in full.
+    """
+    sex = assessment.sex
+    bone_y = assessment.bone_age_months / 12.0
+    unc_y = (assessment.uncertainty_months or 0.0) / 12.0
+    chron = assessment.chronological_age_months
+    inside = bone_y - unc_y - 0.5 >= _STATIC_YLIM[0] and bone_y + unc_y + 0.5 <= _STATIC_YLIM[1]
+    if chron is not None and inside and 0.0 <= chron / 12.0 <= _CHART_MAX_YEARS:
+        canvas, ax, background, (bar, caps, point) = _static_chart(sex)
+        chron_y = chron / 12.0
+        canvas.restore_region(background)
+        bar.set_data([chron_y, chron_y], [bone_y - unc_y, bone_y + unc_y])
+        caps.set_data([chron_y, chron_y], [bone_y - unc_y, bone_y + unc_y])
+        point.set_data([chron_y], [bone_y])
+        for artist in (bar, caps, point) if unc_y > 0 else (point,):
+            ax.draw_artist(artist)
+        from PIL import Image
+
+        rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+        data = buffer.getvalue()
+    else:
+        top = max(_CHART_MAX_YEARS, bone_y + unc_y + 0.5)
+        bottom = min(0.0, bone_y - unc_y - 0.5)
+        label = None if chron is None else "patient"
+        fig, ax = _chart_axes(sex, (bottom, top), label)
+        if chron is not None:
+            ax.errorbar(
+                [chron / 12.0],
+                [bone_y],
+                yerr=[unc_y] if unc_y > 0 else None,
+                fmt="o",
+                color=_PATIENT,
+                ms=7,
+                capsize=4,
+                zorder=5,
+            )
+        else:
+            if unc_y > 0:
+                ax.axhspan(bone_y - unc_y, bone_y + unc_y, color=_PATIENT, alpha=0.15, lw=0)
+            ax.axhline(
+                bone_y,
+                color=_PATIENT,
+                lw=1.5,
+                label=f"predicted bone age {format_months(assessment.bone_age_months)} (no age given)",
+            )
+            ax.legend(loc="upper left", fontsize=8)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", metadata={"Software": None})
+        data = buffer.getvalue()
     if path is not None:
         Path(path).write_bytes(data)
     return data

@@ -29,7 +29,7 @@ from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
 from boneage.ood import PREFIX as OOD_PREFIX
-from boneage.ood import FeatureDensity, image_checks
+from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
 from boneage.preprocess import Preprocess
 from boneage.spec import ModelSpec, spec_from_record
 
@@ -312,6 +312,7 @@ class BasePredictor:
         )
         ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
         self.check_distribution(prepared, ood_score, rad.source)
+        warnings += self.orientation_warnings(prepared, final == "male", ood_score)
         pred = Prediction(
             rad.source,
             final,
@@ -326,6 +327,21 @@ class BasePredictor:
         )
         pred.warnings += self.plausibility_warnings(pred)
         return pred
+
+    def orientation_warnings(self, prepared: np.ndarray, male: bool, ood_score: float | None) -> list[str]:
+        """A hand turned by 90/180 degrees or upside down still looks like a hand to the density, but one
+        of its other orientations looks far more like the training radiographs (``boneage.ood``)."""
+        if self.ood is None or ood_score is None or not np.isfinite(self.ood.rotation_ratio):
+            return []
+        others = self.ood_scores(turned(prepared[None]), np.full(4, male))
+        ratio = float(rotation_ratios(np.array([ood_score]), others)[0])
+        if ratio <= self.ood.rotation_ratio:
+            return []
+        return [
+            "the hand looks rotated or upside down (it resembles the training radiographs far more when "
+            f"turned; ratio {ratio:.1f}, limit {self.ood.rotation_ratio:.1f}): check the orientation, the "
+            "bone age may be wrong"
+        ]
 
     def check_distribution(self, prepared: np.ndarray, ood_score: float | None, source: object) -> None:
         """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would

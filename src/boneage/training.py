@@ -335,7 +335,7 @@ class EpochMetrics(Callback):
             "val_mae": _num(m.get("val_mae")),
             "holdout_mae": _num(m.get("holdout_mae")),
             "lr": lr,
-            "elapsed_s": round(time.time() - self.start, 1),
+            "elapsed_s": round(time.time() - self.start, 3),
         }
         new = not self.path.exists()
         with self.path.open("a", newline="") as f:
