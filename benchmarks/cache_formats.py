@@ -1,30 +1,30 @@
-"""Image-cache formats side by side: the per-image .npy cache against the shard cache (raw and JPEG).
+"""Shard-cache image formats side by side (raw, JPEG, PNG).
 
-Why: the project has two preprocessed-image caches. ``boneage.data.ImageCache`` keeps one ``.npy`` per image
-under ``data.cache_dir`` and loads the whole set into one uint8 array before training (the loader then needs
-no workers); ``boneage.cache`` keeps a few checksummed shard files plus a manifest that carries the labels,
-memory-maps them and decodes per image in loader workers (or on the GPU with nvJPEG). A design issue asks
-for one image cache instead of two if the measurements show one serves both. This script measures, for the
+Why: the project had two preprocessed-image caches, a per-image ``.npy`` cache loaded into one uint8 array
+and ``boneage.cache`` (a few checksummed shard files plus a manifest that carries the labels, memory-mapped,
+decoded per image in loader workers or on the GPU with nvJPEG). A design issue asked for one image cache
+instead of two if the measurements showed one serves both; benchmarks/results/cache_formats.jsonl holds
+that comparison (raw shards: the same bytes as the .npy cache, loader far faster than training), so the
+.npy cache was removed and raw shards are the default. This script still measures, for the
 same N radiographs and the bundled model's preprocessing (squash 299 px frame → hand crop → percentile
 contrast → 256 px letterbox, as in configs/bundled-v0.2.yaml), per format:
 
 - build: wall time of a fresh build with 2 worker processes (sources read once beforehand, so every format
   starts from the same warm source files), and bytes on disk (every file of the cache folder);
 - setup: ``BoneAgeDataModule.setup()`` as ``boneage train`` runs it for that format, i.e. the whole set
-  loaded into what training consumes (the .npy cache: every file read into one array; the shard cache:
-  manifest, full sha256 check (``data.cache_verify``), memory maps), cold (the cache's files evicted from
+  loaded into what training consumes (manifest, full sha256 check (``data.cache_verify``), memory maps),
+  cold (the cache's files evicted from
   the page cache with posix_fadvise(DONTNEED) after an fsync, nothing else on the machine is touched; on a
   VM the host may still cache the disk, so cold means not in this machine's page cache) and
   warm (right after); both include reading and checking the whole label CSV (``labels_s``, the same for
   every format);
-- decode_all: every image read and decoded once in this process (shards only; the .npy set already is an
-  array after setup), the cost a first epoch pays lazily;
-- loader: images/s of ``dm.train_dataloader()`` (batch 32, ``num_workers`` from the config, so 0 for the
-  in-memory array and the config's 2 for shard decoding on the CPU), iterating batches and converting them
+- decode_all: every image read and decoded once in this process, the cost a first epoch pays lazily;
+- loader: images/s of ``dm.train_dataloader()`` (batch 32, the loader workers
+  ``BoneAgeDataModule`` picks for the format), iterating batches and converting them
   to float, without the network; --passes timed passes after --warmup untimed ones (worker start-up,
   torch's first conversions);
-- for lossy formats the abs pixel error (max, mean, p99, grey levels 0-255) against the .npy images; raw
-  shards are checked to be identical to them.
+- for lossy formats the abs pixel error (max, mean, p99, grey levels 0-255) against the lossless images
+  (the first of raw/png measured); the other lossless format is checked to be identical to them.
 
 One JSON line per format goes to stdout (and is appended to --out), then a plain table.
 
@@ -50,14 +50,14 @@ import torch
 
 from boneage.cache import ShardCache, auto_cache_path, build_cache, decode_batch
 from boneage.config import load_config
-from boneage.data import ImageCache, make_datamodule, to_float
+from boneage.data import make_datamodule, to_float
 from boneage.labels import read_labels
 from boneage.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "rsna-bone-age-299"
 CONFIG = REPO / "configs" / "bundled-v0.2.yaml"
-FORMATS = ("npy", "raw", "jpeg", "png")
+FORMATS = ("raw", "jpeg", "png")
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
@@ -85,9 +85,7 @@ def warm_sources(paths: list[str]) -> None:
                 pass
 
 
-def cache_folder(fmt: str, data_cfg: Any, pre_spec: Any, prep: Preprocess) -> Path:
-    if fmt == "npy":
-        return ImageCache(data_cfg.cache_dir, prep).dir
+def cache_folder(data_cfg: Any, pre_spec: Any) -> Path:
     return auto_cache_path(data_cfg, pre_spec)
 
 
@@ -132,7 +130,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000, help="the first N rows of labels.csv")
     ap.add_argument("--data", type=Path, default=DATA, help="folder with labels.csv and images/")
     ap.add_argument("--config", type=Path, default=CONFIG, help="preprocess, batch and num_workers from here")
-    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=["npy", "raw", "jpeg"])
+    ap.add_argument("--formats", nargs="+", choices=FORMATS, default=["raw", "jpeg"])
     ap.add_argument("--quality", type=int, default=0, help="JPEG quality (default: data.shard_quality)")
     ap.add_argument("--build-workers", type=int, default=2)
     ap.add_argument("--passes", type=int, default=2, help="timed passes of the training loader")
@@ -153,8 +151,6 @@ def main() -> None:
     start = time.perf_counter()
     read_labels(labels_csv, images_dir)
     labels_s = time.perf_counter() - start  # part of every setup time: the whole CSV is read, then cut
-    ids = table["id"].astype(str).to_numpy()
-    id_order = np.argsort(ids, kind="stable")
     made_root = args.root is None
     root = Path(tempfile.mkdtemp(prefix="cache-formats-")) if made_root else args.root
     root.mkdir(parents=True, exist_ok=True)
@@ -177,28 +173,23 @@ def main() -> None:
     reference: np.ndarray | None = None  # lossless images in id order
     try:
         for fmt in args.formats:
-            update = dict(common, cache_format="npy" if fmt == "npy" else "shards")
-            if fmt != "npy":
-                update.update(shard_format=fmt, shard_quality=quality)
+            update = dict(common, cache_format="shards", shard_format=fmt, shard_quality=quality)
             data_cfg = cfg.data.model_copy(update=update)
-            folder = cache_folder(fmt, data_cfg, cfg.preprocess, prep)
+            folder = cache_folder(data_cfg, cfg.preprocess)
             warm_sources(table["path"].astype(str).tolist())
             start = time.perf_counter()
-            if fmt == "npy":
-                built = ImageCache(root, prep).load(table, workers=args.build_workers, progress=False)
-            else:
-                report = build_cache(
-                    folder,
-                    prep,
-                    table,
-                    images_dir,
-                    fmt=fmt,
-                    quality=quality,
-                    workers=args.build_workers,
-                    progress=False,
-                )
-                if report.failed:
-                    raise SystemExit(f"{fmt}: {len(report.failed)} images failed, first {report.failed[0]}")
+            report = build_cache(
+                folder,
+                prep,
+                table,
+                images_dir,
+                fmt=fmt,
+                quality=quality,
+                workers=args.build_workers,
+                progress=False,
+            )
+            if report.failed:
+                raise SystemExit(f"{fmt}: {len(report.failed)} images failed, first {report.failed[0]}")
             build_s = time.perf_counter() - start
             disk, files = folder_bytes(folder)
             evict(folder)
@@ -227,12 +218,9 @@ def main() -> None:
                 "loader_workers": workers,
                 "batch": cfg.train.batch_size,
             }
-            if fmt == "npy":
-                images = built[id_order]
-            else:
-                row["decode_all_s"], images = decode_all(folder)
-                row["decode_all_s"] = round(row["decode_all_s"], 3)
-            if fmt in {"npy", "raw", "png"}:
+            row["decode_all_s"], images = decode_all(folder)
+            row["decode_all_s"] = round(row["decode_all_s"], 3)
+            if fmt in {"raw", "png"}:
                 if reference is None:
                     reference = images
                 else:
@@ -262,10 +250,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
         elif not args.keep:
             for fmt in args.formats:
-                data_cfg = cfg.data.model_copy(
-                    update=dict(common, shard_format=fmt if fmt != "npy" else "jpeg", shard_quality=quality)
-                )
-                folder = cache_folder(fmt, data_cfg, cfg.preprocess, prep)
+                data_cfg = cfg.data.model_copy(update=dict(common, shard_format=fmt, shard_quality=quality))
+                folder = cache_folder(data_cfg, cfg.preprocess)
                 shutil.rmtree(folder, ignore_errors=True)
                 Path(str(folder) + ".lock").unlink(missing_ok=True)
 

@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from boneage.augment import Augment
+from boneage.cache import cached_images
 from boneage.config import AugmentConfig
-from boneage.data import BoneAgeDataset, ImageCache, to_float
+from boneage.data import BoneAgeDataset, to_float
 from boneage.labels import read_labels
 from boneage.models import BoneAgeNet
 from boneage.preprocess import Preprocess
@@ -78,7 +79,7 @@ def main() -> None:
     labels = read_labels(DATA / "labels.csv", DATA / "images").iloc[: args.images].reset_index(drop=True)
     prep = Preprocess(size=cache_size, geometry="squash", squash_size=299)
     t0 = time.perf_counter()
-    images = ImageCache(".cache/boneage", prep).load(labels, workers=2, progress=False)
+    images = cached_images(".cache/boneage", prep, labels, workers=2, progress=False)
     print(f"# image cache {images.shape} ready in {time.perf_counter() - t0:.1f} s")
     ds = BoneAgeDataset(images, labels["male"].astype(float), labels["boneage"])
     augment = Augment(AugmentConfig())

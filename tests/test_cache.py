@@ -24,6 +24,7 @@ from boneage.cache import (
 from boneage.config import Config
 from boneage.data import datamodule_from_config
 from boneage.errors import BoneAgeInputError
+from boneage.io import read_radiograph
 from boneage.preprocess import Preprocess
 
 SIZE = 32
@@ -241,7 +242,7 @@ def test_cli_build_reads_preprocess_from_config_and_options(tmp_path: Path) -> N
 def _cache_config(cache: Path | None, tmp_path: Path, **data: object) -> Config:
     cfg = Config()
     cfg.data.images, cfg.data.labels = str(tmp_path / "images"), str(tmp_path / "labels-12.csv")
-    cfg.data.cache_dir = str(tmp_path / "npy")
+    cfg.data.cache_dir = str(tmp_path / "auto")
     cfg.data.cache = str(cache) if cache else ""
     cfg.data.num_workers = 0
     cfg.data.val_fraction = 0.25
@@ -256,22 +257,32 @@ def _items(dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignor
     return torch.stack(images).numpy(), torch.stack(male).numpy(), torch.stack(age).numpy()
 
 
+def _uncached(cfg: Config, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the datasets should yield for ``rows``, read and preprocessed directly from the files."""
+    prep = Preprocess.from_config(cfg.preprocess)
+    images = np.stack([prep(read_radiograph(path).pixels) for path in rows["path"]])[:, None]
+    return images, rows["male"].to_numpy(np.float32), rows["boneage"].to_numpy(np.float32)
+
+
 @pytest.mark.parametrize("fmt", ["png", "raw", "jpeg"])
 def test_samples_equal_the_uncached_path(tmp_path: Path, fmt: str) -> None:
-    """Lossless shards give exactly the .npy cache's images, splits and labels; JPEG is within q95's error."""
+    """Lossless shards give exactly the preprocessed files, the split of select_rows and the CSV's labels;
+    JPEG is within q95's error."""
+    from boneage.data import select_rows
+    from boneage.labels import read_labels
+
     _dataset(tmp_path, 12)
-    plain = datamodule_from_config(_cache_config(None, tmp_path), progress=False)
-    plain.setup("fit")
     cfg = _cache_config(None, tmp_path, cache_format="shards", shard_format=fmt, decode="worker")
+    sel = select_rows(read_labels(cfg.data.labels, cfg.data.images), cfg.data)
     shards = datamodule_from_config(cfg, progress=False)
     shards.setup("fit")
-    assert np.array_equal(plain.train_idx, shards.train_idx) and np.array_equal(plain.val_idx, shards.val_idx)
-    assert shards.target_stats == plain.target_stats
-    for a_set, b_set in ((plain.train_set, shards.train_set), (plain.val_set, shards.val_set)):
-        a, b = _items(a_set), _items(b_set)
+    assert np.array_equal(sel.train_idx, shards.train_idx) and np.array_equal(sel.val_idx, shards.val_idx)
+    for idx, b_set in ((sel.train_idx, shards.train_set), (sel.val_idx, shards.val_set)):
+        a, b = _uncached(cfg, sel.labels.iloc[idx]), _items(b_set)
         assert a[0].shape == b[0].shape and b[0].dtype == np.uint8
         np.testing.assert_array_equal(a[1], b[1])
         np.testing.assert_array_equal(a[2], b[2])
+        np.testing.assert_array_equal(b_set.array(), b[0][:, 0])
         if fmt == "jpeg":
             diff = np.abs(a[0].astype(int) - b[0].astype(int))
             assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+import boneage.cache as cache_mod
 import boneage.data as data_mod
-from boneage.cache import ShardCache, ShardDataset
-from boneage.data import BoneAgeDataset, ImageCache, split_indices, strata, to_float
+from boneage.cache import ShardCache, ShardDataset, cached_images, shard_cache_path
+from boneage.data import BoneAgeDataset, split_indices, strata, to_float
 from boneage.errors import BoneAgeInputError
 from boneage.io import read_radiograph
 from boneage.labels import read_labels
@@ -122,14 +123,14 @@ def _write_images(folder: Path, n: int, start: int = 0) -> pd.DataFrame:
 
 
 class _Counter:
-    """Counts the files the cache preprocesses (patched in place of ``boneage.data._preprocess_file``)."""
+    """Counts the files the cache preprocesses (patched in place of ``boneage.cache._encode_job``)."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
-        self.original = data_mod._preprocess_file
+        self.original = cache_mod._encode_job
 
     def __call__(self, job):
-        self.paths.append(Path(job[0]).stem)
+        self.paths.append(Path(job[1]).stem)
         return self.original(job)
 
 
@@ -137,68 +138,64 @@ def test_cache_second_load_reads_disk_only(tmp_path: Path, monkeypatch: pytest.M
     labels = _write_images(tmp_path / "img", 4)
     prep = Preprocess(size=32)
     counter = _Counter()
-    monkeypatch.setattr(data_mod, "_preprocess_file", counter)
-    first = ImageCache(tmp_path / "cache", prep).load(labels, workers=1, progress=False)
+    monkeypatch.setattr(cache_mod, "_encode_job", counter)
+    first = cached_images(tmp_path / "cache", prep, labels, workers=1)
     assert first.shape == (4, 32, 32) and first.dtype == np.uint8
     assert sorted(counter.paths) == ["0", "1", "2", "3"]
-    cache = ImageCache(tmp_path / "cache", prep)
-    assert cache.dir.name == f"32px-{prep.key()}"
-    assert sorted(p.name for p in cache.dir.iterdir()) == ["0.npy", "1.npy", "2.npy", "3.npy"]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.dir.iterdir()}
+    folder = shard_cache_path(tmp_path / "cache", prep)
+    assert folder.name == f"shards-32px-{prep.key()}-raw"
+    cache = ShardCache(folder)
+    assert cache.format == "raw" and sorted(cache.labels()["id"]) == ["0", "1", "2", "3"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
     counter.paths.clear()
-    second = cache.load(labels, workers=1, progress=False)
+    second = cached_images(tmp_path / "cache", prep, labels.iloc[::-1], workers=1)
     assert counter.paths == []  # nothing preprocessed again
-    assert np.array_equal(first, second)
-    assert {p.name: p.stat().st_mtime_ns for p in cache.dir.iterdir()} == mtimes  # nothing rewritten
+    assert np.array_equal(first[::-1], second)  # in the order of the table asked for
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes  # nothing rewritten
 
 
 def test_cache_is_incremental(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     labels = _write_images(tmp_path / "img", 3)
     prep = Preprocess(size=32)
-    cache = ImageCache(tmp_path / "cache", prep)
-    cache.load(labels, workers=1, progress=False)
+    cached_images(tmp_path / "cache", prep, labels, workers=1)
     more = pd.concat([labels, _write_images(tmp_path / "img", 2, start=3)], ignore_index=True)
     counter = _Counter()
-    monkeypatch.setattr(data_mod, "_preprocess_file", counter)
-    out = cache.load(more, workers=1, progress=False)
+    monkeypatch.setattr(cache_mod, "_encode_job", counter)
+    out = cached_images(tmp_path / "cache", prep, more, workers=1)
     assert sorted(counter.paths) == ["3", "4"]  # only the new ids
     assert out.shape == (5, 32, 32)
     for i, path in enumerate(more["path"]):
         assert np.array_equal(out[i], prep(read_radiograph(path).pixels))
+    assert len(ShardCache(shard_cache_path(tmp_path / "cache", prep)).manifest["shards"]) == 2
 
 
 def test_other_settings_use_another_folder(tmp_path: Path) -> None:
     labels = _write_images(tmp_path / "img", 2)
-    a = ImageCache(tmp_path / "cache", Preprocess(size=32))
-    b = ImageCache(tmp_path / "cache", Preprocess(size=32, contrast="none"))
-    assert a.dir != b.dir
-    a.load(labels, workers=1, progress=False)
-    out = b.load(labels, workers=1, progress=False)
-    assert np.array_equal(
-        out[0], Preprocess(size=32, contrast="none")(read_radiograph(labels["path"][0]).pixels)
-    )
+    a, b = Preprocess(size=32), Preprocess(size=32, contrast="none")
+    assert shard_cache_path(tmp_path / "cache", a) != shard_cache_path(tmp_path / "cache", b)
+    cached_images(tmp_path / "cache", a, labels, workers=1)
+    out = cached_images(tmp_path / "cache", b, labels, workers=1)
+    assert np.array_equal(out[0], b(read_radiograph(labels["path"][0]).pixels))
 
 
-def test_corrupt_and_wrong_entries_are_rebuilt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cached_images_of_an_empty_or_unlabelled_table(tmp_path: Path) -> None:
+    labels = _write_images(tmp_path / "img", 2)
+    prep = Preprocess(size=32)
+    assert cached_images(tmp_path / "cache", prep, labels.iloc[:0]).shape == (0, 32, 32)
+    out = cached_images(tmp_path / "cache", prep, labels[["id", "path"]], workers=1)  # no boneage/male
+    assert np.array_equal(out[1], prep(read_radiograph(labels["path"][1]).pixels))
+
+
+def test_damaged_cache_is_a_one_line_error(tmp_path: Path) -> None:
     labels = _write_images(tmp_path / "img", 3)
     prep = Preprocess(size=32)
-    cache = ImageCache(tmp_path / "cache", prep)
-    good = cache.load(labels, workers=1, progress=False)
-    cache.path("1").write_bytes(b"\x93NUMPY garbage, a half-written file")
-    np.save(cache.path("2"), np.zeros((16, 16), dtype=np.uint8))  # stale shape
-    counter = _Counter()
-    monkeypatch.setattr(data_mod, "_preprocess_file", counter)
-    with caplog.at_level(logging.WARNING, logger="boneage.data"):
-        out = cache.load(labels, workers=1, progress=False)
-    assert sorted(counter.paths) == ["1", "2"]
-    assert "corrupt" in caplog.text
-    assert np.array_equal(out, good)
-    assert np.array_equal(np.load(cache.path("1")), good[1])  # the entry on disk is repaired
-    assert np.load(cache.path("2")).shape == (32, 32)
-    assert not list(cache.dir.glob("*.tmp.npy"))
+    cached_images(tmp_path / "cache", prep, labels, workers=1)
+    shard = next(shard_cache_path(tmp_path / "cache", prep).glob("shard-*.bin"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(BoneAgeInputError, match="damaged cache") as err:
+        cached_images(tmp_path / "cache", prep, labels, workers=1)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.integration
@@ -207,8 +204,8 @@ def test_cached_equals_direct_preprocessing(
 ) -> None:
     labels = real_labels.iloc[:4].reset_index(drop=True)
     prep = Preprocess(size=48)
-    cached = ImageCache(tmp_path, prep).load(labels, workers=1, progress=False)
-    reread = ImageCache(tmp_path, prep).load(labels, workers=1, progress=False)
+    cached = cached_images(tmp_path, prep, labels, workers=1)
+    reread = cached_images(tmp_path, prep, labels, workers=1)
     for i, path in enumerate(labels["path"]):
         direct = prep(read_radiograph(path).pixels)
         assert np.array_equal(cached[i], direct)
@@ -323,9 +320,9 @@ def test_val_from_holdout_needs_holdout_labels() -> None:
         data_mod.make_datamodule(DataConfig(val_from_holdout=True), PreprocessSpec(size=32))
 
 
-# ---- the shard cache selects the same ids as the .npy cache (holdout, val_from_holdout, limits) ----------
+# ---- the shard caches select the ids of select_rows (holdout, val_from_holdout, limits) ---------------
 
-SHARDS = {"cache_format": "shards", "shard_format": "raw", "decode": "worker"}
+SHARDS = {"decode": "worker"}
 
 
 def _ids(dm: data_mod.BoneAgeDataModule) -> tuple[list[str], list[str], list[str]]:
@@ -335,11 +332,19 @@ def _ids(dm: data_mod.BoneAgeDataModule) -> tuple[list[str], list[str], list[str
     return ids.iloc[dm.train_idx].tolist(), ids.iloc[dm.val_idx].tolist(), held
 
 
+def _expected_ids(dm: data_mod.BoneAgeDataModule) -> tuple[list[str], list[str], list[str]]:
+    """What :func:`select_rows` picks from the label CSV itself, without any cache."""
+    sel = data_mod.select_rows(dm.read_table(), dm.data)
+    ids = sel.labels["id"].astype(str)
+    held = [] if sel.holdout is None else sel.holdout["id"].astype(str).tolist()
+    return ids.iloc[sel.train_idx].tolist(), ids.iloc[sel.val_idx].tolist(), held
+
+
 def _held(tmp_path: Path) -> set[str]:
     return set(pd.read_csv(tmp_path / "holdout.csv", dtype=str)["id"])
 
 
-@pytest.mark.parametrize("named", [False, True], ids=["cache_format=shards", "data.cache=PATH"])
+@pytest.mark.parametrize("named", [False, True], ids=["automatic", "data.cache=PATH"])
 def test_shards_never_train_on_the_holdout_and_monitor_it(tmp_path: Path, named: bool) -> None:
     extra = {"cache": str(tmp_path / "named")} if named else {}
     dm = _datamodule(tmp_path, val_fraction=0.2, **SHARDS, **extra)
@@ -354,6 +359,26 @@ def test_shards_never_train_on_the_holdout_and_monitor_it(tmp_path: Path, named:
     assert isinstance(dm.holdout_set, ShardDataset) and sorted(dm.holdout_set.ids) == sorted(held)
     ages = torch.cat([age for _, _, age in loaders[1]]).tolist()
     assert sorted(ages) == sorted(100.0 + int(i) for i in held)  # _write_images: boneage = 100 + id
+
+
+def test_default_config_trains_from_the_automatic_raw_cache(tmp_path: Path) -> None:
+    dm = _datamodule(tmp_path)
+    dm.setup("fit")
+    from boneage.cache import auto_cache_path
+
+    cache = ShardCache(auto_cache_path(dm.data, dm.preprocess))
+    assert cache.format == "raw" and cache.root.parent == tmp_path / "cache"
+    assert sorted(cache.labels()["id"]) == sorted(dm.read_table()["id"].astype(str))  # holdout ids too
+    assert isinstance(dm.train_set, ShardDataset) and dm.train_set.format == "raw"
+
+
+def test_old_npy_configs_train_from_raw_shards(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="boneage.config"):
+        dm = _datamodule(tmp_path, cache_format="npy")
+    assert dm.data.cache_format == "shards" and dm.data.shard_format == "raw"
+    assert [r.getMessage() for r in caplog.records if "cache_format=npy" in r.getMessage()]
+    dm.setup("fit")
+    assert _ids(dm) == _expected_ids(dm)
 
 
 def test_val_from_holdout_on_shards(tmp_path: Path) -> None:
@@ -375,28 +400,29 @@ def test_val_from_holdout_on_shards(tmp_path: Path) -> None:
     ],
     ids=["holdout", "train_limit", "val_from_holdout", "kfold+limit"],
 )
-def test_npy_and_shard_caches_select_the_same_ids(tmp_path: Path, data: dict) -> None:
-    npy = _datamodule(tmp_path, **data)
-    npy.setup("fit")
-    expected = _ids(npy)
-    assert expected[0] and expected[1] and expected[2]
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_shard_caches_select_the_ids_of_select_rows(tmp_path: Path, data: dict, fmt: str) -> None:
+    stats = set()
     for extra in ({}, {"cache": str(tmp_path / "named")}):
-        shards = _datamodule(tmp_path, **data, **SHARDS, **extra)
-        shards.setup("fit")
-        assert _ids(shards) == expected, extra
-        assert (shards.holdout_set is None) == (npy.holdout_set is None)
-        assert shards.target_stats == npy.target_stats
+        dm = _datamodule(tmp_path, **data, **SHARDS, shard_format=fmt, **extra)
+        dm.setup("fit")
+        expected = _expected_ids(dm)
+        assert expected[0] and expected[1] and expected[2]
+        assert _ids(dm) == expected, extra
+        assert (dm.holdout_set is None) == (not dm.data.holdout_monitor or dm.data.val_from_holdout)
+        stats.add(dm.target_stats)
+    assert len(stats) == 1  # the same labels from the CSV and from a named cache's manifest
 
 
 def test_named_cache_built_with_limit_holds_the_holdout(tmp_path: Path) -> None:
     """data.limit=20 builds the first 20 images plus the 6 holdout ids beyond them, so the monitor can read
-    them later; the rows used are still those of the .npy cache."""
-    npy = _datamodule(tmp_path, limit=20)
-    npy.setup("fit")
+    them later; the rows used are still those of the automatic cache."""
+    auto = _datamodule(tmp_path, limit=20)
+    auto.setup("fit")
     dm = _datamodule(tmp_path, limit=20, cache=str(tmp_path / "named"), **SHARDS)
     dm.setup("fit")
     assert ShardCache(tmp_path / "named").count == 26
-    assert _ids(dm) == _ids(npy) and len(_ids(dm)[2]) == 4
+    assert _ids(dm) == _ids(auto) == _expected_ids(auto) and len(_ids(dm)[2]) == 4
 
 
 def test_named_cache_without_the_holdout_ids_is_a_one_line_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import yaml
 from conftest import make_tiny_train_config
 from lightning.pytorch.callbacks import Callback
 
+from boneage.cache import ShardCache, auto_cache_path
 from boneage.config import config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.labels import read_labels
@@ -65,7 +66,7 @@ def test_one_epoch_run_writes_the_run_folder(trained_run: tuple[Path, dict], tin
     assert 0 < float(ckpt["state_dict"]["model.age_mean"]) < 240
 
     # every image of the run preprocessed once into the cache (other tiny runs of the session share it)
-    cached = {p.stem for p in tiny_cache_dir.glob("32px-*/*.npy")}
+    cached = set(ShardCache(auto_cache_path(cfg.data, cfg.preprocess)).labels()["id"])
     used = read_labels(cfg.data.labels, cfg.data.images).iloc[: cfg.data.limit]["id"].astype(str)
     assert set(used) <= cached
 

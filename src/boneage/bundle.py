@@ -73,9 +73,9 @@ OOD_MARGIN = 1.25
 
 
 def _cached_images(predictor: Predictor, table: pd.DataFrame, cache: str | Path) -> np.ndarray:
-    from boneage.data import ImageCache
+    from boneage.cache import cached_images
 
-    return ImageCache(cache, predictor.preprocess).load(table, workers=2, progress=False)
+    return cached_images(cache, predictor.preprocess, table, workers=2, progress=False)
 
 
 def fit_ood(plain: Predictor, dm: Any, n_train: int, cache: str | Path) -> FeatureDensity:
@@ -84,15 +84,15 @@ def fit_ood(plain: Predictor, dm: Any, n_train: int, cache: str | Path) -> Featu
     rng = np.random.default_rng(0)
     train = dm.train_set
     pick = np.sort(rng.choice(len(train), size=min(n_train, len(train)), replace=False))
-    images = train.images.numpy()[pick]
+    images = train.array(pick)
     male = train.male.numpy()[pick] > 0.5
     feats = plain.predict_arrays(images, male, features=True)[3]
     density = FeatureDensity.fit(feats)
     val = dm.val_set
-    val_feats = plain.predict_arrays(val.images.numpy(), val.male.numpy() > 0.5, features=True)[3]
+    val_images, val_male = val.array(), val.male.numpy() > 0.5
+    val_feats = plain.predict_arrays(val_images, val_male, features=True)[3]
     density.calibrate(val_feats, OOD_QUANTILE, OOD_MARGIN)
     # the orientation check: the same rule on the validation split's ratios (upright hands)
-    val_images, val_male = val.images.numpy(), val.male.numpy() > 0.5
     turned_feats = plain.predict_arrays(turned(val_images), np.tile(val_male, 4), features=True)[3]
     ratios = rotation_ratios(density.score(val_feats), density.score(turned_feats))
     density.rotation_ratio = float(np.quantile(ratios, OOD_QUANTILE) * OOD_MARGIN)

@@ -571,6 +571,19 @@ class ShardDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def array(self, rows: Sequence[int] | None = None) -> np.ndarray:
+        """The images (all, or ``rows``) decoded into one (N, S, S) uint8 array."""
+        import numpy as np
+
+        picked = range(len(self)) if rows is None else [int(i) for i in rows]
+        out = np.empty((len(picked), self.size, self.size), dtype=np.uint8)
+        for k, i in enumerate(picked):
+            try:
+                out[k] = decode_image(self.encoded(i), self.format, self.size)
+            except (OSError, ValueError) as exc:
+                raise BoneAgeInputError(f"cached image {self.ids[i]} cannot be decoded ({exc})") from None
+        return out
+
     def encoded(self, i: int) -> np.ndarray:
         start = int(self.offset[i])
         return self.blobs[int(self.shard[i])][start : start + int(self.length[i])]
@@ -664,30 +677,85 @@ def decode_batch(images: Any, device: torch.device | str) -> Any:
 # --------------------------------------------------------------------------------------------- training
 
 
+def shard_cache_path(cache_dir: str | Path, prep: Preprocess, fmt: str = "raw", quality: int = 95) -> Path:
+    """The automatic shard cache under ``cache_dir`` for these preprocess settings and image format."""
+    tag = fmt + (str(quality) if fmt == "jpeg" else "")
+    return Path(cache_dir) / f"shards-{prep.size}px-{prep.key()}-{tag}"
+
+
 def auto_cache_path(d: DataConfig, p: PreprocessSpec) -> Path:
-    """Where ``data.cache_format: shards`` keeps its cache: keyed by preprocess settings and image format."""
+    """Where training keeps its cache without ``data.cache``: keyed by preprocess settings and format."""
     from boneage.preprocess import Preprocess
 
-    prep = Preprocess.from_config(p)
-    fmt = d.shard_format + (str(d.shard_quality) if d.shard_format == "jpeg" else "")
-    return Path(d.cache_dir) / f"shards-{p.size}px-{prep.key()}-{fmt}"
+    return shard_cache_path(d.cache_dir, Preprocess.from_config(p), d.shard_format, d.shard_quality)
+
+
+def _cache_rows(cache: ShardCache, table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (its order and columns, labels included) with where each id's bytes are in ``cache``."""
+    where = cache.labels().drop(columns=["boneage", "male"]).drop_duplicates("id").set_index("id")
+    ids = table["id"].astype(str)
+    missing = ~ids.isin(where.index)
+    if missing.any():
+        raise BoneAgeInputError(f"{int(missing.sum())} image(s) are not in the shard cache", cache.root)
+    out = table.reset_index(drop=True).copy()
+    located = where.loc[ids.tolist()].reset_index(drop=True)
+    for column in located.columns:
+        out[column] = located[column].to_numpy()
+    out["id"] = ids.to_numpy()
+    return out
+
+
+def _with_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """A table to build from: ``boneage`` and ``male`` filled (unknown: 0 and False) when it has none."""
+    if "boneage" in table and "male" in table:
+        return table
+    filled = table.copy()
+    if "boneage" not in filled:
+        filled["boneage"] = 0.0
+    if "male" not in filled:
+        filled["male"] = False
+    return filled
+
+
+def cached_images(
+    cache_dir: str | Path,
+    preprocess: Preprocess,
+    table: pd.DataFrame,
+    workers: int = 2,
+    progress: ProgressOption = False,
+) -> np.ndarray:
+    """Every image of ``table`` (``id`` and ``path``) as one (N, S, S) uint8 array in table order, from the
+    automatic raw shard cache under ``cache_dir``; the ids it lacks are preprocessed and added first."""
+    import numpy as np
+
+    if not len(table):
+        return np.zeros((0, preprocess.size, preprocess.size), dtype=np.uint8)
+    root = shard_cache_path(cache_dir, preprocess, "raw")
+    _raise_failures(
+        build_cache(root, preprocess, _with_labels(table), fmt="raw", workers=workers, progress=progress)
+    )
+    cache = ShardCache(root)
+    cache.check_settings(preprocess)
+    return cache.dataset(_cache_rows(cache, _with_labels(table)), "worker").array()
 
 
 def training_cache(
-    d: DataConfig, p: PreprocessSpec, progress: ProgressOption = True
+    d: DataConfig, p: PreprocessSpec, progress: ProgressOption = True, table: pd.DataFrame | None = None
 ) -> tuple[ShardCache, pd.DataFrame]:
     """The shard cache a ``data`` section names, built or updated first when needed, and the rows to use.
 
     ``data.cache: PATH``: the cache *is* the dataset (labels included); data.images/data.labels are read
-    only to build it when PATH holds no cache yet. ``data.cache_format: shards`` without ``data.cache``: a
-    cache under ``data.cache_dir`` kept in step with the label CSV, like the per-image .npy cache.
-    The rows are then chosen by ``boneage.data.select_rows``, as for the .npy cache. When the holdout is
-    scored (``data.holdout_monitor`` or ``data.val_from_holdout``) its images come from the cache too: a build
+    only to build it when PATH holds no cache yet. Without ``data.cache``: a cache under ``data.cache_dir``
+    (:func:`auto_cache_path`) kept in step with the source table (``table``, or ``read_source(d)``: RSNA,
+    NIH or MURA), whose rows, order and columns (labels, ``patient``...) are returned with where each image
+    is; only the images come from the cache.
+    The rows are then chosen by ``boneage.data.select_rows``. When the holdout is scored
+    (``data.holdout_monitor`` or ``data.val_from_holdout``) its images come from the cache too: a build
     adds them (even beyond ``data.limit``), and a ``data.cache`` that lacks some is an error.
     """
     from boneage.data import holdout_ids
-    from boneage.labels import read_labels
     from boneage.preprocess import Preprocess
+    from boneage.sources import read_source
 
     prep = Preprocess.from_config(p)
     build = {
@@ -696,7 +764,7 @@ def training_cache(
         "workers": max(1, d.num_workers),
         "progress": progress,
     }
-    csv_ids: list[str] | None = None
+    source: pd.DataFrame | None = None
     scored: set[str] = set()  # holdout ids read from the cache (a second validation set, or the first)
     if d.holdout_labels and (d.holdout_monitor or d.val_from_holdout):
         scored = holdout_ids(d.holdout_labels)
@@ -713,18 +781,20 @@ def training_cache(
             _raise_failures(report)
     else:
         root = auto_cache_path(d, p)
-        labels = read_labels(d.labels, d.images)
+        source = read_source(d) if table is None else table
         if d.limit:
-            labels = labels.iloc[: d.limit].reset_index(drop=True)
-        _raise_failures(build_cache(root, prep, labels, d.images, **build))
-        csv_ids = labels["id"].astype(str).tolist()
+            source = source.iloc[: d.limit]
+        source = source.reset_index(drop=True)
+        _raise_failures(build_cache(root, prep, source, d.images, **build))
     cache = ShardCache(root)
     cache.check_settings(prep)
     if d.cache_verify:
         cache.check()
-    table = cache.labels()
-    if d.cache and scored:
-        missing = scored - set(table["id"].astype(str))
+    if source is not None:  # the source table decides which images, in which order, with which labels
+        return cache, _cache_rows(cache, source)
+    rows = cache.labels()
+    if scored:
+        missing = scored - set(rows["id"].astype(str))
         if missing:
             raise BoneAgeInputError(
                 f"{len(missing)} of the {len(scored)} holdout ids in {d.holdout_labels} are not in this "
@@ -732,11 +802,9 @@ def training_cache(
                 "`boneage cache build` or set data.holdout_monitor=false",
                 root,
             )
-    if csv_ids is not None:  # the CSV decides which images and in which order (as with the .npy cache)
-        table = table.set_index("id").loc[csv_ids].reset_index()
-    elif d.limit:
-        table = table.iloc[: d.limit].reset_index(drop=True)
-    return cache, table
+    if d.limit:
+        rows = rows.iloc[: d.limit].reset_index(drop=True)
+    return cache, rows
 
 
 def _raise_failures(report: BuildReport) -> None:

@@ -10,6 +10,7 @@ stored in every run folder: the run can be repeated from it alone.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from boneage.errors import BoneAgeInputError
 from boneage.spec import ModelSpec, PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 #: architecture presets for ``model.preset``; explicit fields in the file or ``--set`` win over them
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,8 +72,9 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=0)
     # shard cache (boneage.cache): compact checksummed shards that hold the labels too
     cache: str = ""  # PATH of a shard cache to train from alone (built there from images/labels if missing)
-    cache_format: Literal["npy", "shards"] = "npy"  # npy: an .npy per image | shards: a shard cache
-    shard_format: Literal["jpeg", "png", "raw"] = "jpeg"  # for caches built here
+    # one cache: shards (boneage.cache). "npy" (the removed per-image .npy cache) is read as "shards", raw
+    cache_format: Literal["shards"] = "shards"
+    shard_format: Literal["jpeg", "png", "raw"] = "raw"  # for caches built here (raw: lossless, fastest)
     shard_quality: int = Field(95, ge=1, le=100)
     decode: Literal["auto", "device", "worker"] = "auto"  # shard images: auto = nvJPEG on a CUDA device
     cache_verify: bool = True  # check every shard's sha256 when training loads a shard cache
@@ -82,6 +86,14 @@ class DataConfig(Section):
     views: list[str] = Field(default_factory=list)  # nih: View Position to keep, e.g. [PA]; []: all
     findings: list[str] = Field(default_factory=list)  # nih: keep images with any of these
     body_parts: list[str] = Field(default_factory=list)  # mura: e.g. [XR_HAND, XR_WRIST]; []: all
+
+    @field_validator("cache_format", mode="before")
+    @classmethod
+    def _cache_format(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "npy":
+            log.warning("data.cache_format=npy is deprecated: the .npy cache is gone, using raw shards")
+            return "shards"
+        return value
 
 
 class AugmentConfig(Section):

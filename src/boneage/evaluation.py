@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boneage.data import ImageCache
+from boneage.cache import cached_images
 from boneage.inference import Predictor
 from boneage.labels import read_labels
 
@@ -75,7 +75,7 @@ def evaluate(
 ) -> EvaluationReport:
     """Predict every labelled image (needs ``id``, ``path``, ``boneage``, ``male``) and score it."""
     if cache_dir is not None:
-        images = ImageCache(cache_dir, predictor.preprocess).load(labels, workers=workers, progress=progress)
+        images = cached_images(cache_dir, predictor.preprocess, labels, workers=workers, progress=progress)
     else:
         images = (
             np.stack([predictor.prepare(p)[1] for p in labels["path"]])
