@@ -332,6 +332,15 @@ def test_encoded_batch_stays_on_host_and_pins_as_one_buffer(
     assert torch.equal(pinned.decode("cpu"), batch[0].decode("cpu"))
 
 
+def _tiny_training(cfg) -> None:
+    """A 1-epoch CPU run of the tiny test network: enough to exercise the cache → training path."""
+    cfg.model.backbone, cfg.model.pretrained, cfg.model.head = "test_efficientnet", "none", [8]
+    cfg.model.sex_units, cfg.model.preset = 4, ""
+    cfg.train.epochs, cfg.train.batch_size = 1, 4
+    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
+    cfg.trainer.progress_bar = False
+
+
 def test_training_runs_from_the_cache_alone(tmp_path: Path) -> None:
     """data.cache holds images and labels: train with no images folder or CSV, the batches decoded after
     the transfer (on the CPU here; the same code hands JPEGs to nvJPEG on a GPU)."""
@@ -342,11 +351,7 @@ def test_training_runs_from_the_cache_alone(tmp_path: Path) -> None:
     build_cache(out, PREP, labels, images, fmt="jpeg", workers=1, progress=False)
     cfg = _cache_config(out, tmp_path, decode="device")
     cfg.data.images, cfg.data.labels = str(tmp_path / "gone"), str(tmp_path / "gone.csv")
-    cfg.model.backbone, cfg.model.pretrained, cfg.model.head = "test_efficientnet", "none", [8]
-    cfg.model.sex_units, cfg.model.preset = 4, ""
-    cfg.train.epochs, cfg.train.batch_size = 1, 4
-    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
-    cfg.trainer.progress_bar = False
+    _tiny_training(cfg)
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["train_images"] == 9 and summary["val_images"] == 3
     assert summary["best_val_mae"] is not None and np.isfinite(summary["best_val_mae"])
@@ -379,11 +384,7 @@ def test_training_from_shards_scores_the_holdout_it_never_trains_on(tmp_path: Pa
     pd.read_csv(tmp_path / "labels-12.csv").iloc[::4].to_csv(tmp_path / "holdout.csv", index=False)  # 3 ids
     cfg = _cache_config(tmp_path / "cache", tmp_path, decode="worker", shard_format="raw")
     cfg.data.holdout_labels = str(tmp_path / "holdout.csv")
-    cfg.model.backbone, cfg.model.pretrained, cfg.model.head = "test_efficientnet", "none", [8]
-    cfg.model.sex_units, cfg.model.preset = 4, ""
-    cfg.train.epochs, cfg.train.batch_size = 1, 4
-    cfg.trainer.accelerator, cfg.trainer.devices = "cpu", 1
-    cfg.trainer.progress_bar = False
+    _tiny_training(cfg)
     summary = train(cfg, tmp_path / "run", progress=False)
     assert (summary["train_images"], summary["val_images"], summary["holdout_images"]) == (6, 3, 3)
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["holdout_mae"].notna().any()
