@@ -202,7 +202,7 @@ def load_imagenet(model: BoneAgeNet) -> str:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Model tensors from a Lightning checkpoint, a bundled safetensors file or a plain state dict."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_file():
         raise BoneAgeInputError("checkpoint not found", p)
     if p.suffix == ".safetensors":
