@@ -1,7 +1,8 @@
 """Bundle a training run's best checkpoint and write every figure the model card states, measured.
 
-    python benchmarks/bundled_model_report.py --run-dir ~/.cache/boneage/runs/bundled-v0.2 \
-        --bundle src/boneage/assets/model.safetensors --out docs/results/bundled-v0.2
+    python benchmarks/bundled_model_report.py --run-dir ~/.cache/boneage/runs/bundled-v0.3 \
+        --prior-run ~/.cache/boneage/runs/bundled-v0.2 --bundle src/boneage/assets/model.safetensors \
+        --out docs/results/bundled-v0.3
 
 Writes into ``--out``: ``facts.json`` (what the bundle's metadata holds, plus timings), per-image predictions
 on the held-out ids in both geometries (``preds_native.csv``, ``preds_299.csv``), ``metrics_native.json`` (MAE
@@ -22,10 +23,23 @@ import numpy as np
 import pandas as pd
 
 
-def mae_vs_time(metrics_csv: Path, out_png: Path, final: dict[str, float]) -> Path:
+def mae_vs_time(
+    metrics_csv: Path,
+    out_png: Path,
+    final: dict[str, float],
+    title: str = "Bundled model",
+    prior: Path | None = None,
+) -> Path:
+    """``prior``: the metrics.csv of the run this one was initialised from, so the time axis counts every
+    CPU hour behind the model (a warm-started run's own clock starts at zero)."""
     from matplotlib.figure import Figure
 
     m = pd.read_csv(metrics_csv)
+    start = 0.0
+    if prior is not None:
+        before = pd.read_csv(prior)
+        start = float(before["elapsed_s"].iloc[-1])
+        m = pd.concat([before, m.assign(elapsed_s=m["elapsed_s"] + start)], ignore_index=True)
     hours = m["elapsed_s"].to_numpy(float) / 3600
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()
@@ -38,10 +52,12 @@ def mae_vs_time(metrics_csv: Path, out_png: Path, final: dict[str, float]) -> Pa
     ):
         if value:
             ax.axhline(value, color=style[0], ls=style[1:], lw=1, label=f"{label}: {value:.2f}")
+    if start:
+        ax.axvline(start / 3600, color="grey", lw=1, ls="-.", label="warm start from the prior run")
     ax.set(
         xlabel="cumulative training time on 2 CPU cores (hours)",
         ylabel="MAE (months)",
-        title="Bundled model v0.2: MAE vs CPU training time (EMA weights)",
+        title=f"{title}: MAE vs CPU training time (EMA weights)",
         ylim=(0, max(20.0, float(np.nanmax(m["val_mae"].to_numpy(float)[1:] if len(m) > 1 else [20])))),
     )
     ax.grid(alpha=0.3)
@@ -54,8 +70,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=Path("src/boneage/assets/model.safetensors"))
-    ap.add_argument("--out", type=Path, default=Path("docs/results/bundled-v0.2"))
-    ap.add_argument("--version", default="0.2.0")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/bundled-v0.3"))
+    ap.add_argument("--version", default="0.3.0")
+    ap.add_argument(
+        "--prior-run", type=Path, default=None, help="run folder this run was initialised from (its curve)"
+    )
     ap.add_argument("--checkpoint", default="best.ckpt")
     args = ap.parse_args()
 
@@ -87,7 +106,7 @@ def main() -> None:
         (args.out / "metrics_native.json").write_text(json.dumps(m, indent=2))
         m299 = metrics(square["predicted"], square["boneage"], square["male"])
         (args.out / "metrics_299.json").write_text(json.dumps(m299, indent=2))
-        plot_predictions(native, args.out, title="v0.2, 1,001 held-out native PNGs, TTA:")
+        plot_predictions(native, args.out, title=f"v{args.version}, 1,001 held-out native PNGs, TTA:")
     for name in ("config.yaml", "metrics.csv", "summary.json", "run.json"):
         if (args.run_dir / name).is_file():
             shutil.copy(args.run_dir / name, args.out / name)
@@ -127,7 +146,19 @@ def main() -> None:
         )
         facts["cli_predict_native_seconds"] = round(time.perf_counter() - t0, 1)
         (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
-    mae_vs_time(args.run_dir / "metrics.csv", args.out / "mae_vs_time.png", facts)
+    prior = args.prior_run / "metrics.csv" if args.prior_run else None
+    if args.prior_run:
+        facts["prior_run_training_seconds"] = json.loads((args.prior_run / "summary.json").read_text()).get(
+            "total_fit_seconds"
+        )
+        (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
+    mae_vs_time(
+        args.run_dir / "metrics.csv",
+        args.out / "mae_vs_time.png",
+        facts,
+        f"Bundled model v{args.version}",
+        prior,
+    )
     print(json.dumps({k: v for k, v in facts.items() if not k.startswith("native_mae_by")}, indent=2))
 
 

@@ -150,18 +150,27 @@ def main() -> None:
     # real held-out hands (never trained on): how many would be refused?
     images = np.stack([plain.prepare(p)[1] for p in labels["path"]])
     male = labels["male"].to_numpy(bool)
-    scores = plain.ood_scores(images, male)
-    ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
+    feats = plain.predict_arrays(images, male, features=True)[3]
+    scores = plain.ood.score(feats)
+    probe = plain.ood.orientation
     refused = scores > plain.ood.threshold
-    rotated = ~refused & (ratios > plain.ood.rotation_ratio)
+    if probe is not None:  # what predict does: the orientation probe on the same features
+        upright = probe.upright_probability(feats)
+        rotated = ~refused & (upright < probe.limit)
+        orientation = {"upright_probability": np.round(upright, 4)}
+    else:  # bundles before the probe: the density ratio over the four turns
+        ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
+        rotated = ~refused & (ratios > plain.ood.rotation_ratio)
+        orientation = {"rotation_ratio": np.round(ratios, 4)}
     flagged = int(refused.sum() + rotated.sum())
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "battery.csv", index=False)
-    real = {"id": labels["id"], "ood_score": np.round(scores, 4), "rotation_ratio": np.round(ratios, 4)}
+    real = {"id": labels["id"], "ood_score": np.round(scores, 4), **orientation}
     pd.DataFrame(real).to_csv(args.out / "real_hands.csv", index=False)
     summary = {
         "threshold": round(plain.ood.threshold, 3),
-        "rotation_ratio_limit": round(plain.ood.rotation_ratio, 3),
+        "orientation_check": "probe" if probe is not None else "density ratio",
+        "orientation_limit": round(probe.limit if probe is not None else plain.ood.rotation_ratio, 3),
         "battery_images": len(table),
         "battery_refused": int((table["outcome"] == "refused").sum()),
         "battery_warned": int((table["outcome"] == "warned").sum()),
@@ -170,6 +179,8 @@ def main() -> None:
         "real_hands": len(labels),
         "real_hands_refused": int(refused.sum()),
         "real_hands_warned_rotated": int(rotated.sum()),
+        "real_hands_refused_ids": labels.loc[refused, "id"].astype(str).tolist(),
+        "real_hands_warned_ids": labels.loc[rotated, "id"].astype(str).tolist(),
         "real_hands_flagged": flagged,
         "real_hands_flagged_rate": round(flagged / len(labels), 4),
         "real_hand_score_p50_p99_max": [round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)],

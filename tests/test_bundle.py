@@ -149,8 +149,11 @@ def test_make_bundle_measures_the_holdout_in_both_geometries(
         "tta_spread_p99_months",
         "training_range_months",
         "native_mae_by_sex",
+        "ood_calibration_images",
+        "orientation_val_turned_detected",
     ):
         assert key in meta, key
+    assert Predictor.load(path).ood.orientation is not None  # the orientation probe ships in the bundle
     lo, hi = meta["training_range_months"]
     assert 0 < lo < hi <= 240
     predictor = Predictor.load(path)

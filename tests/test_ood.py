@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from boneage.errors import BoneAgeInputError
-from boneage.ood import FeatureDensity, image_checks
+from boneage.ood import ORIENTATION_CLASSES, FeatureDensity, OrientationProbe, image_checks
 
 
 def test_density_scores_the_training_cloud_near_one_and_outliers_far() -> None:
@@ -30,6 +30,47 @@ def test_density_scores_the_training_cloud_near_one_and_outliers_far() -> None:
     assert again is not None
     np.testing.assert_allclose(again.score(far[:5]), density.score(far[:5]), rtol=1e-4)
     assert FeatureDensity.from_tensors({}) is None
+
+
+def _orientation_features(
+    rng: np.random.Generator, directions: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features where each orientation shifts a different direction: (N, D) upright, (4N, D) turned."""
+    base = rng.normal(size=(n, directions.shape[1]))
+    return base + directions[0], np.concatenate([base + d for d in directions[1:]])
+
+
+def test_orientation_probe_tells_upright_from_turned_and_survives_the_bundle_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(5, 30)) * 1.5
+    up, turned_feats = _orientation_features(rng, directions, 300)
+    probe = OrientationProbe.fit(up, turned_feats)
+    test_up, test_turned = _orientation_features(rng, directions, 300)  # fresh images
+    assert (probe.upright_probability(test_up) >= probe.limit).mean() > 0.97
+    assert (probe.upright_probability(test_turned) < probe.limit).mean() > 0.97
+    names = probe.likely_turn(test_turned[:300])  # the first block is the first turn
+    assert max(set(names), key=names.count) == ORIENTATION_CLASSES[1]
+    np.testing.assert_allclose(probe.probabilities(test_up).sum(1), 1.0)
+    density = FeatureDensity.fit(up, components=8)
+    density.orientation = probe
+    again = FeatureDensity.from_tensors(density.to_tensors())
+    assert again is not None and again.orientation is not None
+    np.testing.assert_allclose(
+        again.orientation.upright_probability(test_turned[:20]), probe.upright_probability(test_turned[:20]),
+        atol=1e-4,
+    )
+    assert again.orientation.limit == pytest.approx(probe.limit)
+    with pytest.raises(ValueError, match="four other orientations"):
+        OrientationProbe.fit(up, turned_feats[:10])
+
+
+def test_a_density_without_a_probe_still_loads() -> None:
+    """Bundles made before the probe (v0.2) fall back to the ratio test."""
+    rng = np.random.default_rng(2)
+    density = FeatureDensity.fit(rng.normal(size=(100, 12)), components=4)
+    tensors = {k: v for k, v in density.to_tensors().items() if "orientation" not in k}
+    again = FeatureDensity.from_tensors(tensors)
+    assert again is not None and again.orientation is None
 
 
 def test_uniform_images_fail_the_image_check() -> None:

@@ -312,7 +312,7 @@ class BasePredictor:
         )
         ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
         self.check_distribution(prepared, ood_score, rad.source)
-        warnings += self.orientation_warnings(prepared, final == "male", ood_score)
+        warnings += self.orientation_warnings(prepared, final == "male", ood_score, feats)
         pred = Prediction(
             rad.source,
             final,
@@ -328,10 +328,25 @@ class BasePredictor:
         pred.warnings += self.plausibility_warnings(pred)
         return pred
 
-    def orientation_warnings(self, prepared: np.ndarray, male: bool, ood_score: float | None) -> list[str]:
-        """A hand turned by 90/180 degrees or upside down still looks like a hand to the density, but one
-        of its other orientations looks far more like the training radiographs (``boneage.ood``)."""
-        if self.ood is None or ood_score is None or not np.isfinite(self.ood.rotation_ratio):
+    def orientation_warnings(
+        self, prepared: np.ndarray, male: bool, ood_score: float | None, features: np.ndarray | None = None
+    ) -> list[str]:
+        """A hand turned by 90/180 degrees or upside down still looks like a hand to the density. Bundles
+        with an orientation probe (``boneage.ood.OrientationProbe``) ask it, from the features already
+        computed; older ones compare the density score with that of the image turned each way."""
+        if self.ood is None or ood_score is None:
+            return []
+        probe = self.ood.orientation
+        if probe is not None and features is not None:
+            upright = float(probe.upright_probability(features[:1])[0])
+            if upright >= probe.limit:
+                return []
+            turn = probe.likely_turn(features[:1])[0]
+            return [
+                f"the hand looks rotated or upside down (most likely {turn}; upright probability "
+                f"{upright:.2f}): check the orientation, the bone age may be wrong"
+            ]
+        if not np.isfinite(self.ood.rotation_ratio):
             return []
         others = self.ood_scores(turned(prepared[None]), np.full(4, male))
         ratio = float(rotation_ratios(np.array([ood_score]), others)[0])

@@ -422,7 +422,7 @@ def export(
 def bundle(
     checkpoint: Annotated[Path | None, typer.Option(help="best.ckpt of a training run")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="output .safetensors")] = Path("model.safetensors"),
-    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "0.2.0",
+    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "0.3.0",
     convert: Annotated[
         Path | None, typer.Option(help="rewrite a v0.1 bundle (whole training config inside) as a model spec")
     ] = None,
