@@ -150,7 +150,7 @@ def test_make_bundle_measures_the_holdout_in_both_geometries(
         "training_range_months",
         "native_mae_by_sex",
         "ood_calibration_images",
-        "orientation_val_turned_detected",
+        "orientation_val_turned_detected_at_least",
     ):
         assert key in meta, key
     assert Predictor.load(path).ood.orientation is not None  # the orientation probe ships in the bundle

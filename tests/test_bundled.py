@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+import boneage
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor, bundled_model_path
 from boneage.labels import read_labels
@@ -24,8 +25,10 @@ def test_bundled_model_is_shipped_small_and_fp16() -> None:
     assert path.stat().st_size + graph.stat().st_size < 25 * 1024 * 1024
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["boneage"])
-        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "weight" in k}
+        # network weights fp16; the OOD density and orientation probe (ood.*) stay fp32 by design
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "weight" in k and not k.startswith("ood.")}
         assert "ood.threshold" in f.keys()  # the out-of-distribution density ships with the model
+        assert "ood.orientation_weight" in f.keys()  # and the orientation probe
     assert dtypes == {"torch.float16"}
     for key in (
         "version",
@@ -42,7 +45,7 @@ def test_bundled_model_is_shipped_small_and_fp16() -> None:
         assert key in meta, key
     assert "config" not in meta  # a shipped model carries only what prediction needs
     assert "non-commercial" in meta["licence"]
-    assert meta["version"].startswith("0.2")
+    assert meta["version"] == boneage.__version__
     assert meta["spec"]["preprocess"]["geometry"] == "squash"
 
 

@@ -90,6 +90,7 @@ def test_bundled_model_refuses_non_hands_warns_on_turned_hands_and_accepts_real_
     predictor = load_predictor()
     assert predictor.ood is not None, "the bundled model ships its OOD density"
     assert np.isfinite(predictor.ood.rotation_ratio)
+    assert predictor.ood.orientation is not None, "the bundled model ships its orientation probe"
     rng = np.random.default_rng(1)
     labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
     stripes = ((np.arange(900)[:, None] // 12 % 2) * 255 * np.ones((1, 700))).astype(np.uint8)

@@ -27,7 +27,7 @@ from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor, export_bundle_onnx
 from boneage.labels import read_labels
-from boneage.ood import FeatureDensity, OrientationProbe, rotation_ratios, turned
+from boneage.ood import ORIENTATION_CONFIRM_RATIO, FeatureDensity, OrientationProbe, rotation_ratios, turned
 from boneage.runs import git_commit
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ def fit_ood(
     density.rotation_ratio = float(np.quantile(ratios, OOD_QUANTILE) * OOD_MARGIN)  # for older runtimes
     probe = density.orientation
     val_scores, cal_scores = density.score(val_feats), density.score(cal_feats)
+    turned_scores = density.score(turned_feats)
+    # a turned image's other orientations include the upright one, so score(turned) / score(upright) is a
+    # lower bound of its ratio: above the confirm ratio, the warning is certain to be confirmed
+    turned_ratio_floor = turned_scores / np.maximum(np.tile(val_scores, 4), 1e-9)
     report = {
         "ood_train_images": len(fit_idx),
         "ood_calibration_images": len(cal_idx) + len(val_feats),
@@ -127,11 +131,25 @@ def fit_ood(
         "ood_flagged_calibration_train": [int((cal_scores > density.threshold).sum()), len(cal_scores)],
         "orientation_train_images": n_orient,
         "orientation_val_upright_flagged": [
+            int(
+                (
+                    (probe.upright_probability(val_feats) < probe.limit)
+                    & (ratios > ORIENTATION_CONFIRM_RATIO)
+                ).sum()
+            ),
+            len(val_feats),
+        ],
+        "orientation_val_upright_flagged_probe_alone": [
             int((probe.upright_probability(val_feats) < probe.limit).sum()),
             len(val_feats),
         ],
-        "orientation_val_turned_detected": [
-            int((probe.upright_probability(turned_feats) < probe.limit).sum()),
+        "orientation_val_turned_detected_at_least": [
+            int(
+                (
+                    (probe.upright_probability(turned_feats) < probe.limit)
+                    & (turned_ratio_floor > ORIENTATION_CONFIRM_RATIO)
+                ).sum()
+            ),
             len(turned_feats),
         ],
     }

@@ -28,8 +28,8 @@ import numpy as np
 from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
+from boneage.ood import ORIENTATION_CONFIRM_RATIO, FeatureDensity, image_checks, rotation_ratios, turned
 from boneage.ood import PREFIX as OOD_PREFIX
-from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
 from boneage.preprocess import Preprocess
 from boneage.spec import ModelSpec, spec_from_record
 
@@ -333,7 +333,8 @@ class BasePredictor:
     ) -> list[str]:
         """A hand turned by 90/180 degrees or upside down still looks like a hand to the density. Bundles
         with an orientation probe (``boneage.ood.OrientationProbe``) ask it, from the features already
-        computed; older ones compare the density score with that of the image turned each way."""
+        computed, and confirm a doubt with the density of the turned image (``ORIENTATION_CONFIRM_RATIO``);
+        older ones compare the density score with that of the image turned each way."""
         if self.ood is None or ood_score is None:
             return []
         probe = self.ood.orientation
@@ -341,6 +342,9 @@ class BasePredictor:
             upright = float(probe.upright_probability(features[:1])[0])
             if upright >= probe.limit:
                 return []
+            others = self.ood_scores(turned(prepared[None]), np.full(4, male))
+            if float(rotation_ratios(np.array([ood_score]), others)[0]) <= ORIENTATION_CONFIRM_RATIO:
+                return []  # the density prefers the image as given: the probe alone is not enough
             turn = probe.likely_turn(features[:1])[0]
             return [
                 f"the hand looks rotated or upside down (most likely {turn}; upright probability "
