@@ -107,7 +107,7 @@ def main() -> None:
 
     from boneage.errors import BoneAgeInputError
     from boneage.labels import read_labels
-    from boneage.ood import ORIENTATION_CONFIRM_RATIO, rotation_ratios, turned
+    from boneage.ood import rotation_ratios, turned
     from boneage.runtime import load_predictor
 
     # the engine `boneage predict` and the web app use by default
@@ -154,15 +154,11 @@ def main() -> None:
     scores = plain.ood.score(feats)
     probe = plain.ood.orientation
     refused = scores > plain.ood.threshold
-    if probe is not None:  # what predict does: the orientation probe on the same features
-        upright = probe.upright_probability(feats)
-        ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
-        rotated = ~refused & (upright < probe.limit) & (ratios > ORIENTATION_CONFIRM_RATIO)
-        orientation = {"upright_probability": np.round(upright, 4), "rotation_ratio": np.round(ratios, 4)}
-    else:  # bundles before the probe: the density ratio over the four turns
-        ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
-        rotated = ~refused & (ratios > plain.ood.rotation_ratio)
-        orientation = {"rotation_ratio": np.round(ratios, 4)}
+    ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
+    rotated = ~refused & plain.ood.looks_turned(feats, ratios)  # the rule predict applies
+    orientation = {"rotation_ratio": np.round(ratios, 4)}
+    if probe is not None:
+        orientation["upright_probability"] = np.round(probe.upright_probability(feats), 4)
     flagged = int(refused.sum() + rotated.sum())
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "battery.csv", index=False)

@@ -27,7 +27,7 @@ from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor, export_bundle_onnx
 from boneage.labels import read_labels
-from boneage.ood import ORIENTATION_CONFIRM_RATIO, FeatureDensity, OrientationProbe, rotation_ratios, turned
+from boneage.ood import FeatureDensity, OrientationProbe, rotation_ratios, turned
 from boneage.runs import git_commit
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,13 @@ def fit_ood(
     orient_feats = features(turned(images[:n_orient]), np.tile(male_all[fit_idx][:n_orient], 4))
     density.orientation = OrientationProbe.fit(feats[:n_orient], orient_feats)
     turned_feats = features(turned(val_images), np.tile(val_male, 4))
-    ratios = rotation_ratios(density.score(val_feats), density.score(turned_feats))
+    val_scores, cal_scores = density.score(val_feats), density.score(cal_feats)
+    ratios = rotation_ratios(val_scores, density.score(turned_feats))
     density.rotation_ratio = float(np.quantile(ratios, OOD_QUANTILE) * OOD_MARGIN)  # for older runtimes
     probe = density.orientation
-    val_scores, cal_scores = density.score(val_feats), density.score(cal_feats)
-    turned_scores = density.score(turned_feats)
     # a turned image's other orientations include the upright one, so score(turned) / score(upright) is a
     # lower bound of its ratio: above the confirm ratio, the warning is certain to be confirmed
-    turned_ratio_floor = turned_scores / np.maximum(np.tile(val_scores, 4), 1e-9)
+    turned_ratio_floor = density.score(turned_feats) / np.maximum(np.tile(val_scores, 4), 1e-9)
     report = {
         "ood_train_images": len(fit_idx),
         "ood_calibration_images": len(cal_idx) + len(val_feats),
@@ -131,12 +130,7 @@ def fit_ood(
         "ood_flagged_calibration_train": [int((cal_scores > density.threshold).sum()), len(cal_scores)],
         "orientation_train_images": n_orient,
         "orientation_val_upright_flagged": [
-            int(
-                (
-                    (probe.upright_probability(val_feats) < probe.limit)
-                    & (ratios > ORIENTATION_CONFIRM_RATIO)
-                ).sum()
-            ),
+            int(density.looks_turned(val_feats, ratios).sum()),
             len(val_feats),
         ],
         "orientation_val_upright_flagged_probe_alone": [
@@ -144,12 +138,7 @@ def fit_ood(
             len(val_feats),
         ],
         "orientation_val_turned_detected_at_least": [
-            int(
-                (
-                    (probe.upright_probability(turned_feats) < probe.limit)
-                    & (turned_ratio_floor > ORIENTATION_CONFIRM_RATIO)
-                ).sum()
-            ),
+            int(density.looks_turned(turned_feats, turned_ratio_floor).sum()),
             len(turned_feats),
         ],
     }

@@ -85,6 +85,16 @@ class FeatureDensity:
         orientation = OrientationProbe.from_tensors(tensors)
         return cls(t["mean"], t["components"], t["variances"], scale, threshold, rotation, orientation)
 
+    def looks_turned(self, features: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+        """The orientation rule ``predict`` applies, per image: with a probe, it doubts the image and the
+        density confirms (``ORIENTATION_CONFIRM_RATIO``); without one (older bundles), the ratio alone.
+        ``ratios`` as ``rotation_ratios`` gives them (or a lower bound of them)."""
+        ratios = np.asarray(ratios, dtype=np.float64)
+        if self.orientation is None:
+            return ratios > self.rotation_ratio
+        doubt = self.orientation.upright_probability(features) < self.orientation.limit
+        return doubt & (ratios > ORIENTATION_CONFIRM_RATIO)
+
 
 # An upright PA hand scores lowest as it is; a hand turned by 90/180/270 degrees or upside down has an
 # orientation (the one that undoes the turn) that scores much lower than the image as given. A rotated hand
@@ -115,11 +125,11 @@ def image_checks(image: np.ndarray) -> list[str]:
 
 
 ORIENTATION_CLASSES = ("upright", *ORIENTATIONS)
-# The probe alone flagged 15 of the 1,001 held-out native PNGs (v0.3): clearly upright hands, mostly with
-# spread fingers, that it had not seen in the 299 px copies it was fitted on. A warning therefore needs a
-# second, independent signal: some turned version of the image must also look more like the training
-# radiographs to the density than the image as given (ratio above 1). Upright hands rarely pass that; a
-# turned hand almost always does, and the four extra forward passes run only for images the probe doubts.
+# The probe alone flagged 15 of the 1,001 held-out native PNGs (v0.3), all upright hands on inspection
+# (one tilted about 30 degrees); it was fitted on the 299 px copies. A warning therefore needs a second,
+# independent signal: some turned version of the image must also look more like the training radiographs
+# to the density than the image as given (ratio above 1). Upright hands rarely pass that; a turned hand
+# almost always does, and the four extra forward passes run only for images the probe doubts.
 ORIENTATION_CONFIRM_RATIO = 1.0
 
 
@@ -127,8 +137,8 @@ ORIENTATION_CONFIRM_RATIO = 1.0
 class OrientationProbe:
     """Which way up is this hand? A linear softmax classifier on the same pooled features, trained on
     training radiographs shown upright and turned each way (labels that cost nothing: the self-supervised
-    rotation task of Gidaris et al., ICLR 2018). It replaces four extra forward passes of the ratio test
-    with one matrix product, and it catches turned hands whose density score alone looks ordinary."""
+    rotation task of Gidaris et al., ICLR 2018). One matrix product on features ``predict`` already has, so
+    the ratio test's four extra forward passes run only for the images it doubts."""
 
     weight: np.ndarray  # (len(ORIENTATION_CLASSES), D), acting on raw features (the scaler folded in)
     bias: np.ndarray  # (len(ORIENTATION_CLASSES),)

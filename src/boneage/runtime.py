@@ -28,8 +28,8 @@ import numpy as np
 from boneage.errors import BoneAgeInputError
 from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
-from boneage.ood import ORIENTATION_CONFIRM_RATIO, FeatureDensity, image_checks, rotation_ratios, turned
 from boneage.ood import PREFIX as OOD_PREFIX
+from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
 from boneage.preprocess import Preprocess
 from boneage.spec import ModelSpec, spec_from_record
 
@@ -329,7 +329,7 @@ class BasePredictor:
         return pred
 
     def orientation_warnings(
-        self, prepared: np.ndarray, male: bool, ood_score: float | None, features: np.ndarray | None = None
+        self, prepared: np.ndarray, male: bool, ood_score: float | None, features: np.ndarray
     ) -> list[str]:
         """A hand turned by 90/180 degrees or upside down still looks like a hand to the density. Bundles
         with an orientation probe (``boneage.ood.OrientationProbe``) ask it, from the features already
@@ -338,28 +338,25 @@ class BasePredictor:
         if self.ood is None or ood_score is None:
             return []
         probe = self.ood.orientation
-        if probe is not None and features is not None:
+        if probe is not None:
             upright = float(probe.upright_probability(features[:1])[0])
             if upright >= probe.limit:
-                return []
-            others = self.ood_scores(turned(prepared[None]), np.full(4, male))
-            if float(rotation_ratios(np.array([ood_score]), others)[0]) <= ORIENTATION_CONFIRM_RATIO:
-                return []  # the density prefers the image as given: the probe alone is not enough
-            turn = probe.likely_turn(features[:1])[0]
-            return [
-                f"the hand looks rotated or upside down (most likely {turn}; upright probability "
-                f"{upright:.2f}): check the orientation, the bone age may be wrong"
-            ]
-        if not np.isfinite(self.ood.rotation_ratio):
+                return []  # the common case: no extra forward passes
+        elif not np.isfinite(self.ood.rotation_ratio):
             return []
         others = self.ood_scores(turned(prepared[None]), np.full(4, male))
-        ratio = float(rotation_ratios(np.array([ood_score]), others)[0])
-        if ratio <= self.ood.rotation_ratio:
+        ratio = rotation_ratios(np.array([ood_score]), others)
+        if not self.ood.looks_turned(features[:1], ratio)[0]:
             return []
+        if probe is not None:
+            return [
+                f"the hand looks rotated or upside down (most likely {probe.likely_turn(features[:1])[0]}; "
+                f"upright probability {upright:.2f}): check the orientation, the bone age may be wrong"
+            ]
         return [
             "the hand looks rotated or upside down (it resembles the training radiographs far more when "
-            f"turned; ratio {ratio:.1f}, limit {self.ood.rotation_ratio:.1f}): check the orientation, the "
-            "bone age may be wrong"
+            f"turned; ratio {float(ratio[0]):.1f}, limit {self.ood.rotation_ratio:.1f}): check the "
+            "orientation, the bone age may be wrong"
         ]
 
     def check_distribution(self, prepared: np.ndarray, ood_score: float | None, source: object) -> None:
