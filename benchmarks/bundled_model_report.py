@@ -97,6 +97,11 @@ def main() -> None:
     facts["bundle_seconds"] = round(time.perf_counter() - started, 1)
     facts["training_wall_seconds"] = summary.get("total_fit_seconds")
     facts["epochs_completed"] = summary.get("epochs_completed")
+    if args.prior_run:
+        facts["prior_run_training_seconds"] = json.loads((args.prior_run / "summary.json").read_text()).get(
+            "total_fit_seconds"
+        )
+    # written now and once more after the CLI run below: a failure there keeps the bundle's facts
     (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
     if preds is not None:
         native, square = preds["native"], preds["train_geometry"]
@@ -147,11 +152,6 @@ def main() -> None:
         facts["cli_predict_native_seconds"] = round(time.perf_counter() - t0, 1)
         (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
     prior = args.prior_run / "metrics.csv" if args.prior_run else None
-    if args.prior_run:
-        facts["prior_run_training_seconds"] = json.loads((args.prior_run / "summary.json").read_text()).get(
-            "total_fit_seconds"
-        )
-        (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
     mae_vs_time(
         args.run_dir / "metrics.csv",
         args.out / "mae_vs_time.png",

@@ -187,6 +187,68 @@ def test_cached_images_of_an_empty_or_unlabelled_table(tmp_path: Path) -> None:
     assert np.array_equal(out[1], prep(read_radiograph(labels["path"][1]).pixels))
 
 
+def test_unlabelled_reads_keep_the_cached_labels(tmp_path: Path) -> None:
+    """Evaluation and bundling read images by id alone: their placeholder labels (0 months, female) must not
+    replace the real ones in the manifest, and an unknown (NaN) age must not rewrite it on every call."""
+    labels = _write_images(tmp_path / "img", 3)
+    prep = Preprocess(size=32)
+    cached_images(tmp_path / "cache", prep, labels, workers=1)
+    folder = shard_cache_path(tmp_path / "cache", prep)
+    before = ShardCache(folder).labels().sort_values("id").reset_index(drop=True)
+    cached_images(tmp_path / "cache", prep, labels[["id", "path"]], workers=1)
+    after = ShardCache(folder).labels().sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before[["id", "boneage", "male"]], after[["id", "boneage", "male"]])
+
+    unknown = labels.assign(boneage=float("nan"))
+    report = cache_mod.build_cache(folder, prep, unknown, fmt="raw", workers=1, progress=False)
+    assert report.relabelled == 3
+    mtime = (folder / cache_mod.MANIFEST).stat().st_mtime_ns
+    report = cache_mod.build_cache(folder, prep, unknown, fmt="raw", workers=1, progress=False)
+    assert report.relabelled == 0 and (folder / cache_mod.MANIFEST).stat().st_mtime_ns == mtime
+
+
+def test_same_ids_from_other_files_are_refused(tmp_path: Path) -> None:
+    """The native PNG of an id must never be answered with the cached squashed copy of that id."""
+    squashed = _write_images(tmp_path / "square", 3)
+    native = _write_images(tmp_path / "native", 3)
+    prep = Preprocess(size=32)
+    cached_images(tmp_path / "cache", prep, squashed, workers=1)
+    with pytest.raises(BoneAgeInputError, match=r"image 0 is cached from .*square.*native"):
+        cached_images(tmp_path / "cache", prep, native, workers=1)
+    assert cached_images(tmp_path / "cache", prep, squashed.iloc[1:], workers=1).shape == (2, 32, 32)
+
+
+def test_records_without_sources_are_checked_against_the_build_folder(tmp_path: Path) -> None:
+    """Caches built before records named their files: the folder the cache was built from decides."""
+    squashed = _write_images(tmp_path / "square", 2)
+    nested = _write_images(tmp_path / "square" / "images_001", 1)  # NIH-style subfolders of the build folder
+    native = _write_images(tmp_path / "native", 2)
+    prep = Preprocess(size=32)
+    root = tmp_path / "cache"
+    cache_mod.build_cache(root, prep, squashed, tmp_path / "square", fmt="raw", workers=1, progress=False)
+    manifest = cache_mod.read_manifest(root)
+    for shard in manifest["shards"]:
+        for rec in shard["records"]:
+            rec.pop("source")
+    cache_mod._write_manifest(root, manifest)
+    cache_mod.build_cache(root, prep, nested, tmp_path / "square", fmt="raw", workers=1, progress=False)
+    with pytest.raises(BoneAgeInputError, match="cached from the folder"):
+        cache_mod.build_cache(root, prep, native, fmt="raw", workers=1, progress=False)
+
+
+def test_a_flipped_bit_in_a_raw_shard_is_caught_when_read(tmp_path: Path) -> None:
+    """Raw bytes decode whatever they hold; evaluation and bundling must not score a damaged image."""
+    labels = _write_images(tmp_path / "img", 2)
+    prep = Preprocess(size=32)
+    cached_images(tmp_path / "cache", prep, labels, workers=1)
+    shard = next(shard_cache_path(tmp_path / "cache", prep).glob("shard-*"))
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first image; the file keeps its size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BoneAgeInputError, match="cached image 0 is damaged"):
+        cached_images(tmp_path / "cache", prep, labels, workers=1)
+
+
 def test_damaged_cache_is_a_one_line_error(tmp_path: Path) -> None:
     labels = _write_images(tmp_path / "img", 3)
     prep = Preprocess(size=32)
@@ -379,6 +441,15 @@ def test_old_npy_configs_train_from_raw_shards(tmp_path: Path, caplog: pytest.Lo
     assert [r.getMessage() for r in caplog.records if "cache_format=npy" in r.getMessage()]
     dm.setup("fit")
     assert _ids(dm) == _expected_ids(dm)
+
+
+def test_saved_npy_era_config_stays_lossless() -> None:
+    """A run config saved by v0.2 states every field, including that era's shard_format: jpeg default;
+    resuming or bundling it must read the same lossless images it was trained on."""
+    from boneage.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "docs/results/bundled-v0.2/config.yaml")
+    assert cfg.data.cache_format == "shards" and cfg.data.shard_format == "raw"
 
 
 def test_val_from_holdout_on_shards(tmp_path: Path) -> None:

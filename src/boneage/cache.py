@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -196,7 +197,7 @@ class _ShardWriter:
     def partial(self) -> Path:
         return self.root / (shard_name(self.index) + ".partial")
 
-    def add(self, image_id: str, boneage: float, male: bool, data: bytes) -> None:
+    def add(self, image_id: str, boneage: float, male: bool, data: bytes, source: str = "") -> None:
         if self.handle is None:
             self.handle = self.partial.open("wb")
         self.handle.write(data)
@@ -209,6 +210,7 @@ class _ShardWriter:
                 "offset": self.offset,
                 "length": len(data),
                 "crc32": zlib.crc32(data),
+                **({"source": source} if source else {}),
             }
         )
         self.offset += len(data)
@@ -277,11 +279,13 @@ def build_cache(
     limit: int = 0,
     include: Collection[str] = (),
     progress: ProgressOption = True,
+    relabel: bool = True,
 ) -> BuildReport:
     """Add every labelled radiograph that ``out`` does not hold yet, as new shards; returns what it did.
 
     ``labels`` is a label CSV (read with ``images``) or a table with ``id``, ``boneage``, ``male`` and
-    ``path``. Ids already cached are not re-encoded; a changed age or sex only updates the manifest.
+    ``path``. Ids already cached are not re-encoded; a changed age or sex only updates the manifest
+    (``relabel=False``: a table whose labels are placeholders never touches the cached ones).
     ``limit``: only the first N labelled images, and those listed in ``include`` wherever they are (a
     holdout scored from the cache). Unreadable images are skipped and listed in ``BuildReport.failed``.
     A file lock lets several processes (DDP ranks, a CLI build) call this at once: one builds, the others
@@ -304,7 +308,7 @@ def build_cache(
         source = {"images": str(Path(images).resolve()), "labels": str(Path(labels).resolve())}
     else:
         table = labels
-        source = {"images": str(images or ""), "labels": ""}
+        source = {"images": _source_file(str(images)) if images else "", "labels": ""}
     if limit:
         keep = table["id"].astype(str).isin(set(include)).to_numpy(copy=True)
         keep[:limit] = True
@@ -329,6 +333,7 @@ def build_cache(
             manifest = {"kind": KIND, "version": VERSION, **settings, "source": source, "shards": []}
             manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         known = {r["id"]: r for s in manifest["shards"] for r in s["records"]}
+        _check_same_files(root, manifest, table, known)
         todo: list[int] = []
         for i, (image_id, age, male) in enumerate(
             zip(table["id"].astype(str), table["boneage"], table["male"], strict=True)
@@ -336,7 +341,7 @@ def build_cache(
             rec = known.get(image_id)
             if rec is None:
                 todo.append(i)
-            elif rec["boneage"] != float(age) or rec["male"] != bool(male):
+            elif relabel and (not _same_age(rec["boneage"], age) or rec["male"] != bool(male)):
                 rec["boneage"], rec["male"] = float(age), bool(male)
                 report.relabelled += 1
         report.already = len(table) - len(todo)
@@ -380,13 +385,48 @@ def _add_shards(
             if data is None:
                 report.failed.append((ids[i], error))
                 continue
-            writer.add(ids[i], table["boneage"].iloc[i], table["male"].iloc[i], data)
+            writer.add(ids[i], table["boneage"].iloc[i], table["male"].iloc[i], data, _source_file(paths[i]))
             report.added += 1
             if writer.full:
                 commit()
         commit()
     finally:
         writer.abort()
+
+
+def _source_file(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path)) if path else ""
+
+
+def _check_same_files(
+    root: Path, manifest: dict[str, Any], table: pd.DataFrame, known: dict[str, Any]
+) -> None:
+    """A cache holds one image per id: the same id read from another file (the native PNG instead of the
+    squashed 299 px copy, say) would silently get the cached image, so it is an error. Records from before
+    sources were stored are checked against the folder the cache was built from, when that is known."""
+    if "path" not in table or not known:
+        return
+    built_from = str(manifest.get("source", {}).get("images") or "")
+    folder = _source_file(built_from) if built_from else ""
+    for image_id, path in zip(table["id"].astype(str), table["path"].astype(str), strict=True):
+        rec = known.get(image_id)
+        if rec is None or not path:
+            continue
+        wanted = _source_file(path)
+        cached = rec.get("source") or ""
+        if cached and cached != wanted:
+            raise BoneAgeInputError(
+                f"image {image_id} is cached from {cached}, not from {wanted}: a cache holds one image per "
+                "id, so use another cache folder (data.cache_dir, data.cache or --cache-dir) for these files",
+                root,
+            )
+        if not cached and folder and not wanted.startswith(folder + os.sep):
+            raise BoneAgeInputError(
+                f"image {image_id} is cached from the folder {built_from}, not from {wanted}: a cache holds "
+                "one image per id, so use another cache folder (data.cache_dir, data.cache or --cache-dir) "
+                "for these files",
+                root,
+            )
 
 
 def _check_same_settings(root: Path, manifest: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -547,7 +587,7 @@ class ShardCache:
 class ShardDataset:
     """Images from shards with sex and bone age.
 
-    ``decode="worker"``: yields (1, S, S) uint8 tensors decoded on the CPU, like ``BoneAgeDataset``.
+    ``decode="worker"``: yields (1, S, S) uint8 tensors decoded on the CPU.
     ``decode="device"``: yields the encoded bytes as a 1-D uint8 tensor; :class:`EncodedCollate` batches them
     into :class:`EncodedImages`, decoded on the accelerator after the transfer.
     """
@@ -565,6 +605,7 @@ class ShardDataset:
         self.shard = table["shard"].to_numpy(dtype=np.int64)
         self.offset = table["offset"].to_numpy(dtype=np.int64)
         self.length = table["length"].to_numpy(dtype=np.int64)
+        self.crc32 = table["crc32"].to_numpy(dtype=np.int64) if "crc32" in table else None
         self.male = torch.as_tensor(table["male"].to_numpy(dtype=np.float32))
         self.boneage = torch.as_tensor(table["boneage"].to_numpy(dtype=np.float32))
 
@@ -578,8 +619,16 @@ class ShardDataset:
         picked = range(len(self)) if rows is None else [int(i) for i in rows]
         out = np.empty((len(picked), self.size, self.size), dtype=np.uint8)
         for k, i in enumerate(picked):
+            data = self.encoded(i)
+            # raw bytes with a flipped bit decode without complaint: evaluation and bundling must not score
+            # a damaged image (training checks the shards' sha256 instead)
+            if self.crc32 is not None and zlib.crc32(data) != int(self.crc32[i]):
+                raise BoneAgeInputError(
+                    f"cached image {self.ids[i]} is damaged (checksum mismatch); run `boneage cache verify "
+                    "--drop-corrupt` on its cache"
+                )
             try:
-                out[k] = decode_image(self.encoded(i), self.format, self.size)
+                out[k] = decode_image(data, self.format, self.size)
             except (OSError, ValueError) as exc:
                 raise BoneAgeInputError(f"cached image {self.ids[i]} cannot be decoded ({exc})") from None
         return out
@@ -705,6 +754,11 @@ def _cache_rows(cache: ShardCache, table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _same_age(cached: float, age: float) -> bool:
+    """Equal ages, an unknown (NaN) age included: NaN != NaN would rewrite the manifest on every build."""
+    return bool(cached == float(age) or (math.isnan(cached) and math.isnan(float(age))))
+
+
 def _with_labels(table: pd.DataFrame) -> pd.DataFrame:
     """A table to build from: ``boneage`` and ``male`` filled (unknown: 0 and False) when it has none."""
     if "boneage" in table and "male" in table:
@@ -731,12 +785,15 @@ def cached_images(
     if not len(table):
         return np.zeros((0, preprocess.size, preprocess.size), dtype=np.uint8)
     root = shard_cache_path(cache_dir, preprocess, "raw")
-    _raise_failures(
-        build_cache(root, preprocess, _with_labels(table), fmt="raw", workers=workers, progress=progress)
+    labelled = _with_labels(table)
+    # only the images are wanted here: placeholder labels must not overwrite those the cache holds
+    report = build_cache(
+        root, preprocess, labelled, fmt="raw", workers=workers, progress=progress, relabel=False
     )
+    _raise_failures(report)
     cache = ShardCache(root)
     cache.check_settings(preprocess)
-    return cache.dataset(_cache_rows(cache, _with_labels(table)), "worker").array()
+    return cache.dataset(_cache_rows(cache, labelled), "worker").array()
 
 
 def training_cache(
@@ -750,8 +807,9 @@ def training_cache(
     NIH or MURA), whose rows, order and columns (labels, ``patient``...) are returned with where each image
     is; only the images come from the cache.
     The rows are then chosen by ``boneage.data.select_rows``. When the holdout is scored
-    (``data.holdout_monitor`` or ``data.val_from_holdout``) its images come from the cache too: a build
-    adds them (even beyond ``data.limit``), and a ``data.cache`` that lacks some is an error.
+    (``data.holdout_monitor`` or ``data.val_from_holdout``) its images come from the cache too: building a
+    ``data.cache`` adds them (even beyond ``data.limit``), and a ``data.cache`` that lacks some is an error;
+    the automatic cache gets them from the source table like every other row.
     """
     from boneage.data import holdout_ids
     from boneage.preprocess import Preprocess

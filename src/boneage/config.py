@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from boneage.errors import BoneAgeInputError
 from boneage.spec import ModelSpec, PreprocessSpec
@@ -87,13 +87,16 @@ class DataConfig(Section):
     findings: list[str] = Field(default_factory=list)  # nih: keep images with any of these
     body_parts: list[str] = Field(default_factory=list)  # mura: e.g. [XR_HAND, XR_WRIST]; []: all
 
-    @field_validator("cache_format", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _cache_format(cls, value: Any) -> Any:
+    def _cache_format(cls, values: Any) -> Any:
+        """A config saved when the .npy cache existed also wrote that era's ``shard_format: jpeg`` default:
+        its images were lossless, so they stay lossless (raw shards), whatever shard_format it states."""
+        value = values.get("cache_format") if isinstance(values, dict) else None
         if isinstance(value, str) and value.strip().lower() == "npy":
             log.warning("data.cache_format=npy is deprecated: the .npy cache is gone, using raw shards")
-            return "shards"
-        return value
+            values = {**values, "cache_format": "shards", "shard_format": "raw"}
+        return values
 
 
 class AugmentConfig(Section):

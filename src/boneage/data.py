@@ -223,11 +223,6 @@ class BoneAgeDataModule(L.LightningDataModule):
         """The tidy ``id, boneage, male, path`` table of ``data.source`` (RSNA, NIH or MURA)."""
         return read_source(self.data)
 
-    def split(self, labels: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Stratified by sex and age band; by patient when the source knows patients (NIH, MURA), so
-        follow-up films of a validation patient never appear in training."""
-        return split_rows(labels, self.data)
-
     def decode_mode(self, fmt: str) -> str:
         """Where shard images are decoded: ``device`` (the batch, after the transfer: nvJPEG on a GPU) or
         ``worker`` (each image on the CPU in the loader). ``auto``: device for JPEG when training on CUDA."""
@@ -247,8 +242,8 @@ class BoneAgeDataModule(L.LightningDataModule):
 
     def _loader_options(self, dataset: Dataset) -> dict:
         """Encoded shard batches keep their own collate; JPEG/PNG shard datasets use loader workers (all of
-        them to decode on the CPU, up to 2 to gather bytes ahead of the GPU); raw shards decoded here and
-        in-memory arrays need none; host memory is pinned for asynchronous copies when there is a GPU."""
+        them to decode on the CPU, up to 2 to gather bytes ahead of the GPU); raw shards decoded here need
+        none; host memory is pinned for asynchronous copies when there is a GPU."""
         collate = getattr(dataset, "collate", None)
         decode = getattr(dataset, "decode", "")
         # raw shards need no decoding: a batch is a few copies out of the memory map, ~14k images/s (256 px)
