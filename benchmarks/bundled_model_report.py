@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, default=Path("src/boneage/assets/model.safetensors"))
     ap.add_argument("--out", type=Path, default=Path("docs/results/bundled-v0.3"))
-    ap.add_argument("--version", default="0.3.0")
+    ap.add_argument("--version", default=None, help="model version (default: the package's)")
     ap.add_argument(
         "--prior-run", type=Path, default=None, help="run folder this run was initialised from (its curve)"
     )
@@ -81,6 +81,10 @@ def main() -> None:
     from boneage.bundle import make_bundle
     from boneage.evaluation import metrics, plot_predictions
 
+    if args.version is None:
+        from boneage import __version__
+
+        args.version = __version__
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     path, facts = make_bundle(

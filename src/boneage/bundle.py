@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from boneage import __version__
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
@@ -180,7 +181,7 @@ def make_bundle(
     checkpoint: str | Path,
     out_path: str | Path,
     *,
-    version: str = "0.3.0",
+    version: str = __version__,
     native_images: str | Path | None = None,
     cache_dir: str | Path | None = None,
     ood_train_images: int = 3000,

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from boneage import __version__
 from boneage.cli._common import err, exit_on_user_error, out
 from boneage.errors import BoneAgeInputError
 
@@ -422,7 +423,7 @@ def export(
 def bundle(
     checkpoint: Annotated[Path | None, typer.Option(help="best.ckpt of a training run")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="output .safetensors")] = Path("model.safetensors"),
-    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "0.3.0",
+    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = __version__,
     convert: Annotated[
         Path | None, typer.Option(help="rewrite a v0.1 bundle (whole training config inside) as a model spec")
     ] = None,
