@@ -223,3 +223,15 @@ def test_squash_geometry_matches_the_299_training_copies(shared_sample: Path, sh
         diffs.append(np.mean(np.abs(a - b)))
     assert min(correlations) > 0.98, correlations
     assert np.mean(diffs) < 6.0, diffs  # grey levels out of 255, after crop and contrast
+
+
+def test_cache_key_follows_the_preprocessing_code_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A behaviour change in the preprocessing code must not reuse caches of the old pixels; version 1 keeps
+    the keys of caches made before the version existed."""
+    import boneage.preprocess as pre
+
+    prep = pre.Preprocess(size=64)
+    before = prep.key()
+    assert pre.PREPROCESS_VERSION == 1 and before == pre.Preprocess(size=64).key()
+    monkeypatch.setattr(pre, "PREPROCESS_VERSION", 2)
+    assert prep.key() != before

@@ -20,6 +20,10 @@ from PIL import Image
 from scipy import ndimage
 
 _WORK_SIZE = 256  # the hand is located on a copy this large: fast and robust to noise
+# Bump when the preprocessing code (hand_box, squash, letterbox, contrast) changes what it outputs for the
+# same settings: cache keys change with it, so no cache of the old pixels is reused. Version 1 adds nothing
+# to the key, which keeps the names of the caches made before the version existed.
+PREPROCESS_VERSION = 1
 
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -174,8 +178,10 @@ class Preprocess:
     def key(self) -> str:
         """A short hash of the settings: a cache built with other settings is never reused by mistake.
         Letterbox settings hash without the squash fields, so caches made before they existed stay valid."""
-        d = self.to_dict()
+        d: dict[str, Any] = self.to_dict()
         if self.geometry == "letterbox":
             d.pop("geometry")
             d.pop("squash_size")
+        if PREPROCESS_VERSION > 1:
+            d["code_version"] = PREPROCESS_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
