@@ -305,7 +305,7 @@ def build_cache(
         if images is None:
             raise BoneAgeInputError("building a cache needs the images folder as well as the labels")
         table = read_labels(labels, images)
-        source = {"images": str(Path(images).resolve()), "labels": str(Path(labels).resolve())}
+        source = {"images": _source_file(str(images)), "labels": _source_file(str(labels))}
     else:
         table = labels
         source = {"images": _source_file(str(images)) if images else "", "labels": ""}
@@ -395,7 +395,9 @@ def _add_shards(
 
 
 def _source_file(path: str) -> str:
-    return os.path.normpath(os.path.abspath(path)) if path else ""
+    """The one spelling of a file or folder that manifests store and compare (symlinks resolved, as the
+    build folder always was: a folder reached through a link must still contain its own files)."""
+    return os.path.realpath(path) if path else ""
 
 
 def _check_same_files(
@@ -414,17 +416,14 @@ def _check_same_files(
             continue
         wanted = _source_file(path)
         cached = rec.get("source") or ""
-        if cached and cached != wanted:
+        if cached:
+            same, origin = cached == wanted, cached
+        else:
+            same, origin = not folder or wanted.startswith(folder + os.sep), f"the folder {built_from}"
+        if not same:
             raise BoneAgeInputError(
-                f"image {image_id} is cached from {cached}, not from {wanted}: a cache holds one image per "
+                f"image {image_id} is cached from {origin}, not from {wanted}: a cache holds one image per "
                 "id, so use another cache folder (data.cache_dir, data.cache or --cache-dir) for these files",
-                root,
-            )
-        if not cached and folder and not wanted.startswith(folder + os.sep):
-            raise BoneAgeInputError(
-                f"image {image_id} is cached from the folder {built_from}, not from {wanted}: a cache holds "
-                "one image per id, so use another cache folder (data.cache_dir, data.cache or --cache-dir) "
-                "for these files",
                 root,
             )
 
