@@ -148,12 +148,28 @@ def main() -> None:
             rows.append(row)
     table = pd.DataFrame(rows)
     # real held-out hands (never trained on): how many would be refused?
-    images = np.stack([plain.prepare(p)[1] for p in labels["path"]])
+    from boneage.io import read_radiograph
+    from boneage.runtime import oriented_pixels
+
+    prepared, texture = [], []
+    for p in labels["path"]:  # one read per file: the inputs of both densities, as predict makes them
+        rad = read_radiograph(p)
+        prepared.append(plain.prepare(rad)[1])
+        score = plain.texture_score(oriented_pixels(rad))
+        texture.append(np.nan if score is None else score)
+    images, texture_scores = np.stack(prepared), np.asarray(texture, dtype=float)
     male = labels["male"].to_numpy(bool)
     feats = plain.predict_arrays(images, male, features=True)[3]
     scores = plain.ood.score(feats)
     probe = plain.ood.orientation
-    refused = scores > plain.ood.threshold
+    texture_density = plain.ood.texture
+    refused_pooled = scores > plain.ood.threshold
+    refused_texture = (
+        texture_scores > texture_density.threshold
+        if texture_density is not None
+        else np.zeros(len(scores), bool)
+    )
+    refused = refused_pooled | refused_texture
     ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
     rotated = ~refused & plain.ood.looks_turned(feats, ratios)  # the rule predict applies
     orientation = {"rotation_ratio": np.round(ratios, 4)}
@@ -162,7 +178,12 @@ def main() -> None:
     flagged = int(refused.sum() + rotated.sum())
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "battery.csv", index=False)
-    real = {"id": labels["id"], "ood_score": np.round(scores, 4), **orientation}
+    real = {
+        "id": labels["id"],
+        "ood_score": np.round(scores, 4),
+        "ood_texture_score": np.round(texture_scores, 4),
+        **orientation,
+    }
     pd.DataFrame(real).to_csv(args.out / "real_hands.csv", index=False)
     summary = {
         "threshold": round(plain.ood.threshold, 3),
@@ -174,13 +195,21 @@ def main() -> None:
         "battery_passed": int((table["outcome"] == "passed").sum()),
         "passed_inputs": table.loc[table["outcome"] == "passed", "input"].tolist(),
         "real_hands": len(labels),
+        "texture_threshold": round(texture_density.threshold, 3) if texture_density is not None else None,
         "real_hands_refused": int(refused.sum()),
+        "real_hands_refused_by_pooled_density": int(refused_pooled.sum()),
+        "real_hands_refused_by_texture_density": int(refused_texture.sum()),
         "real_hands_warned_rotated": int(rotated.sum()),
         "real_hands_refused_ids": labels.loc[refused, "id"].astype(str).tolist(),
         "real_hands_warned_ids": labels.loc[rotated, "id"].astype(str).tolist(),
         "real_hands_flagged": flagged,
         "real_hands_flagged_rate": round(flagged / len(labels), 4),
         "real_hand_score_p50_p99_max": [round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)],
+        "real_hand_texture_score_p50_p99_max": [
+            round(float(np.nanquantile(texture_scores, q)), 3) for q in (0.5, 0.99, 1.0)
+        ]
+        if texture_density is not None
+        else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

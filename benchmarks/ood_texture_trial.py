@@ -38,6 +38,13 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=800, help="training images the densities are fitted on")
     ap.add_argument("--calibrate", type=int, default=400, help="other training images for the threshold")
     ap.add_argument("--stages", default="1,2,3", help="stages (timm blocks) to try")
+    ap.add_argument(
+        "--jpeg",
+        type=int,
+        default=0,
+        help="also score native PNGs and the battery after a squash-to-299 + JPEG round trip at this quality "
+        "(the training copies are 299 px JPEG q60): does imitating their making close the native shift?",
+    )
     args = ap.parse_args()
 
     import torch
@@ -70,6 +77,26 @@ def main() -> None:
     def prepared(paths: list[Path]) -> np.ndarray:
         return np.stack([predictor.prepare(p)[1] for p in paths])
 
+    def like_training_copy(pixels: np.ndarray) -> np.ndarray:
+        """The frame made the way the training copies were: squashed to 299 px, then JPEG at ``--jpeg``."""
+        import io
+
+        from PIL import Image
+
+        from boneage.preprocess import squash
+
+        grey = np.asarray(pixels, dtype=np.float32)
+        grey = grey * 255.0 if grey.max() <= 1.0 else grey  # read_radiograph gives [0, 1]
+        small = np.clip(np.rint(squash(grey, 299)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).save(buf, format="JPEG", quality=args.jpeg)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+
+    def prepared_jpeg(paths: list[Path]) -> np.ndarray:
+        from boneage.io import read_radiograph
+
+        return np.stack([predictor.preprocess(like_training_copy(read_radiograph(p).pixels)) for p in paths])
+
     labels = pd.read_csv(SQUARE / "labels.csv", dtype={"id": str})
     held = pd.read_csv(SAMPLE / "labels.csv", dtype={"id": str})
     train_ids = labels.loc[~labels["id"].isin(set(held["id"])), "id"].sample(
@@ -80,6 +107,11 @@ def main() -> None:
     square = stats(prepared([SQUARE / "images" / f"{i}.jpg" for i in held["id"]]))
     battery = synthetic_battery(np.random.default_rng(0))
     synthetic = stats(np.stack([predictor.preprocess(v) for v in battery.values()]))
+    if args.jpeg:
+        native_j = stats(prepared_jpeg([SAMPLE / "images" / f"{i}.png" for i in held["id"]]))
+        synthetic_j = stats(
+            np.stack([predictor.preprocess(like_training_copy(v)) for v in battery.values()])
+        )
     chest = [list(battery).index(n) for n in battery if n.startswith("chest-like")]
     rows = []
     for k in stages:
@@ -103,6 +135,16 @@ def main() -> None:
                     "square_score_median": round(float(np.median(s_square)), 2),
                 }
             )
+            if args.jpeg:
+                s_nj, s_sj = d.score(native_j[k]), d.score(synthetic_j[k])
+                rows[-1].update(
+                    {
+                        "held_out_native_jpeg_refused": int((s_nj > threshold).sum()),
+                        "battery_jpeg_refused": int((s_sj > threshold).sum()),
+                        "chest_like_jpeg_scores": [round(float(s_sj[i]), 2) for i in chest],
+                        "native_jpeg_score_median": round(float(np.median(s_nj)), 2),
+                    }
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "fit_images": args.fit,
@@ -111,7 +153,10 @@ def main() -> None:
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (args.out / "texture_trial.json").write_text(json.dumps(result, indent=2))
+    if args.jpeg:
+        result["jpeg_quality"] = args.jpeg
+    name = f"texture_trial_jpeg{args.jpeg}.json" if args.jpeg else "texture_trial.json"
+    (args.out / name).write_text(json.dumps(result, indent=2))
     print(pd.DataFrame(rows).to_string(index=False))
 
 

@@ -151,9 +151,15 @@ def test_make_bundle_measures_the_holdout_in_both_geometries(
         "native_mae_by_sex",
         "ood_calibration_images",
         "orientation_val_turned_detected_at_least",
+        "ood_texture_threshold",
+        "ood_flagged_native_texture",
     ):
         assert key in meta, key
-    assert Predictor.load(path).ood.orientation is not None  # the orientation probe ships in the bundle
+    loaded = Predictor.load(path).ood
+    assert loaded.orientation is not None  # the orientation probe ships in the bundle
+    assert loaded.texture is not None  # and the texture density; letterbox: no remaking of the input
+    assert loaded.copy_recipe == (0, 0)
+    assert meta["ood_flagged_native"][0] >= meta["ood_flagged_native_texture"][0]
     lo, hi = meta["training_range_months"]
     assert 0 < lo < hi <= 240
     predictor = Predictor.load(path)

@@ -29,6 +29,7 @@ def test_bundled_model_is_shipped_small_and_fp16() -> None:
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys() if "weight" in k and not k.startswith("ood.")}
         assert "ood.threshold" in f.keys()  # the out-of-distribution density ships with the model
         assert "ood.orientation_weight" in f.keys()  # and the orientation probe
+        assert "ood.texture.threshold" in f.keys()  # and the texture density
     assert dtypes == {"torch.float16"}
     for key in (
         "version",

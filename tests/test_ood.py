@@ -78,12 +78,29 @@ def test_uniform_images_fail_the_image_check() -> None:
     assert not image_checks(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
 
 
+def _chest_like(rng: np.random.Generator, h: int = 1000, w: int = 800) -> np.ndarray:
+    """A synthetic chest-like drawing (bright body, two dark lungs, a spine, ribs), as the OOD battery
+    (benchmarks/ood_battery.py) draws it."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.full((h, w), 0.75) + rng.normal(0, 0.02, (h, w))
+    for cx in (0.28, 0.52):
+        img[((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1] = 0.25
+    img[np.abs(xx - 0.4) < 0.025] = 0.95
+    for r in range(8):
+        rib = np.abs(yy - 0.25 - r * 0.065 - 0.03 * np.sin(xx * 6)) < 0.008
+        img[rib & (np.abs(xx - 0.4) < 0.3)] = 0.7
+    img[(xx < 0.05) | (xx > 0.75)] = 0.05
+    img = (img - img.min()) / (img.max() - img.min())
+    return (img * 255).astype(np.uint8)
+
+
 @pytest.mark.integration
 def test_bundled_model_refuses_non_hands_warns_on_turned_hands_and_accepts_real_hands(
     shared_sample: Path, tmp_path: Path
 ) -> None:
-    """Noise and a stripe pattern are refused with one line; a real hand turned upside down or by 180
-    degrees gets a bone age only with the orientation warning; real held-out hands pass silently."""
+    """Noise, a stripe pattern and a chest-like drawing are refused with one line; a real hand turned upside
+    down or by 180 degrees gets a bone age only with the orientation warning; real held-out hands pass
+    silently."""
     from boneage.labels import read_labels
     from boneage.runtime import load_predictor
 
@@ -94,7 +111,12 @@ def test_bundled_model_refuses_non_hands_warns_on_turned_hands_and_accepts_real_
     rng = np.random.default_rng(1)
     labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
     stripes = ((np.arange(900)[:, None] // 12 % 2) * 255 * np.ones((1, 700))).astype(np.uint8)
-    bad = {"noise.png": rng.integers(0, 256, (900, 700), dtype=np.uint8), "stripes.png": stripes}
+    bad = {
+        "noise.png": rng.integers(0, 256, (900, 700), dtype=np.uint8),
+        "stripes.png": stripes,
+        "chest-like.png": _chest_like(rng),  # inside the pooled cloud (v0.3); the texture density's case
+    }
+    assert predictor.ood.texture is not None, "the bundled model ships its texture density"
     for name, img in bad.items():
         path = tmp_path / name
         Image.fromarray(img).save(path)
@@ -117,3 +139,61 @@ def test_bundled_model_refuses_non_hands_warns_on_turned_hands_and_accepts_real_
     images = np.stack([plain.prepare(p)[1] for p in real["path"]])
     scores = plain.ood_scores(images, real["male"].to_numpy(bool))
     assert (scores <= plain.ood.threshold).mean() >= 0.95, scores
+
+
+def test_texture_density_and_its_copy_recipe_survive_the_bundle_round_trip() -> None:
+    """The second (texture) density ships inside the first one's tensors; bundles without it still load."""
+    rng = np.random.default_rng(3)
+    density = FeatureDensity.fit(rng.normal(size=(200, 12)), components=4)
+    plain = FeatureDensity.from_tensors(density.to_tensors())
+    assert plain is not None and plain.texture is None
+    texture = FeatureDensity.fit(rng.normal(size=(200, 20)), components=6)
+    texture.calibrate(rng.normal(size=(100, 20)))
+    density.texture, density.copy_recipe = texture, (299, 60)
+    tensors = density.to_tensors()
+    assert any(k.startswith("ood.texture.") for k in tensors)
+    again = FeatureDensity.from_tensors(tensors)
+    assert again is not None and again.texture is not None and again.copy_recipe == (299, 60)
+    assert again.texture.threshold == pytest.approx(texture.threshold, rel=1e-5)
+    probe = rng.normal(size=(5, 20)) * 3
+    np.testing.assert_allclose(again.texture.score(probe), texture.score(probe), rtol=1e-4)
+    assert again.texture.texture is None and again.texture.orientation is None
+
+
+def test_texture_density_refuses_in_predict(tiny_bundle: Path, tmp_path: Path) -> None:
+    """An input whose texture statistics are far from the texture density's training cloud is refused with
+    one line naming the texture; the same input passes when the density's limit is loose."""
+    from boneage.inference import Predictor
+    from boneage.ood import TEXTURE_STAGE
+
+    predictor = Predictor.load(tiny_bundle, runtime="torch")
+    rng = np.random.default_rng(4)
+    train = rng.integers(0, 256, (40, 64, 64), dtype=np.uint8)
+    stats = predictor.texture_statistics(train)
+    assert stats is not None and stats.shape[0] == 40
+    assert predictor.model.supports_texture(TEXTURE_STAGE)
+    texture = FeatureDensity.fit(stats, components=8)
+    texture.threshold = 0.0  # every input is "unusual"
+    feats = predictor.predict_arrays(train[:20], np.zeros(20, bool), features=True)[3]
+    predictor.ood = FeatureDensity.fit(feats, components=4)  # threshold inf: it never refuses here
+    predictor.ood.texture = texture
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, (120, 90), dtype=np.uint8)).save(path)
+    with pytest.raises(BoneAgeInputError, match="fine image texture") as info:
+        predictor.predict(path, "female")
+    assert "\n" not in str(info.value)
+    texture.threshold = float("inf")
+    assert np.isfinite(predictor.predict(path, "female").bone_age_months)
+
+
+def test_onnx_graph_gives_the_same_texture_statistics_as_torch(tiny_bundle: Path) -> None:
+    """The exported graph taps the texture stage in the same pass (output ``texture``); its statistics are
+    the torch network's partial pass, so a density fitted with one engine scores with the other."""
+    from boneage.inference import Predictor
+    from boneage.runtime import OnnxPredictor
+
+    onnx, torch_engine = OnnxPredictor.load(tiny_bundle), Predictor.load(tiny_bundle, runtime="torch")
+    images = np.random.default_rng(5).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    a, b = onnx.texture_statistics(images), torch_engine.texture_statistics(images)
+    assert a is not None and b is not None and a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)

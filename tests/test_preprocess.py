@@ -235,3 +235,25 @@ def test_cache_key_follows_the_preprocessing_code_version(monkeypatch: pytest.Mo
     assert pre.PREPROCESS_VERSION == 1 and before == pre.Preprocess(size=64).key()
     monkeypatch.setattr(pre, "PREPROCESS_VERSION", 2)
     assert prep.key() != before
+
+
+@pytest.mark.integration
+def test_training_copy_remakes_a_native_file_like_its_299_jpeg(shared_sample: Path, shared_299: Path) -> None:
+    """The OOD texture check remakes an input the way the training copies were made: squashed to 299 px
+    and JPEG-compressed. From a clinic's PNG that lands within a few grey levels of the shared copy of the
+    same id."""
+    from boneage.io import read_radiograph
+    from boneage.preprocess import squash, training_copy
+
+    ids = sorted(p.stem for p in (shared_sample / "images").glob("*.png"))[:6]
+    for image_id in ids:
+        native = read_radiograph(shared_sample / "images" / f"{image_id}.png").pixels
+        copy = np.asarray(read_radiograph(shared_299 / "images" / f"{image_id}.jpg").pixels) * 255
+        remade = training_copy(native)
+        assert remade.shape == (299, 299) and remade.dtype == np.uint8
+        assert np.mean(np.abs(remade - copy)) < 3.0  # grey levels; the copies were made from other PNGs
+        # 0-255 input gives the same copy as [0, 1] input
+        assert np.array_equal(training_copy(native * 255), remade)
+        # it is the squash, compressed: close to it, but not it
+        plain = squash(np.asarray(native, np.float32) * 255, 299)
+        assert 0.0 < np.mean(np.abs(remade - plain)) < 3.0

@@ -27,9 +27,18 @@ from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
 from boneage.inference import Predictor, export_bundle_onnx
+from boneage.io import read_radiograph
 from boneage.labels import read_labels
-from boneage.ood import FeatureDensity, OrientationProbe, rotation_ratios, turned
+from boneage.ood import (
+    TEXTURE_COMPONENTS,
+    TEXTURE_STAGE,
+    FeatureDensity,
+    OrientationProbe,
+    rotation_ratios,
+    turned,
+)
 from boneage.runs import git_commit
+from boneage.runtime import oriented_pixels
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,8 @@ def convert_bundle(old: str | Path, new: str | Path) -> Path:
     return save_bundle(predictor, new, {"converted_from": "v0.1 layout"})
 
 
+# the JPEG quality of the shared 299 px training copies (../shared/data/rsna-bone-age-299/README.md)
+TRAINING_COPY_QUALITY = 60
 OOD_QUANTILE = 0.995
 OOD_MARGIN = 1.25
 OOD_CALIBRATION_IMAGES = 3000  # training images kept out of the density fit, to calibrate its threshold
@@ -116,6 +127,7 @@ def fit_ood(
     density.orientation = OrientationProbe.fit(feats[:n_orient], orient_feats)
     turned_feats = features(turned(val_images), np.tile(val_male, 4))
     val_scores, cal_scores = density.score(val_feats), density.score(cal_feats)
+    texture_report = _fit_texture(plain, density, images, train, cal_idx, val_images)
     ratios = rotation_ratios(val_scores, density.score(turned_feats))
     density.rotation_ratio = float(np.quantile(ratios, OOD_QUANTILE) * OOD_MARGIN)  # for older runtimes
     probe = density.orientation
@@ -142,8 +154,49 @@ def fit_ood(
             int(density.looks_turned(turned_feats, turned_ratio_floor).sum()),
             len(turned_feats),
         ],
+        **texture_report,
     }
     return density, report
+
+
+def _fit_texture(
+    plain: Predictor,
+    density: FeatureDensity,
+    fit_images: np.ndarray,
+    train: Any,
+    cal_idx: np.ndarray,
+    val_images: np.ndarray,
+) -> dict[str, Any]:
+    """The texture density (``boneage.ood``): early-stage statistics of the same fit images, calibrated
+    like the pooled density. A squash model's training images are the 299 px JPEG copies already, so they
+    are used as cached; ``predict`` remakes every input that way first (``density.copy_recipe``)."""
+    fit_stats = plain.texture_statistics(fit_images)
+    if fit_stats is None or not fit_stats.size:
+        return {"ood_texture": "not fitted: this backbone has no EfficientNet-layout stage to tap"}
+    texture = FeatureDensity.fit(fit_stats, components=TEXTURE_COMPONENTS)
+    cal_stats = plain.texture_statistics(train.array(cal_idx)) if len(cal_idx) else fit_stats[:0]
+    val_stats = plain.texture_statistics(val_images)
+    assert cal_stats is not None and val_stats is not None
+    texture.calibrate(np.concatenate([cal_stats, val_stats]), OOD_QUANTILE, OOD_MARGIN)
+    density.texture = texture
+    pre = plain.spec.preprocess
+    # a squash-geometry model was trained on the shared 299 px JPEG copies: inputs are remade that way
+    # first; any other model's statistics are taken from its plain input
+    density.copy_recipe = (pre.squash_size, TRAINING_COPY_QUALITY) if pre.geometry == "squash" else (0, 0)
+    return {
+        "ood_texture_stage": TEXTURE_STAGE,
+        "ood_texture_components": int(len(texture.variances)),
+        "ood_texture_threshold": round(texture.threshold, 3),
+        "ood_texture_copy_recipe": list(density.copy_recipe),
+        "ood_texture_flagged_val_split": [
+            int((texture.score(val_stats) > texture.threshold).sum()),
+            len(val_stats),
+        ],
+        "ood_texture_flagged_calibration_train": [
+            int((texture.score(cal_stats) > texture.threshold).sum()),
+            len(cal_stats),
+        ],
+    }
 
 
 def run_config_for(checkpoint: str | Path) -> RunConfig:
@@ -256,10 +309,25 @@ def make_bundle(
             say(f"held-out ids, native-aspect files through the predict path ({len(native)} images)")
             nat = evaluate(predictor, native, progress=progress)  # no cache: read and preprocess each file
             nat_plain = evaluate(plain, native, progress=progress)
-            native_images_arr = np.stack([plain.prepare(p)[1] for p in native["path"]])
-            nat_scores = plain.ood_scores(native_images_arr, native["male"].to_numpy(bool))
-            facts["ood_flagged_native"] = [int((nat_scores > predictor.ood.threshold).sum()), len(native)]
+            prepared, tex = [], []
+            for path in native["path"]:  # one read per file: both checks' inputs, as predict makes them
+                rad = read_radiograph(path)
+                prepared.append(plain.prepare(rad)[1])
+                score = plain.texture_score(oriented_pixels(rad))
+                tex.append(np.nan if score is None else score)
+            nat_scores = plain.ood_scores(np.stack(prepared), native["male"].to_numpy(bool))
+            flagged = nat_scores > predictor.ood.threshold
+            facts["ood_flagged_native_pooled"] = [int(flagged.sum()), len(native)]
             nat.predictions["ood_score"] = np.round(nat_scores, 4)
+            if predictor.ood.texture is not None:
+                tex = np.asarray(tex, dtype=float)
+                flagged |= tex > predictor.ood.texture.threshold
+                facts["ood_flagged_native_texture"] = [
+                    int((tex > predictor.ood.texture.threshold).sum()),
+                    len(native),
+                ]
+                nat.predictions["ood_texture_score"] = np.round(tex, 4)
+            facts["ood_flagged_native"] = [int(flagged.sum()), len(native)]
             merged = nat.predictions.merge(rep.predictions, on="id", suffixes=("", "_train_geometry"))
             facts.update(
                 native_images=len(native),

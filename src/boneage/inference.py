@@ -19,9 +19,9 @@ import torch
 
 from boneage.errors import BoneAgeInputError
 from boneage.labels import parse_sex as normalize_sex
-from boneage.models import BoneAgeNet, read_state_dict
+from boneage.models import BoneAgeNet, read_state_dict, stage_statistics
 from boneage.ood import PREFIX as OOD_PREFIX
-from boneage.ood import FeatureDensity
+from boneage.ood import TEXTURE_STAGE, FeatureDensity
 from boneage.runtime import (
     BUNDLED_NAME,
     ONNX_EXPORT_VERSION,
@@ -194,6 +194,19 @@ class Predictor(BasePredictor):
         months, feats = self._network(tta_batch(x, views), s.repeat(len(views)))
         return months, feats, None
 
+    def texture_statistics(self, images: np.ndarray) -> np.ndarray | None:
+        """The OOD texture statistics of preprocessed uint8 images (N, S, S); None for a backbone without
+        the EfficientNet layout. Always the torch network (a partial pass), also when ONNX runs predict."""
+        if not self.model.supports_texture(TEXTURE_STAGE):
+            return None
+        out = []
+        model = self.model.float().eval()
+        with torch.inference_mode():
+            for start in range(0, len(images), 32):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + 32], dtype=np.float32))
+                out.append(model.texture_statistics(x[:, None].div(255).to(self.device), TEXTURE_STAGE))
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
+
     def heatmap(self, pred: Prediction) -> np.ndarray:
         """Grad-CAM over the last feature stage: where the network looked (float (S, S) in [0, 1])."""
         from pytorch_grad_cam import GradCAM
@@ -266,6 +279,8 @@ class _ExportGraph(torch.nn.Module):
         super().__init__()
         self.net = net
         self.cam = cam
+        # the OOD check's texture statistics, tapped from the same pass (no extra compute)
+        self.texture = cam and net.supports_texture(TEXTURE_STAGE)
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, ...]:
         net = self.net
@@ -275,7 +290,13 @@ class _ExportGraph(torch.nn.Module):
         x = (image - net.pixel_mean) / net.pixel_std
         if net.in_chans > 1:
             x = x.expand(-1, net.in_chans, -1, -1)
-        a = b.blocks(b.bn1(b.conv_stem(x)))  # the Grad-CAM layer's output
+        a = b.bn1(b.conv_stem(x))
+        texture = None
+        for i, block in enumerate(b.blocks):
+            a = block(a)
+            if self.texture and i == TEXTURE_STAGE:
+                texture = stage_statistics(a)
+        # a: the Grad-CAM layer's output
         bn = b.bn2
         pre = torch.nn.functional.batch_norm(
             b.conv_head(a), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
@@ -298,7 +319,7 @@ class _ExportGraph(torch.nn.Module):
         d_pre = act_grad * (grad * scale)[:, :, None, None]  # up to the constant 1/(h·w) of the pooling
         alpha = d_pre.mean(dim=(2, 3)) @ b.conv_head.weight.flatten(1)  # (B, C of A)
         cam = (alpha[:, :, None, None] * a).sum(1)
-        return months, feats, cam
+        return (months, feats, cam) if texture is None else (months, feats, cam, texture)
 
 
 _export = torch.onnx.export
@@ -358,6 +379,7 @@ def export_onnx(
         if not torch.allclose(ref, got, atol=1e-3, rtol=1e-4):
             raise RuntimeError("in-graph Grad-CAM forward does not reproduce the network's output")
     names = ["bone_age_months", "features", *(["cam"] if cam else [])]
+    names += ["texture"] if graph.texture else []
     tmp = out.with_name(f".{out.name}.tmp")
     with warnings.catch_warnings():  # PRESERVE + constant folding: fine in eval mode, torch warns anyway
         warnings.simplefilter("ignore", UserWarning)

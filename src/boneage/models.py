@@ -75,6 +75,14 @@ class Head(nn.Module):
         return self.out(x)
 
 
+def stage_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) activations → (B, 2C): per-channel spatial mean, then standard deviation."""
+    x = x.float()
+    mean = x.mean((2, 3))
+    std = (x - mean[:, :, None, None]).pow(2).mean((2, 3)).clamp_min(0).sqrt()
+    return torch.cat([mean, std], 1)
+
+
 class BoneAgeNet(nn.Module):
     """Image features ⊕ dense(sex) → dense head → bone age in months."""
 
@@ -123,6 +131,25 @@ class BoneAgeNet(nn.Module):
         if self.in_chans > 1:  # a 3-channel backbone sees the grey image in every channel
             x = x.expand(-1, self.in_chans, -1, -1)
         return self.backbone(x)
+
+    def supports_texture(self, stage: int) -> bool:
+        """Whether ``texture_statistics`` can tap ``stage``: an EfficientNet-layout timm backbone (stem,
+        ``bn1``, ``blocks``) with more than ``stage`` blocks."""
+        b = self.backbone
+        return all(hasattr(b, n) for n in ("conv_stem", "bn1", "blocks")) and len(b.blocks) > stage
+
+    def texture_statistics(self, image: torch.Tensor, stage: int) -> torch.Tensor:
+        """Per-channel mean and standard deviation of the backbone's ``blocks[stage]`` output (B, 2C): the
+        early-layer texture the OOD check's second density models (``boneage.ood``). Runs only the stem
+        and the first ``stage + 1`` blocks."""
+        b = self.backbone
+        x = (image - self.pixel_mean) / self.pixel_std
+        if self.in_chans > 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        x = b.bn1(b.conv_stem(x))
+        for block in list(b.blocks)[: stage + 1]:
+            x = block(x)
+        return stage_statistics(x)
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         """``image``: (B, 1, H, W) in [0, 1]; ``male``: (B,) 0/1 → (B,) bone age in months."""

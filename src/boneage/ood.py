@@ -9,6 +9,16 @@ training images average about 1; the refusal threshold is a high quantile of the
 validation split (training ids, never the held-out ones), so the false-refusal rate on real hands is known
 before the model ships. A noise image, a chest film or a rotated hand lands far outside that cloud, where
 the regression head would still print a confident, normal-looking bone age.
+
+Pooled features of a regression network are blind to some of what makes an image a radiograph: v0.3's
+placed two synthetic chest-like drawings inside the real-hand cloud. Lee et al.'s remedy is densities on
+earlier layers too; here a second density (``texture``) of the per-channel mean and standard deviation of
+an early stage's activations. That texture depends on how an image was made: a clinic's PNG, downsampled
+from ~1,000 px, scored about twice as high as the 299 px JPEG copies of the same hands, and 8% of real
+native files were refused when the statistics were taken from the model's own input. So the texture check
+first remakes the input the way the training copies were made (``boneage.preprocess.training_copy``:
+squash to 299 px, JPEG quality 60), which brought the native files' scores onto their copies' (median
+0.77 vs 0.74 on v0.3, ``benchmarks/ood_texture_trial.py --jpeg 60``).
 """
 
 from __future__ import annotations
@@ -18,6 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 PREFIX = "ood."  # tensor names inside a bundle
+TEXTURE_PREFIX = "ood.texture."  # the texture density's tensors
+# The texture statistics: per-channel mean and standard deviation of this EfficientNet stage's output
+# (timm ``blocks[2]``, stride 8). Chosen before the v0.4 bundle, on v0.3 (docs/results/ood/texture_trial*):
+# stage 2 with 32 components is the setting the first bundled attempt used, kept so that nothing was tuned
+# on the held-out hands.
+TEXTURE_STAGE = 2
+TEXTURE_COMPONENTS = 32
 
 
 @dataclass
@@ -30,6 +47,12 @@ class FeatureDensity:
     # score(image) / min score(image turned): above it the hand is probably rotated or upside down
     rotation_ratio: float = float("inf")
     orientation: OrientationProbe | None = None  # the orientation classifier (newer bundles)
+    # a second density, of early-layer texture statistics (``TEXTURE_STAGE``) of the image remade as a
+    # training copy (``training_copy_of``): what the pooled features are blind to (newer bundles)
+    texture: FeatureDensity | None = None
+    # (squash size, JPEG quality) the texture check remakes an input with before its statistics; (0, 0):
+    # none (a model not trained on the shared 299 px JPEG copies)
+    copy_recipe: tuple[int, int] = (299, 60)
 
     @classmethod
     def fit(cls, features: np.ndarray, components: int = 64) -> FeatureDensity:
@@ -61,29 +84,41 @@ class FeatureDensity:
         self.threshold = float(np.quantile(self.score(features), quantile) * margin)
         return self.threshold
 
-    def to_tensors(self) -> dict[str, np.ndarray]:
-        return {
-            f"{PREFIX}mean": self.mean.astype(np.float32),
-            f"{PREFIX}components": self.components.astype(np.float32),
-            f"{PREFIX}variances": self.variances.astype(np.float32),
-            f"{PREFIX}residual_scale": np.array([self.residual_scale], dtype=np.float32),
-            f"{PREFIX}threshold": np.array([self.threshold], dtype=np.float32),
-            f"{PREFIX}rotation_ratio": np.array([self.rotation_ratio], dtype=np.float32),
+    def to_tensors(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+        out = {
+            f"{prefix}mean": self.mean.astype(np.float32),
+            f"{prefix}components": self.components.astype(np.float32),
+            f"{prefix}variances": self.variances.astype(np.float32),
+            f"{prefix}residual_scale": np.array([self.residual_scale], dtype=np.float32),
+            f"{prefix}threshold": np.array([self.threshold], dtype=np.float32),
+            f"{prefix}rotation_ratio": np.array([self.rotation_ratio], dtype=np.float32),
             **(self.orientation.to_tensors() if self.orientation is not None else {}),
         }
+        if self.texture is not None:
+            out.update(self.texture.to_tensors(TEXTURE_PREFIX))
+            out[f"{TEXTURE_PREFIX}copy_recipe"] = np.array(self.copy_recipe, dtype=np.float32)
+        return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, np.ndarray]) -> FeatureDensity | None:
+    def from_tensors(cls, tensors: dict[str, np.ndarray], prefix: str = PREFIX) -> FeatureDensity | None:
         """The density a bundle ships, or None for a bundle made without one (v0.1, tiny test models)."""
         names = ("mean", "components", "variances", "residual_scale", "threshold")
-        if not all(f"{PREFIX}{n}" in tensors for n in names):
+        if not all(f"{prefix}{n}" in tensors for n in names):
             return None
-        t = {n: np.asarray(tensors[f"{PREFIX}{n}"], dtype=np.float64) for n in names}
+        t = {n: np.asarray(tensors[f"{prefix}{n}"], dtype=np.float64) for n in names}
         scale, threshold = float(t["residual_scale"][0]), float(t["threshold"][0])
-        ratio = tensors.get(f"{PREFIX}rotation_ratio")  # absent in bundles made before the check
+        ratio = tensors.get(f"{prefix}rotation_ratio")  # absent in bundles made before the check
         rotation = float(np.asarray(ratio).reshape(-1)[0]) if ratio is not None else float("inf")
+        if prefix != PREFIX:  # a nested (texture) density: no probe, no density of its own inside
+            return cls(t["mean"], t["components"], t["variances"], scale, threshold, rotation)
         orientation = OrientationProbe.from_tensors(tensors)
-        return cls(t["mean"], t["components"], t["variances"], scale, threshold, rotation, orientation)
+        density = cls(t["mean"], t["components"], t["variances"], scale, threshold, rotation, orientation)
+        density.texture = cls.from_tensors(tensors, TEXTURE_PREFIX)
+        recipe = tensors.get(f"{TEXTURE_PREFIX}copy_recipe")
+        if recipe is not None:
+            size, quality = (int(round(float(v))) for v in np.asarray(recipe).reshape(-1)[:2])
+            density.copy_recipe = (size, quality)
+        return density
 
     def looks_turned(self, features: np.ndarray, ratios: np.ndarray) -> np.ndarray:
         """The orientation rule ``predict`` applies, per image: with a probe, it doubts the image and the

@@ -110,6 +110,24 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
 GEOMETRIES = ("letterbox", "squash")
 
 
+def training_copy(pixels: np.ndarray, size: int = 299, quality: int = 60) -> np.ndarray:
+    """The frame as the shared 299 px training copies were made: squashed to ``size``², 8-bit, JPEG at
+    ``quality`` (../shared/data/rsna-bone-age-299/README.md). Not a model input: the fine texture of a
+    clinic's PNG differs from that of the JPEG copies every training image comes from, so statistics of
+    that texture (the OOD check's ``texture`` density) are only comparable on an image made the same way.
+    ``pixels`` in [0, 1] (a ``Radiograph``) or 0-255."""
+    import io
+
+    grey = np.asarray(pixels, dtype=np.float32)
+    if grey.size and float(grey.max()) <= 1.0:
+        grey = grey * 255.0
+    small = np.clip(np.rint(squash(grey, size)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).save(buf, format="JPEG", quality=int(quality))
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
 def _clahe(pixels: np.ndarray) -> np.ndarray:
     try:
         import kornia

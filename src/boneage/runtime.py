@@ -9,8 +9,9 @@ here, so both engines share every clinical rule (sex from the header, refusal of
 A bundle is two files side by side: ``model.safetensors`` (spec, facts, OOD density, fp16 weights; read here
 with ``safetensors.numpy``) and ``model.onnx``, exported by ``boneage.inference.export_bundle_onnx`` from
 the same upcast weights. The graph's outputs are ``bone_age_months``, ``features`` (pooled, for the OOD
-density) and ``cam``: Grad-CAM's map at the last feature stage, computed inside the graph from the head's
-weights and activation pattern, so no hooks, no gradients and no lock are needed.
+density), ``cam``: Grad-CAM's map at the last feature stage, computed inside the graph from the head's
+weights and activation pattern, so no hooks, no gradients and no lock are needed, and ``texture`` (early
+stage statistics, for the OOD check's second density).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from boneage.io import Radiograph, read_radiograph
 from boneage.labels import parse_sex as normalize_sex
 from boneage.ood import PREFIX as OOD_PREFIX
 from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
-from boneage.preprocess import Preprocess
+from boneage.preprocess import Preprocess, training_copy
 from boneage.spec import ModelSpec, spec_from_record
 
 BUNDLED_NAME = "model.safetensors"
 TRAIN_EXTRA = "pip install 'boneage[train]'"
 #: bumped when the exported graph changes (inputs, outputs, heatmap maths): older files are re-exported
-ONNX_EXPORT_VERSION = "2"
+ONNX_EXPORT_VERSION = "3"
 ONNX_META_DIGEST = "boneage_weights_sha256"
 ONNX_META_VERSION = "boneage_export_version"
 ENGINES = ("auto", "onnx", "torch")
@@ -199,6 +200,11 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], ModelSpec, FeatureDen
     return facts, spec, ood
 
 
+def oriented_pixels(rad: Radiograph) -> np.ndarray:
+    """The radiograph's pixels as a left hand: a right hand (DICOM laterality R) mirrored."""
+    return rad.pixels[:, ::-1] if rad.laterality == "R" else rad.pixels
+
+
 class BasePredictor:
     """Preprocessing, TTA averaging and the clinical rules around a network; subclasses run the network.
 
@@ -222,6 +228,23 @@ class BasePredictor:
 
     def heatmap(self, pred: Prediction) -> np.ndarray | None:
         raise NotImplementedError
+
+    def texture_statistics(self, images: np.ndarray) -> np.ndarray | None:
+        """Early-stage statistics of preprocessed uint8 images (N, S, S) for the texture density; None
+        when this engine's network does not provide them."""
+        return None
+
+    def texture_score(self, pixels: np.ndarray) -> float | None:
+        """The texture density's score of a radiograph's pixels, remade first the way the training copies
+        were (``training_copy``, when the density's ``copy_recipe`` says so); None without a texture
+        density or statistics."""
+        texture = self.ood.texture if self.ood is not None else None
+        if texture is None:
+            return None
+        size, quality = self.ood.copy_recipe
+        remade = training_copy(pixels, size, quality) if size > 0 else pixels
+        stats = self.texture_statistics(self.preprocess(remade)[None])
+        return None if stats is None or not stats.size else float(texture.score(stats)[0])
 
     @property
     def info(self) -> dict[str, Any]:
@@ -283,11 +306,10 @@ class BasePredictor:
     ) -> tuple[Radiograph, np.ndarray, list[str]]:
         """Read and preprocess; a right hand (DICOM laterality R) is mirrored to look like the left."""
         rad = image if isinstance(image, Radiograph) else read_radiograph(image, name=name)
-        pixels, warnings = rad.pixels, []
+        warnings = []
         if rad.laterality == "R":
-            pixels = pixels[:, ::-1]
             warnings.append("right hand (DICOM laterality R) mirrored to match the left-hand training data")
-        return rad, self.preprocess(pixels), warnings
+        return rad, self.preprocess(oriented_pixels(rad)), warnings
 
     def predict(
         self,
@@ -311,7 +333,7 @@ class BasePredictor:
             prepared[None], np.array([final == "male"]), 16, self.views
         )
         ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
-        self.check_distribution(prepared, ood_score, rad.source)
+        self.check_distribution(prepared, ood_score, rad.source, self.texture_score(oriented_pixels(rad)))
         warnings += self.orientation_warnings(prepared, final == "male", ood_score, feats)
         pred = Prediction(
             rad.source,
@@ -359,7 +381,13 @@ class BasePredictor:
             "orientation, the bone age may be wrong"
         ]
 
-    def check_distribution(self, prepared: np.ndarray, ood_score: float | None, source: object) -> None:
+    def check_distribution(
+        self,
+        prepared: np.ndarray,
+        ood_score: float | None,
+        source: object,
+        texture_score: float | None = None,
+    ) -> None:
         """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would
         look confident and normal and mean nothing (see ``boneage.ood``)."""
         reasons = image_checks(prepared)
@@ -367,6 +395,12 @@ class BasePredictor:
             reasons.append(
                 f"its image features are far from those of the training radiographs (unusualness "
                 f"{ood_score:.1f}, limit {self.ood.threshold:.1f})"
+            )
+        texture = self.ood.texture if self.ood is not None else None
+        if texture_score is not None and texture is not None and texture_score > texture.threshold:
+            reasons.append(
+                f"its fine image texture is unlike that of the training radiographs (unusualness "
+                f"{texture_score:.1f}, limit {texture.threshold:.1f})"
             )
         if reasons:
             raise BoneAgeInputError(
@@ -492,6 +526,15 @@ class OnnxPredictor(BasePredictor):
         feats = np.asarray(out.get("features", np.zeros((len(months), 0))), dtype=np.float32)
         cam = out.get("cam")
         return months, feats, None if cam is None else np.asarray(cam, dtype=np.float32)
+
+    def texture_statistics(self, images: np.ndarray) -> np.ndarray | None:
+        """The graph's ``texture`` output for plain views of ``images``; None for a graph without it."""
+        if "texture" not in self.outputs:
+            return None
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
+        male = np.zeros(len(x), dtype=np.float32)  # the statistics come before the sex input
+        out = dict(zip(self.outputs, self.session.run(None, {"image": x, "male": male}), strict=True))
+        return np.asarray(out["texture"], dtype=np.float32)
 
     def heatmap(self, pred: Prediction) -> np.ndarray | None:
         """Grad-CAM over the last feature stage (float (S, S) in [0, 1]); None for a graph without one."""
