@@ -79,18 +79,9 @@ def main() -> None:
 
     def like_training_copy(pixels: np.ndarray) -> np.ndarray:
         """The frame made the way the training copies were: squashed to 299 px, then JPEG at ``--jpeg``."""
-        import io
+        from boneage.preprocess import training_copy
 
-        from PIL import Image
-
-        from boneage.preprocess import squash
-
-        grey = np.asarray(pixels, dtype=np.float32)
-        grey = grey * 255.0 if grey.max() <= 1.0 else grey  # read_radiograph gives [0, 1]
-        small = np.clip(np.rint(squash(grey, 299)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(small).save(buf, format="JPEG", quality=args.jpeg)
-        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
+        return training_copy(pixels, 299, args.jpeg)
 
     def prepared_jpeg(paths: list[Path]) -> np.ndarray:
         from boneage.io import read_radiograph
