@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--predict-runs", type=int, default=5, help="CLI calls per engine (median reported)")
     ap.add_argument("--predict-only", action="store_true", help="skip the throughput part")
     args = ap.parse_args()
+    if args.predict_runs < 1:
+        ap.error("--predict-runs must be at least 1 (the median of no calls is undefined)")
     torch.set_num_threads(args.threads)
     if args.predict_only:
         print(json.dumps(predict_wall_times(args), indent=2))

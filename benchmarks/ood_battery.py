@@ -163,9 +163,9 @@ def main() -> None:
     scores = plain.ood.score(feats)
     probe = plain.ood.orientation
     texture_density = plain.ood.texture
-    refused_pooled = scores > plain.ood.threshold
+    refused_pooled = plain.ood.refuses(scores)
     refused_texture = (
-        texture_scores > texture_density.threshold
+        texture_density.refuses(texture_scores)
         if texture_density is not None
         else np.zeros(len(scores), bool)
     )

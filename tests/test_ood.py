@@ -26,6 +26,8 @@ def test_density_scores_the_training_cloud_near_one_and_outliers_far() -> None:
     assert (density.score(inside) > threshold).mean() <= 0.01
     assert (density.score(off_plane) > threshold).all()
     assert (density.score(far) > threshold).all()
+    assert density.refuses(density.score(far)).all() and density.refuses(density.score(inside)).mean() <= 0.01
+    assert bool(density.refuses(threshold * 1.001)) and not bool(density.refuses(threshold))  # strictly above
     again = FeatureDensity.from_tensors(density.to_tensors())
     assert again is not None
     np.testing.assert_allclose(again.score(far[:5]), density.score(far[:5]), rtol=1e-4)

@@ -139,8 +139,8 @@ def fit_ood(
         "ood_calibration_images": len(cal_idx) + len(val_feats),
         "ood_calibration": f"{OOD_MARGIN} x the {OOD_QUANTILE:.1%} quantile of the scores of "
         f"{len(cal_idx)} training images outside the fit and the {len(val_feats)}-image validation split",
-        "ood_flagged_val_split": [int((val_scores > density.threshold).sum()), len(val_scores)],
-        "ood_flagged_calibration_train": [int((cal_scores > density.threshold).sum()), len(cal_scores)],
+        "ood_flagged_val_split": [int(density.refuses(val_scores).sum()), len(val_scores)],
+        "ood_flagged_calibration_train": [int(density.refuses(cal_scores).sum()), len(cal_scores)],
         "orientation_train_images": n_orient,
         "orientation_val_upright_flagged": [
             int(density.looks_turned(val_feats, ratios).sum()),
@@ -189,11 +189,11 @@ def _fit_texture(
         "ood_texture_threshold": round(texture.threshold, 3),
         "ood_texture_copy_recipe": list(density.copy_recipe),
         "ood_texture_flagged_val_split": [
-            int((texture.score(val_stats) > texture.threshold).sum()),
+            int(texture.refuses(texture.score(val_stats)).sum()),
             len(val_stats),
         ],
         "ood_texture_flagged_calibration_train": [
-            int((texture.score(cal_stats) > texture.threshold).sum()),
+            int(texture.refuses(texture.score(cal_stats)).sum()),
             len(cal_stats),
         ],
     }
@@ -295,7 +295,7 @@ def make_bundle(
         rep_plain = evaluate(plain, held, cache_dir=cache, progress=progress)
         held_images = _cached_images(plain, held, cache)
         held_scores = plain.ood_scores(held_images, held["male"].to_numpy(bool))
-        facts["ood_flagged_train_geometry"] = [int((held_scores > predictor.ood.threshold).sum()), len(held)]
+        facts["ood_flagged_train_geometry"] = [int(predictor.ood.refuses(held_scores).sum()), len(held)]
         facts.update(
             trained_on=f"{len(dm.train_idx)} RSNA Pediatric Bone Age 2017 training radiographs (squashed "
             f"299 px copies); {len(held)} ids of {Path(cfg.data.holdout_labels).parent.name} held out",
@@ -316,14 +316,15 @@ def make_bundle(
                 score = plain.texture_score(oriented_pixels(rad))
                 tex.append(np.nan if score is None else score)
             nat_scores = plain.ood_scores(np.stack(prepared), native["male"].to_numpy(bool))
-            flagged = nat_scores > predictor.ood.threshold
+            flagged = predictor.ood.refuses(nat_scores)
             facts["ood_flagged_native_pooled"] = [int(flagged.sum()), len(native)]
             nat.predictions["ood_score"] = np.round(nat_scores, 4)
             if predictor.ood.texture is not None:
                 tex = np.asarray(tex, dtype=float)
-                flagged |= tex > predictor.ood.texture.threshold
+                tex_flagged = predictor.ood.texture.refuses(tex)
+                flagged |= tex_flagged
                 facts["ood_flagged_native_texture"] = [
-                    int((tex > predictor.ood.texture.threshold).sum()),
+                    int(tex_flagged.sum()),
                     len(native),
                 ]
                 nat.predictions["ood_texture_score"] = np.round(tex, 4)

@@ -84,6 +84,11 @@ class FeatureDensity:
         self.threshold = float(np.quantile(self.score(features), quantile) * margin)
         return self.threshold
 
+    def refuses(self, scores: np.ndarray | float) -> np.ndarray:
+        """Which scores are past the threshold: the one place the refusal rule lives, so that prediction,
+        bundling facts and the OOD battery cannot drift apart."""
+        return np.asarray(scores, dtype=np.float64) > self.threshold
+
     def to_tensors(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
         out = {
             f"{prefix}mean": self.mean.astype(np.float32),

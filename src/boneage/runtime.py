@@ -391,13 +391,13 @@ class BasePredictor:
         """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would
         look confident and normal and mean nothing (see ``boneage.ood``)."""
         reasons = image_checks(prepared)
-        if ood_score is not None and self.ood is not None and ood_score > self.ood.threshold:
+        if ood_score is not None and self.ood is not None and self.ood.refuses(ood_score):
             reasons.append(
                 f"its image features are far from those of the training radiographs (unusualness "
                 f"{ood_score:.1f}, limit {self.ood.threshold:.1f})"
             )
         texture = self.ood.texture if self.ood is not None else None
-        if texture_score is not None and texture is not None and texture_score > texture.threshold:
+        if texture_score is not None and texture is not None and texture.refuses(texture_score):
             reasons.append(
                 f"its fine image texture is unlike that of the training radiographs (unusualness "
                 f"{texture_score:.1f}, limit {texture.threshold:.1f})"
