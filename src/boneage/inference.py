@@ -287,10 +287,7 @@ class _ExportGraph(torch.nn.Module):
         if not self.cam:
             return net.forward_with_features(image, male)
         b = net.backbone
-        x = (image - net.pixel_mean) / net.pixel_std
-        if net.in_chans > 1:
-            x = x.expand(-1, net.in_chans, -1, -1)
-        a = b.bn1(b.conv_stem(x))
+        a = b.bn1(b.conv_stem(net.backbone_input(image)))
         texture = None
         for i, block in enumerate(b.blocks):
             a = block(a)

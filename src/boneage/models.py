@@ -126,11 +126,15 @@ class BoneAgeNet(nn.Module):
         self.age_mean.fill_(float(mean))
         self.age_std.fill_(max(float(std), 1e-3))
 
-    def features(self, image: torch.Tensor) -> torch.Tensor:
+    def backbone_input(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] → what the backbone's stem expects; shared by every path into it."""
         x = (image - self.pixel_mean) / self.pixel_std
         if self.in_chans > 1:  # a 3-channel backbone sees the grey image in every channel
             x = x.expand(-1, self.in_chans, -1, -1)
-        return self.backbone(x)
+        return x
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.backbone_input(image))
 
     def supports_texture(self, stage: int) -> bool:
         """Whether ``texture_statistics`` can tap ``stage``: an EfficientNet-layout timm backbone (stem,
@@ -143,10 +147,7 @@ class BoneAgeNet(nn.Module):
         early-layer texture the OOD check's second density models (``boneage.ood``). Runs only the stem
         and the first ``stage + 1`` blocks."""
         b = self.backbone
-        x = (image - self.pixel_mean) / self.pixel_std
-        if self.in_chans > 1:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        x = b.bn1(b.conv_stem(x))
+        x = b.bn1(b.conv_stem(self.backbone_input(image)))
         for block in list(b.blocks)[: stage + 1]:
             x = block(x)
         return stage_statistics(x)
