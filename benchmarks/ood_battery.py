@@ -108,7 +108,7 @@ def main() -> None:
     from boneage.errors import BoneAgeInputError
     from boneage.labels import read_labels
     from boneage.ood import rotation_ratios, turned
-    from boneage.runtime import load_predictor
+    from boneage.runtime import load_predictor, oriented_pixels
 
     # the engine `boneage predict` and the web app use by default
     predictor = load_predictor(args.checkpoint)
@@ -139,31 +139,32 @@ def main() -> None:
             except BoneAgeInputError as exc:
                 row.update(outcome="refused", detail=str(exc).split(": ", 1)[-1])
                 try:
-                    prepared = plain.prepare(path)[1]
+                    rad = plain.prepare(path)[0]
                 except BoneAgeInputError:  # refused while reading (e.g. a blank frame): no features
                     row["ood_score"] = float("nan")
-                else:
-                    score = plain.ood_scores(prepared[None], np.array([False]))[0]
-                    row["ood_score"] = round(float(score), 2)
+                else:  # the pooled score the refusal rule judged (of the image remade as a training copy)
+                    score = plain.refusal_scores(oriented_pixels(rad))[0]
+                    row["ood_score"] = round(float("nan") if score is None else score, 2)
             rows.append(row)
     table = pd.DataFrame(rows)
     # real held-out hands (never trained on): how many would be refused?
     from boneage.io import read_radiograph
-    from boneage.runtime import oriented_pixels
 
-    prepared, texture = [], []
-    for p in labels["path"]:  # one read per file: the inputs of both densities, as predict makes them
+    prepared, pooled, texture = [], [], []
+    for p in labels["path"]:  # one read per file: the inputs of every check, as predict makes them
         rad = read_radiograph(p)
         prepared.append(plain.prepare(rad)[1])
-        score = plain.texture_score(oriented_pixels(rad))
-        texture.append(np.nan if score is None else score)
+        score, texture_score = plain.refusal_scores(oriented_pixels(rad))
+        pooled.append(np.nan if score is None else score)
+        texture.append(np.nan if texture_score is None else texture_score)
     images, texture_scores = np.stack(prepared), np.asarray(texture, dtype=float)
+    copy_scores = np.asarray(pooled, dtype=float)  # what the refusal rule judges
     male = labels["male"].to_numpy(bool)
     feats = plain.predict_arrays(images, male, features=True)[3]
-    scores = plain.ood.score(feats)
+    scores = plain.ood.score(feats)  # of the model's own input: what the orientation rule compares
     probe = plain.ood.orientation
     texture_density = plain.ood.texture
-    refused_pooled = plain.ood.refuses(scores)
+    refused_pooled = plain.ood.refuses(copy_scores)
     refused_texture = (
         texture_density.refuses(texture_scores)
         if texture_density is not None
@@ -180,7 +181,8 @@ def main() -> None:
     table.to_csv(args.out / "battery.csv", index=False)
     real = {
         "id": labels["id"],
-        "ood_score": np.round(scores, 4),
+        "ood_score": np.round(copy_scores, 4),
+        "ood_input_score": np.round(scores, 4),
         "ood_texture_score": np.round(texture_scores, 4),
         **orientation,
     }
@@ -204,7 +206,12 @@ def main() -> None:
         "real_hands_warned_ids": labels.loc[rotated, "id"].astype(str).tolist(),
         "real_hands_flagged": flagged,
         "real_hands_flagged_rate": round(flagged / len(labels), 4),
-        "real_hand_score_p50_p99_max": [round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)],
+        "real_hand_score_p50_p99_max": [
+            round(float(np.nanquantile(copy_scores, q)), 3) for q in (0.5, 0.99, 1.0)
+        ],
+        "real_hand_input_score_p50_p99_max": [
+            round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)
+        ],
         "real_hand_texture_score_p50_p99_max": [
             round(float(np.nanquantile(texture_scores, q)), 3) for q in (0.5, 0.99, 1.0)
         ]

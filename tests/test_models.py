@@ -389,3 +389,24 @@ def test_layers_are_counted_like_keras() -> None:
 
 def test_timm_test_backbones_exist() -> None:
     assert {"test_efficientnet", "test_resnet"} <= set(timm.list_models("test_*"))
+
+
+def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
+    """timm builds MobileNetV2 with its EfficientNet class, so the OOD texture tap (stage 2, stride 8) and
+    the closed-form Grad-CAM of the ONNX graph work for it as for EfficientNet-Lite: choosing it for a
+    bundled model would lose neither."""
+    from boneage.inference import _ExportGraph, cam_supported
+    from boneage.ood import TEXTURE_STAGE
+
+    torch.manual_seed(0)
+    net = BoneAgeNet("mobilenetv2_100", [16], sex_units=4, dropout=0.0, in_chans=1).eval()
+    assert net.supports_texture(TEXTURE_STAGE) and cam_supported(net)
+    x, male = torch.rand(2, 1, 96, 96), torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        feats, texture = net.features_with_texture(x, TEXTURE_STAGE)
+        assert texture.shape == (2, 2 * 32)  # blocks[2]: 32 channels at stride 8
+        months, graph_feats, cam, graph_texture = _ExportGraph(net, cam=True)(x, male)
+    torch.testing.assert_close(months, net(x, male), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(graph_feats, feats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graph_texture, texture, rtol=1e-5, atol=1e-5)
+    assert cam.shape == (2, 3, 3)  # 96 px at stride 32

@@ -199,3 +199,89 @@ def test_onnx_graph_gives_the_same_texture_statistics_as_torch(tiny_bundle: Path
     a, b = onnx.texture_statistics(images), torch_engine.texture_statistics(images)
     assert a is not None and b is not None and a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_features_and_texture_come_from_one_pass_equal_to_the_separate_ones(tiny_bundle: Path) -> None:
+    """``features_with_texture`` walks the blocks once; its answer is the network's pooled features and the
+    partial pass's texture statistics, and the ONNX graph's plain run gives the same pair."""
+    import torch
+
+    from boneage.inference import Predictor
+    from boneage.ood import TEXTURE_STAGE
+    from boneage.runtime import OnnxPredictor
+
+    torch_engine = Predictor.load(tiny_bundle, runtime="torch")
+    net = torch_engine.model
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        feats, texture = net.features_with_texture(x, TEXTURE_STAGE)
+        torch.testing.assert_close(feats, net.features(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(texture, net.texture_statistics(x, TEXTURE_STAGE), rtol=1e-5, atol=1e-5)
+    images = np.random.default_rng(6).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    f_torch, t_torch = torch_engine.plain_outputs(images)
+    f_onnx, t_onnx = OnnxPredictor.load(tiny_bundle).plain_outputs(images)
+    assert t_torch is not None and t_onnx is not None
+    np.testing.assert_allclose(f_onnx, f_torch, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(t_onnx, t_torch, rtol=1e-3, atol=1e-3)
+
+
+def test_refusal_judges_the_input_remade_as_a_training_copy(tiny_bundle: Path, tmp_path: Path) -> None:
+    """With a copy recipe the pooled score that refuses (and that a prediction reports) is that of the
+    radiograph squashed and JPEG-compressed like the training copies; without one it is the input's own."""
+    from boneage.inference import Predictor
+    from boneage.preprocess import training_copy
+    from boneage.runtime import oriented_pixels
+
+    predictor = Predictor.load(tiny_bundle, runtime="torch")
+    rng = np.random.default_rng(7)
+    train = rng.integers(0, 256, (40, 64, 64), dtype=np.uint8)
+    feats, stats = predictor.plain_outputs(train)
+    predictor.ood = FeatureDensity.fit(feats, components=4)
+    predictor.ood.texture = FeatureDensity.fit(stats, components=8)
+    path = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 256, (700, 520), dtype=np.uint8)).save(path)
+    rad = predictor.prepare(path)[0]
+    pixels = oriented_pixels(rad)
+
+    predictor.ood.copy_recipe = (299, 60)
+    copy = predictor.preprocess(training_copy(pixels, 299, 60))[None]
+    copy_feats, copy_stats = predictor.plain_outputs(copy)
+    pooled, texture = predictor.refusal_scores(pixels, input_score=123.0)
+    assert pooled == pytest.approx(float(predictor.ood.score(copy_feats)[0]), rel=1e-6)
+    assert texture == pytest.approx(float(predictor.ood.texture.score(copy_stats)[0]), rel=1e-6)
+    pred = predictor.predict(path, "male")
+    assert pred.ood_score == pytest.approx(pooled, rel=1e-5)
+    predictor.ood.threshold = pooled * 0.99  # just under the copy's score: refused, naming the score
+    with pytest.raises(BoneAgeInputError, match=f"unusualness {pooled:.1f}"):
+        predictor.predict(path, "male")
+
+    predictor.ood.threshold = float("inf")
+    predictor.ood.copy_recipe = (0, 0)  # a model not trained on such copies: its own input is judged
+    assert predictor.refusal_scores(pixels, input_score=123.0)[0] == 123.0
+    own = predictor.preprocess(pixels)[None]
+    assert predictor.refusal_scores(pixels)[0] == pytest.approx(
+        float(predictor.ood.score(predictor.plain_outputs(own)[0])[0]), rel=1e-6
+    )
+
+
+@pytest.mark.integration
+def test_bundled_model_judges_a_native_file_like_its_training_copy(
+    shared_sample: Path, shared_299: Path
+) -> None:
+    """The pooled density was fitted on the 299 px JPEG copies. A clinic's native PNG, remade as such a copy
+    before scoring, lands nearer its own shared copy's score than the PNG does as the model's input."""
+    from boneage.labels import read_labels
+    from boneage.runtime import load_predictor, oriented_pixels
+
+    plain = load_predictor(tta=False)
+    assert plain.ood is not None and plain.ood.copy_recipe == (299, 60)
+    labels = read_labels(shared_sample / "labels.csv", shared_sample / "images").iloc[::80]
+    copy_route, input_route = [], []
+    for sample_id, path in zip(labels["id"], labels["path"], strict=True):
+        rad, prepared, _ = plain.prepare(path)
+        copy_file = plain.prepare(shared_299 / "images" / f"{sample_id}.jpg")[1]
+        reference = plain.ood_scores(copy_file[None], np.array([False]))[0]
+        copy_route.append(abs(plain.refusal_scores(oriented_pixels(rad))[0] - reference))
+        input_route.append(abs(plain.ood_scores(prepared[None], np.array([False]))[0] - reference))
+    assert len(copy_route) >= 12
+    assert np.mean(copy_route) < np.mean(input_route), (np.mean(copy_route), np.mean(input_route))

@@ -309,13 +309,13 @@ def make_bundle(
             say(f"held-out ids, native-aspect files through the predict path ({len(native)} images)")
             nat = evaluate(predictor, native, progress=progress)  # no cache: read and preprocess each file
             nat_plain = evaluate(plain, native, progress=progress)
-            prepared, tex = [], []
-            for path in native["path"]:  # one read per file: both checks' inputs, as predict makes them
+            pooled, tex = [], []
+            for path in native["path"]:  # one read per file: the scores the refusal rule judges, as predict
                 rad = read_radiograph(path)
-                prepared.append(plain.prepare(rad)[1])
-                score = plain.texture_score(oriented_pixels(rad))
-                tex.append(np.nan if score is None else score)
-            nat_scores = plain.ood_scores(np.stack(prepared), native["male"].to_numpy(bool))
+                score, texture_score = plain.refusal_scores(oriented_pixels(rad), None)
+                pooled.append(np.nan if score is None else score)
+                tex.append(np.nan if texture_score is None else texture_score)
+            nat_scores = np.asarray(pooled, dtype=float)
             flagged = predictor.ood.refuses(nat_scores)
             facts["ood_flagged_native_pooled"] = [int(flagged.sum()), len(native)]
             nat.predictions["ood_score"] = np.round(nat_scores, 4)

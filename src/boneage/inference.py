@@ -9,6 +9,7 @@ are converted on load.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -118,7 +119,9 @@ class Predictor(BasePredictor):
         tta: bool = True,
     ) -> None:
         super().__init__(spec, meta, tta=tta)
-        self.model = model.eval().to(device)
+        # float32 once here: a model handed over in bf16/fp16 (e.g. from a mixed-precision trainer) would
+        # otherwise need casting in every method that runs it
+        self.model = model.float().eval().to(device)
         self.device = torch.device(device)
         self.onnx_session: Any = None
         self.weights_path: Path | None = None  # set by load(); keys the cached ONNX export
@@ -200,12 +203,27 @@ class Predictor(BasePredictor):
         if not self.model.supports_texture(TEXTURE_STAGE):
             return None
         out = []
-        model = self.model.float().eval()
         with torch.inference_mode():
             for start in range(0, len(images), 32):
                 x = torch.from_numpy(np.ascontiguousarray(images[start : start + 32], dtype=np.float32))
-                out.append(model.texture_statistics(x[:, None].div(255).to(self.device), TEXTURE_STAGE))
+                out.append(self.model.texture_statistics(x[:, None].div(255).to(self.device), TEXTURE_STAGE))
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
+
+    def plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pooled features and texture statistics of plain views from one pass (the ONNX engine's graph
+        taps both the same way); the network's features alone for a backbone without the layout."""
+        if self.onnx_session is not None or not self.model.supports_texture(TEXTURE_STAGE):
+            return super().plain_outputs(images)
+        feats, texture = [], []
+        with torch.inference_mode():
+            for start in range(0, len(images), 32):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + 32], dtype=np.float32))
+                f, t = self.model.features_with_texture(x[:, None].div(255).to(self.device), TEXTURE_STAGE)
+                feats.append(f.float().cpu())
+                texture.append(t.float().cpu())
+        if not feats:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        return torch.cat(feats).numpy(), torch.cat(texture).numpy()
 
     def heatmap(self, pred: Prediction) -> np.ndarray:
         """Grad-CAM over the last feature stage: where the network looked (float (S, S) in [0, 1])."""
@@ -213,7 +231,7 @@ class Predictor(BasePredictor):
 
         if pred.image is None:
             raise ValueError("prediction has no preprocessed image")
-        model = self.model.float().eval()
+        model = self.model.eval()
         male = torch.tensor([1.0 if pred.sex == "male" else 0.0], device=self.device)
 
         class _Bound(torch.nn.Module):
@@ -287,10 +305,8 @@ class _ExportGraph(torch.nn.Module):
         if not self.cam:
             return net.forward_with_features(image, male)
         b = net.backbone
-        a = b.bn1(b.conv_stem(net.backbone_input(image)))
-        texture = None
-        for i, block in enumerate(b.blocks):
-            a = block(a)
+        a, texture = image, None
+        for i, a in net.block_outputs(image):
             if self.texture and i == TEXTURE_STAGE:
                 texture = stage_statistics(a)
         # a: the Grad-CAM layer's output
@@ -365,7 +381,9 @@ def export_onnx(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = predictor.spec.preprocess.size
-    net = predictor.model.float().eval().cpu()
+    net = predictor.model.eval()
+    if next(net.parameters()).device.type != "cpu":  # export a CPU copy: the predictor keeps its device
+        net = copy.deepcopy(net).cpu()
     cam = heatmap and cam_supported(net)
     graph = _ExportGraph(net, cam).eval()
     dummy = (torch.rand(2, 1, size, size), torch.tensor([0.0, 1.0]))

@@ -10,7 +10,7 @@ import hashlib
 import importlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -137,20 +137,45 @@ class BoneAgeNet(nn.Module):
         return self.backbone(self.backbone_input(image))
 
     def supports_texture(self, stage: int) -> bool:
-        """Whether ``texture_statistics`` can tap ``stage``: an EfficientNet-layout timm backbone (stem,
-        ``bn1``, ``blocks``) with more than ``stage`` blocks."""
+        """Whether ``texture_statistics`` and ``features_with_texture`` can tap ``stage``: an EfficientNet
+        layout timm backbone (stem, ``bn1``, ``blocks``, ``conv_head``, ``bn2``) with more than ``stage``
+        blocks."""
         b = self.backbone
-        return all(hasattr(b, n) for n in ("conv_stem", "bn1", "blocks")) and len(b.blocks) > stage
+        layout = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")
+        return all(hasattr(b, n) for n in layout) and len(b.blocks) > stage
+
+    def block_outputs(
+        self, image: torch.Tensor, last: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, output) of each block of an EfficientNet-layout backbone, after the stem, up to block
+        ``last``: the one walk shared by the texture tap, the one-pass OOD features and the ONNX graph."""
+        b = self.backbone
+        x = b.bn1(b.conv_stem(self.backbone_input(image)))
+        for i, block in enumerate(b.blocks):
+            if last is not None and i > last:
+                return
+            x = block(x)
+            yield i, x
 
     def texture_statistics(self, image: torch.Tensor, stage: int) -> torch.Tensor:
         """Per-channel mean and standard deviation of the backbone's ``blocks[stage]`` output (B, 2C): the
         early-layer texture the OOD check's second density models (``boneage.ood``). Runs only the stem
         and the first ``stage + 1`` blocks."""
+        for i, x in self.block_outputs(image, last=stage):
+            if i == stage:
+                return stage_statistics(x)
+        raise ValueError(f"backbone has no block {stage} to tap")
+
+    def features_with_texture(self, image: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and ``texture_statistics`` from one pass: what the OOD check scores."""
         b = self.backbone
-        x = b.bn1(b.conv_stem(self.backbone_input(image)))
-        for block in list(b.blocks)[: stage + 1]:
-            x = block(x)
-        return stage_statistics(x)
+        x, texture = image, None
+        for i, x in self.block_outputs(image):
+            if i == stage:
+                texture = stage_statistics(x)
+        if texture is None:
+            raise ValueError(f"backbone has no block {stage} to tap")
+        return b.forward_head(b.bn2(b.conv_head(x))), texture  # timm EfficientNet's forward_features tail
 
     def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
         """``image``: (B, 1, H, W) in [0, 1]; ``male``: (B,) 0/1 → (B,) bone age in months."""

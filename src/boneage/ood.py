@@ -18,7 +18,11 @@ from ~1,000 px, scored about twice as high as the 299 px JPEG copies of the same
 native files were refused when the statistics were taken from the model's own input. So the texture check
 first remakes the input the way the training copies were made (``boneage.preprocess.training_copy``:
 squash to 299 px, JPEG quality 60), which brought the native files' scores onto their copies' (median
-0.77 vs 0.74 on v0.3, ``benchmarks/ood_texture_trial.py --jpeg 60``).
+0.77 vs 0.74 on v0.3, ``benchmarks/ood_texture_trial.py --jpeg 60``). The pooled density has the same bias
+in a milder form (v0.5: 7 of the 1,001 held-out native PNGs past its limit against 4 of their copies), so
+its refusal score is taken from the same remade copy, in the same plain pass that gives the texture
+statistics (``BasePredictor.refusal_scores``). The orientation check still compares the model's own input
+with its turned versions, as it was calibrated.
 """
 
 from __future__ import annotations

@@ -234,17 +234,35 @@ class BasePredictor:
         when this engine's network does not provide them."""
         return None
 
-    def texture_score(self, pixels: np.ndarray) -> float | None:
-        """The texture density's score of a radiograph's pixels, remade first the way the training copies
-        were (``training_copy``, when the density's ``copy_recipe`` says so); None without a texture
-        density or statistics."""
-        texture = self.ood.texture if self.ood is not None else None
-        if texture is None:
-            return None
+    def plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pooled features and texture statistics (None without them) of plain views of preprocessed uint8
+        images (N, S, S). Both come before the sex input, so none is needed."""
+        feats = self._run_arrays(images, np.zeros(len(images), bool), 16, self.views[:1])[3]
+        return feats, self.texture_statistics(images)
+
+    def refusal_scores(
+        self, pixels: np.ndarray, input_score: float | None = None
+    ) -> tuple[float | None, float | None]:
+        """(pooled, texture) density scores that the refusal rule judges, for a radiograph's pixels.
+
+        Both densities were fitted on the training copies (squashed to 299 px, JPEG quality 60), and a
+        clinic's full-resolution file scores higher than its own copy: 7 of the 1,001 held-out native PNGs
+        were refused by the pooled density against 4 of their copies (v0.5 bundle facts). So, when the
+        density's ``copy_recipe`` says the model was trained on such copies, the input is first remade the
+        same way (``training_copy``) and both scores come from one plain pass over that copy. Otherwise both
+        come from the model's own input (``input_score``: its pooled score, when already computed)."""
+        if self.ood is None:
+            return input_score, None
         size, quality = self.ood.copy_recipe
+        texture = self.ood.texture
+        if size <= 0 and input_score is not None and texture is None:
+            return input_score, None
         remade = training_copy(pixels, size, quality) if size > 0 else pixels
-        stats = self.texture_statistics(self.preprocess(remade)[None])
-        return None if stats is None or not stats.size else float(texture.score(stats)[0])
+        feats, stats = self.plain_outputs(self.preprocess(remade)[None])
+        pooled = input_score if size <= 0 and input_score is not None else float(self.ood.score(feats)[0])
+        if texture is None or stats is None or not stats.size:
+            return pooled, None
+        return pooled, float(texture.score(stats)[0])
 
     @property
     def info(self) -> dict[str, Any]:
@@ -332,9 +350,11 @@ class BasePredictor:
         mean, spread, views, feats, cams = self._run_arrays(
             prepared[None], np.array([final == "male"]), 16, self.views
         )
-        ood_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
-        self.check_distribution(prepared, ood_score, rad.source, self.texture_score(oriented_pixels(rad)))
-        warnings += self.orientation_warnings(prepared, final == "male", ood_score, feats)
+        input_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
+        ood_score, texture_score = self.refusal_scores(oriented_pixels(rad), input_score)
+        self.check_distribution(prepared, ood_score, rad.source, texture_score)
+        # the orientation rule compares the input with its turned versions: all scored as the model sees them
+        warnings += self.orientation_warnings(prepared, final == "male", input_score, feats)
         pred = Prediction(
             rad.source,
             final,
@@ -527,14 +547,24 @@ class OnnxPredictor(BasePredictor):
         cam = out.get("cam")
         return months, feats, None if cam is None else np.asarray(cam, dtype=np.float32)
 
+    def _plain_run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
+        male = np.zeros(len(x), dtype=np.float32)  # features and texture come before the sex input
+        return dict(zip(self.outputs, self.session.run(None, {"image": x, "male": male}), strict=True))
+
     def texture_statistics(self, images: np.ndarray) -> np.ndarray | None:
         """The graph's ``texture`` output for plain views of ``images``; None for a graph without it."""
         if "texture" not in self.outputs:
             return None
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
-        male = np.zeros(len(x), dtype=np.float32)  # the statistics come before the sex input
-        out = dict(zip(self.outputs, self.session.run(None, {"image": x, "male": male}), strict=True))
-        return np.asarray(out["texture"], dtype=np.float32)
+        return np.asarray(self._plain_run(images)["texture"], dtype=np.float32)
+
+    def plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pooled features and texture statistics of plain views from one run of the graph."""
+        out = self._plain_run(images)
+        texture = out.get("texture")
+        feats = out.get("features", np.zeros((len(images), 0)))
+        stats = None if texture is None else np.asarray(texture, dtype=np.float32)
+        return np.asarray(feats, dtype=np.float32), stats
 
     def heatmap(self, pred: Prediction) -> np.ndarray | None:
         """Grad-CAM over the last feature stage (float (S, S) in [0, 1]); None for a graph without one."""
