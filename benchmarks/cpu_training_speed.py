@@ -10,6 +10,9 @@ squashed 299 px RSNA set go through the squash-geometry preprocessing first (cac
 
     python benchmarks/cpu_training_speed.py --models tf_efficientnet_lite0 mobilenetv2_100 \
         --sizes 160 224 --batch 32 --steps 6 --precision fp32 bf16
+
+``--graph eager compile`` also measures the network under ``torch.compile`` (``trainer.compile: true``); its
+one-off compilation happens in the warm-up steps, whose time is reported as ``warmup_s``.
 """
 
 from __future__ import annotations
@@ -50,14 +53,17 @@ def step_fn(model: BoneAgeNet, precision: str = "fp32"):
     return step
 
 
-def timed(batches, step, warmup: int, steps: int, batch: int) -> float:
+def timed(batches, step, warmup: int, steps: int, batch: int) -> tuple[float, float]:
+    """(images/s over ``steps`` steps, seconds of the ``warmup`` steps before them)."""
     it = iter(batches)
+    start = time.perf_counter()
     for _ in range(warmup):
         step(*next(it))
+    warm = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step(*next(it))
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), warm
 
 
 def main() -> None:
@@ -71,6 +77,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    ap.add_argument("--graph", nargs="+", choices=["eager", "compile"], default=["eager"])
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per result here")
     args = ap.parse_args()
     if args.threads:
@@ -85,9 +92,12 @@ def main() -> None:
     augment = Augment(AugmentConfig())
     n_batches = args.warmup + args.steps
     for name in args.models:
-        for size, precision in [(s, p) for s in args.sizes for p in args.precision]:
+        runs = [(s, p, g) for s in args.sizes for p in args.precision for g in args.graph]
+        for size, precision, graph in runs:
             torch.manual_seed(0)
             model = BoneAgeNet(name, [512], 32, 0.2, 1).to(memory_format=torch.channels_last).train()
+            if graph == "compile":
+                model.compile()
             step = step_fn(model, precision)
             mem = [
                 (
@@ -97,7 +107,7 @@ def main() -> None:
                 )
                 for _ in range(n_batches)
             ]
-            ceiling = timed(mem, step, args.warmup, args.steps, args.batch)
+            ceiling, warm = timed(mem, step, args.warmup, args.steps, args.batch)
             loader = DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=0)
 
             def pipeline(loader=loader, size=size):
@@ -110,13 +120,15 @@ def main() -> None:
                             )
                         yield augment(x), male, age
 
-            piped = timed(pipeline(), step, args.warmup, args.steps, args.batch)
+            piped, _ = timed(pipeline(), step, args.warmup, args.steps, args.batch)
             row = {
                 "model": name,
                 "size": size,
                 "cache_size": cache_size,
                 "batch": args.batch,
                 "precision": precision,
+                "graph": graph,
+                "warmup_s": round(warm, 1),
                 "ceiling_images_s": round(ceiling, 2),
                 "pipeline_images_s": round(piped, 2),
                 "share": round(piped / ceiling, 3),
