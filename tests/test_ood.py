@@ -223,6 +223,31 @@ def test_features_and_texture_come_from_one_pass_equal_to_the_separate_ones(tiny
     assert t_torch is not None and t_onnx is not None
     np.testing.assert_allclose(f_onnx, f_torch, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(t_onnx, t_torch, rtol=1e-3, atol=1e-3)
+    # the torch engine with an ONNX session takes both from one run of its graph, not a second torch pass
+    with_session = Predictor.load(tiny_bundle, runtime="torch")
+    assert with_session.use_onnx() is True
+    runs = []
+    with_session.onnx_session = _CountingSession(with_session.onnx_session, runs)
+    with_session.texture_statistics = lambda _: pytest.fail("texture came from a second torch pass")
+    f_s, t_s = with_session.plain_outputs(images)
+    assert len(runs) == 1
+    assert t_s is not None
+    np.testing.assert_allclose(f_s, f_torch, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(t_s, t_torch, rtol=1e-3, atol=1e-3)
+
+
+class _CountingSession:
+    """An onnxruntime session that records each run (sessions' methods cannot be patched)."""
+
+    def __init__(self, session: object, runs: list[int]) -> None:
+        self.session, self.runs = session, runs
+
+    def get_outputs(self) -> list:
+        return self.session.get_outputs()
+
+    def run(self, names: object, feeds: dict) -> list:
+        self.runs.append(1)
+        return self.session.run(names, feeds)
 
 
 def test_refusal_judges_the_input_remade_as_a_training_copy(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -212,7 +212,9 @@ class Predictor(BasePredictor):
     def plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Pooled features and texture statistics of plain views from one pass (the ONNX engine's graph
         taps both the same way); the network's features alone for a backbone without the layout."""
-        if self.onnx_session is not None or not self.model.supports_texture(TEXTURE_STAGE):
+        if self.onnx_session is not None:
+            return self._onnx_plain_outputs(images)
+        if not self.model.supports_texture(TEXTURE_STAGE):
             return super().plain_outputs(images)
         feats, texture = [], []
         with torch.inference_mode():
@@ -224,6 +226,18 @@ class Predictor(BasePredictor):
         if not feats:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         return torch.cat(feats).numpy(), torch.cat(texture).numpy()
+
+    def _onnx_plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One run of the exported graph gives both, when it taps the texture (a graph with the in-graph
+        heatmap does); an older graph without that output gets the torch network's partial pass for it."""
+        names = [o.name for o in self.onnx_session.get_outputs()]
+        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
+        out = dict(zip(names, self.onnx_session.run(None, {"image": x, "male": np.zeros(len(x), np.float32)}),
+                       strict=True))
+        feats = np.asarray(out.get("features", np.zeros((len(x), 0))), dtype=np.float32)
+        if "texture" in out:
+            return feats, np.asarray(out["texture"], dtype=np.float32)
+        return feats, self.texture_statistics(images)
 
     def heatmap(self, pred: Prediction) -> np.ndarray:
         """Grad-CAM over the last feature stage: where the network looked (float (S, S) in [0, 1])."""
