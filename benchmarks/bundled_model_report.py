@@ -28,18 +28,24 @@ def mae_vs_time(
     out_png: Path,
     final: dict[str, float],
     title: str = "Bundled model",
-    prior: Path | None = None,
+    prior: Path | list[Path] | None = None,
 ) -> Path:
-    """``prior``: the metrics.csv of the run this one was initialised from, so the time axis counts every
-    CPU hour behind the model (a warm-started run's own clock starts at zero)."""
+    """``prior``: the metrics.csv of the run(s) this one was initialised from, oldest first, so the time axis
+    counts every CPU hour behind the model (a warm-started run's own clock starts at zero)."""
     from matplotlib.figure import Figure
 
     m = pd.read_csv(metrics_csv)
-    start = 0.0
-    if prior is not None:
-        before = pd.read_csv(prior)
-        start = float(before["elapsed_s"].iloc[-1])
-        m = pd.concat([before, m.assign(elapsed_s=m["elapsed_s"] + start)], ignore_index=True)
+    starts: list[float] = []
+    chain = [prior] if isinstance(prior, Path) else list(prior or [])
+    if chain:
+        runs, offset = [], 0.0
+        for csv in [*chain, metrics_csv]:
+            part = pd.read_csv(csv)
+            if runs:
+                starts.append(offset)
+            runs.append(part.assign(elapsed_s=part["elapsed_s"] + offset))
+            offset += float(part["elapsed_s"].iloc[-1])
+        m = pd.concat(runs, ignore_index=True)
     hours = m["elapsed_s"].to_numpy(float) / 3600
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()
@@ -52,8 +58,9 @@ def mae_vs_time(
     ):
         if value:
             ax.axhline(value, color=style[0], ls=style[1:], lw=1, label=f"{label}: {value:.2f}")
-    if start:
-        ax.axvline(start / 3600, color="grey", lw=1, ls="-.", label="warm start from the prior run")
+    for i, start in enumerate(starts):
+        label = "warm start from the prior run" if i == 0 else None
+        ax.axvline(start / 3600, color="grey", lw=1, ls="-.", label=label)
     ax.set(
         xlabel="cumulative training time on 2 CPU cores (hours)",
         ylabel="MAE (months)",
@@ -73,7 +80,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/results/bundled-v0.3"))
     ap.add_argument("--version", default=None, help="model version (default: the package's)")
     ap.add_argument(
-        "--prior-run", type=Path, default=None, help="run folder this run was initialised from (its curve)"
+        "--prior-run",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="run folder(s) this run was initialised from, oldest first (their curves and CPU hours)",
     )
     ap.add_argument("--checkpoint", default="best.ckpt")
     args = ap.parse_args()
@@ -102,9 +113,14 @@ def main() -> None:
     facts["training_wall_seconds"] = summary.get("total_fit_seconds")
     facts["epochs_completed"] = summary.get("epochs_completed")
     if args.prior_run:
-        facts["prior_run_training_seconds"] = json.loads((args.prior_run / "summary.json").read_text()).get(
-            "total_fit_seconds"
+        facts["prior_run_training_seconds"] = round(
+            sum(
+                json.loads((run / "summary.json").read_text()).get("total_fit_seconds") or 0.0
+                for run in args.prior_run
+            ),
+            1,
         )
+        facts["prior_runs"] = [run.name for run in args.prior_run]
     # written now and once more after the CLI run below: a failure there keeps the bundle's facts
     (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
     if preds is not None:
@@ -155,7 +171,7 @@ def main() -> None:
         )
         facts["cli_predict_native_seconds"] = round(time.perf_counter() - t0, 1)
         (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
-    prior = args.prior_run / "metrics.csv" if args.prior_run else None
+    prior = [run / "metrics.csv" for run in args.prior_run]
     mae_vs_time(
         args.run_dir / "metrics.csv",
         args.out / "mae_vs_time.png",
