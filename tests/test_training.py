@@ -110,7 +110,11 @@ def test_interrupted_run_resumes_from_last_ckpt(
     assert [int(r["epoch"]) for r in _metrics_rows(run_dir)] == [0]
 
     assert "boneage_rng" in first  # the random streams travel with the checkpoint
+    epoch0 = float(_metrics_rows(run_dir)[0]["elapsed_s"])
+    (run_dir / "summary.json").unlink()  # as a session killed outright (SIGKILL) leaves the folder
     summary = train(cfg, run_dir, progress=False)
+    # the training time before the kill still counts: metrics.csv recorded it
+    assert summary["total_fit_seconds"] >= round(epoch0 + summary["fit_seconds"], 1) - 0.1
     assert summary["status"] == "finished"
     assert summary["resumed_from"] == str(last)
     assert summary["epochs_completed"] == 2

@@ -452,6 +452,13 @@ def train(
     last = run / "last.ckpt"
     resume = str(last) if cfg.train.resume and last.is_file() else None
     previous = run.summary if resume else {}
+    # a session killed outright (SIGKILL at its time limit) never writes summary.json; metrics.csv still
+    # holds the training time up to its last finished epoch, so the total counts it either way
+    before = (
+        max(float(previous.get("total_fit_seconds") or 0), EpochMetrics._elapsed_before(run / "metrics.csv"))
+        if resume
+        else 0.0
+    )
     started = time.time()
     status, error = "running", None
 
@@ -472,7 +479,7 @@ def train(
             "val_images": len(dm.val_set),
             "holdout_images": len(dm.holdout_set) if dm.holdout_set is not None else 0,
             "fit_seconds": fit_seconds,
-            "total_fit_seconds": round(float(previous.get("total_fit_seconds") or 0) + fit_seconds, 1),
+            "total_fit_seconds": round(before + fit_seconds, 1),
             "init": module.model.init_report,
             "phases": module.phase_log,
         }
