@@ -34,6 +34,7 @@ from boneage.runtime import (
     bundled_model_path,
     file_digest,
     onnx_path_for,
+    plain_run,
 )
 from boneage.spec import ModelSpec, spec_from_record
 
@@ -230,11 +231,8 @@ class Predictor(BasePredictor):
     def _onnx_plain_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """One run of the exported graph gives both, when it taps the texture (a graph with the in-graph
         heatmap does); an older graph without that output gets the torch network's partial pass for it."""
-        names = [o.name for o in self.onnx_session.get_outputs()]
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
-        out = dict(zip(names, self.onnx_session.run(None, {"image": x, "male": np.zeros(len(x), np.float32)}),
-                       strict=True))
-        feats = np.asarray(out.get("features", np.zeros((len(x), 0))), dtype=np.float32)
+        out = plain_run(self.onnx_session, images)
+        feats = np.asarray(out.get("features", np.zeros((len(images), 0))), dtype=np.float32)
         if "texture" in out:
             return feats, np.asarray(out["texture"], dtype=np.float32)
         return feats, self.texture_statistics(images)

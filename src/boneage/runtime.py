@@ -482,6 +482,15 @@ def _current_session(weights: Path, threads: int | None) -> Any | None:
     return session
 
 
+def plain_run(session: Any, images: np.ndarray) -> dict[str, np.ndarray]:
+    """One run of an exported graph on plain (un-augmented) views, outputs by name: the OOD features and
+    texture statistics come from here for both engines, so they cannot drift apart."""
+    names = [o.name for o in session.get_outputs()]
+    x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
+    male = np.zeros(len(x), dtype=np.float32)  # features and texture come before the sex input
+    return dict(zip(names, session.run(None, {"image": x, "male": male}), strict=True))
+
+
 class OnnxPredictor(BasePredictor):
     """The bundled model on ONNX Runtime: no torch, one session shared by every thread."""
 
@@ -548,9 +557,7 @@ class OnnxPredictor(BasePredictor):
         return months, feats, None if cam is None else np.asarray(cam, dtype=np.float32)
 
     def _plain_run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(images, dtype=np.float32)[:, None] / 255.0
-        male = np.zeros(len(x), dtype=np.float32)  # features and texture come before the sex input
-        return dict(zip(self.outputs, self.session.run(None, {"image": x, "male": male}), strict=True))
+        return plain_run(self.session, images)
 
     def texture_statistics(self, images: np.ndarray) -> np.ndarray | None:
         """The graph's ``texture`` output for plain views of ``images``; None for a graph without it."""
