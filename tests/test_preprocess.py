@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from boneage.io import read_radiograph
-from boneage.preprocess import Preprocess, hand_box, letterbox
+from boneage.preprocess import Preprocess, align_hand, hand_box, hand_tilt, letterbox
 
 
 def synthetic_film(
@@ -133,6 +133,8 @@ def test_bad_settings() -> None:
         Preprocess(contrast="histeq")
     with pytest.raises(ValueError, match="at least 32"):
         Preprocess(size=16)
+    with pytest.raises(ValueError, match="align"):
+        Preprocess(align="axes")
 
 
 def test_key_changes_with_every_setting() -> None:
@@ -147,6 +149,7 @@ def test_key_changes_with_every_setting() -> None:
         Preprocess(contrast="clahe"),
         Preprocess(low_percentile=1.0),
         Preprocess(high_percentile=99.0),
+        Preprocess(align="axis"),
     ]
     keys = {v.key() for v in variants}
     assert base.key() not in keys
@@ -159,8 +162,9 @@ def test_key_changes_with_every_setting() -> None:
         "high_percentile": 99.5,
         "geometry": "letterbox",
         "squash_size": 299,
+        "align": "none",
     }
-    # caches built before the geometry fields existed keep their key (letterbox was the only geometry)
+    # caches built before the geometry and align fields existed keep their key (letterbox was the only one)
     assert base.key() == "fc3441471458"
 
 
@@ -257,3 +261,52 @@ def test_training_copy_remakes_a_native_file_like_its_299_jpeg(shared_sample: Pa
         # it is the squash, compressed: close to it, but not it
         plain = squash(np.asarray(native, np.float32) * 255, 299)
         assert 0.0 < np.mean(np.abs(remade - plain)) < 3.0
+
+
+def _bar(angle: float) -> np.ndarray:
+    """A bright upright bar (a stand-in for a hand's long axis) turned counter-clockwise by ``angle``."""
+    from scipy import ndimage
+
+    img = np.zeros((200, 200), dtype=np.float32)
+    img[40:160, 88:112] = 1.0
+    return ndimage.rotate(img, angle, reshape=False, order=1)
+
+
+@pytest.mark.parametrize("angle", [-40.0, -25.0, -8.0, 12.0, 30.0, 44.0])
+def test_align_turns_a_tilted_hand_upright(angle: float) -> None:
+    """Tilts up to 45 degrees either way are measured (clockwise positive) and undone."""
+    assert hand_tilt(_bar(angle)) == pytest.approx(-angle, abs=1.5)
+    assert abs(hand_tilt(align_hand(_bar(angle)), max_tilt=90)) < 1.5
+
+
+@pytest.mark.parametrize("angle", [60.0, 90.0, 180.0])
+def test_align_leaves_a_turned_hand_for_the_orientation_check(angle: float) -> None:
+    """A hand turned by more than 45 degrees is not "corrected": the OOD orientation check must still see it,
+    and an upside-down hand (180) has an upright axis."""
+    assert hand_tilt(_bar(angle)) == 0.0
+    np.testing.assert_array_equal(align_hand(_bar(angle)), _bar(angle))
+
+
+def test_align_is_a_no_op_without_a_clear_axis() -> None:
+    disc = np.zeros((100, 100), dtype=np.float32)
+    yy, xx = np.mgrid[:100, :100]
+    disc[(yy - 50) ** 2 + (xx - 50) ** 2 < 30**2] = 1.0
+    assert hand_tilt(disc) == 0.0
+    assert hand_tilt(np.zeros((64, 64), dtype=np.float32)) == 0.0
+
+
+@pytest.mark.integration
+def test_align_makes_real_hands_upright(shared_sample: Path) -> None:
+    """On clinic radiographs (squashed as the model sees them) the aligned image's hand axis is upright,
+    and the pipeline with ``align: axis`` still gives a square uint8 image."""
+    from boneage.preprocess import squash
+
+    paths = sorted((shared_sample / "images").glob("*.png"))[:8]
+    tilts = []
+    for path in paths:
+        frame = squash(read_radiograph(path).pixels, 299)
+        tilts.append(hand_tilt(frame))
+        assert abs(hand_tilt(align_hand(frame), max_tilt=90)) < 3.0
+        out = Preprocess(size=96, geometry="squash", align="axis")(read_radiograph(path).pixels)
+        assert out.shape == (96, 96) and out.dtype == np.uint8
+    assert max(abs(t) for t in tilts) > 3.0  # the sample has tilted hands, so this checked something

@@ -44,29 +44,36 @@ def _otsu(values: np.ndarray) -> float:
     return float(centers[int(np.argmax(between))])
 
 
-def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -> tuple[int, int, int, int]:
-    """Bounding box (top, bottom, left, right) of the largest bright object, which on a hand film is the hand.
-
-    Collimator bands, lead markers and labels are separate, smaller objects once thin bridges are opened,
-    so they fall outside the box. When the search finds nothing plausible the whole image is kept.
-    """
+def _hand_mask(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """The largest bright object on a copy at most ``_WORK_SIZE`` px (None if there is none), and that
+    copy's scale: on a hand film the largest object is the hand. Collimator bands, lead markers and labels
+    are separate, smaller objects once thin bridges are opened."""
     h, w = pixels.shape
     scale = _WORK_SIZE / max(h, w)
     small = _resize(pixels, round(w * scale), round(h * scale)) if scale < 1 else pixels.astype(np.float32)
     small = ndimage.uniform_filter(small, size=3)
-    sh, sw = small.shape
     lo, hi = np.percentile(small, [1, 99])
     if hi - lo < 1e-3:
-        return 0, h, 0, w
+        return None, scale
     norm = np.clip((small - lo) / (hi - lo), 0, 1)
     mask = norm > _otsu(norm)
     mask = ndimage.binary_opening(mask, iterations=2)
     labels, count = ndimage.label(mask)
     if count == 0:
-        return 0, h, 0, w
+        return None, scale
     sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    biggest = int(np.argmax(sizes)) + 1
-    rows, cols = np.nonzero(labels == biggest)
+    return labels == int(np.argmax(sizes)) + 1, scale
+
+
+def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -> tuple[int, int, int, int]:
+    """Bounding box (top, bottom, left, right) of the largest bright object, which on a hand film is the hand;
+    markers and collimator bands fall outside it. When nothing plausible is found the whole image is kept."""
+    h, w = pixels.shape
+    hand, scale = _hand_mask(pixels)
+    if hand is None:
+        return 0, h, 0, w
+    sh, sw = hand.shape
+    rows, cols = np.nonzero(hand)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     if (bottom - top) * (right - left) < min_area * sh * sw:
         return 0, h, 0, w
@@ -80,6 +87,36 @@ def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -
         int(left * inv),
         min(w, int(np.ceil(right * inv))),
     )
+
+
+def hand_tilt(pixels: np.ndarray, max_tilt: float = 45.0, min_elongation: float = 1.3) -> float:
+    """Degrees (counter-clockwise) that turn the hand's long axis upright: the principal axis of the hand
+    mask's second moments, a label-free stand-in for the keypoint registration of Iglovikov et al. 0 when
+    the mask is missing, round (no clear axis), or tilted more than ``max_tilt``: a hand turned by 90° or
+    more stays as it is, for the orientation check to see."""
+    hand, _ = _hand_mask(pixels)
+    if hand is None or hand.sum() < 16:
+        return 0.0
+    rows, cols = np.nonzero(hand)
+    cov = np.cov(np.stack([cols - cols.mean(), rows.mean() - rows]))  # x right, y up
+    evals, evecs = np.linalg.eigh(cov)
+    if evals[0] <= 0 or evals[1] / evals[0] < min_elongation**2:
+        return 0.0
+    x, y = evecs[:, 1]  # the long axis
+    tilt = float(np.degrees(np.arctan2(x, y)))  # its angle from vertical, clockwise positive
+    tilt = (tilt + 90.0) % 180.0 - 90.0  # an axis has no direction: fold into [-90, 90)
+    return tilt if abs(tilt) <= max_tilt else 0.0
+
+
+def align_hand(pixels: np.ndarray) -> np.ndarray:
+    """The frame rotated so the hand's long axis is vertical (see ``hand_tilt``); corners filled with the
+    background's level, so the hand crop that follows is not misled by them."""
+    tilt = hand_tilt(pixels)
+    if abs(tilt) < 0.5:
+        return pixels
+    fill = float(np.percentile(pixels, 5))
+    # ndimage.rotate turns counter-clockwise as displayed for a positive angle: it undoes a clockwise tilt
+    return ndimage.rotate(pixels, tilt, reshape=True, order=1, mode="constant", cval=fill)
 
 
 def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -108,6 +145,7 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 GEOMETRIES = ("letterbox", "squash")
+ALIGNMENTS = ("none", "axis")
 
 
 def training_copy(pixels: np.ndarray, size: int = 299, quality: int = 60) -> np.ndarray:
@@ -155,6 +193,7 @@ class Preprocess:
     high_percentile: float = 99.5
     geometry: str = "letterbox"  # letterbox | squash (whole frame to squash_size² first)
     squash_size: int = 299  # the side of the square frame when geometry is squash
+    align: str = "none"  # none | axis (turn the hand's long axis upright before the crop)
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -165,11 +204,15 @@ class Preprocess:
             raise ValueError(f"unknown contrast method {self.contrast!r} (percentile, clahe or none)")
         if self.size < 32:
             raise ValueError("preprocess size must be at least 32 pixels")
+        if self.align not in ALIGNMENTS:
+            raise ValueError(f"unknown align {self.align!r} (none or axis)")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
         if self.geometry == "squash":
             pixels = squash(pixels, self.squash_size)
+        if self.align == "axis":
+            pixels = align_hand(pixels)
         if self.crop:
             top, bottom, left, right = hand_box(pixels)
             pixels = pixels[top:bottom, left:right]
@@ -200,6 +243,8 @@ class Preprocess:
         if self.geometry == "letterbox":
             d.pop("geometry")
             d.pop("squash_size")
+        if self.align == "none":  # as before the option existed
+            d.pop("align")
         if PREPROCESS_VERSION > 1:
             d["code_version"] = PREPROCESS_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -41,6 +41,9 @@ class PreprocessSpec(Strict):
     # 299 px RSNA copies were made (a model trained on those must see a clinic's file squashed the same way)
     geometry: Literal["letterbox", "squash"] = "letterbox"
     squash_size: int = Field(299, ge=32, le=4096)
+    # axis: turn the hand's long axis upright (second moments of the hand mask) before the crop, a label-free
+    # form of the registration in Iglovikov et al.; none: as found
+    align: Literal["none", "axis"] = "none"
 
 
 class ModelSpec(Strict):
