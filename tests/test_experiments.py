@@ -373,7 +373,7 @@ def test_grid_resumes_an_interrupted_variant_with_holdout_validation_and_subsets
     assert (tmp_path / "docs" / "cpu-like" / "report.png").is_file()
 
 
-RECIPE_GRIDS = {"cpu-align", "cpu-upsample"}  # may change the bundled model's recipe, so they choose on training ids
+RECIPE_GRIDS = {"cpu-align", "cpu-upsample"}  # may change the bundled recipe: they choose on training ids
 
 
 def test_cpu_grids_validate_without_training() -> None:
