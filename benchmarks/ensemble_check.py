@@ -38,7 +38,7 @@ def main() -> None:
 
     import yaml
 
-    from boneage.bundle import _holdout_tables
+    from boneage.bundle import holdout_tables
     from boneage.config import config_from_dict
     from boneage.data import BoneAgeDataModule
     from boneage.evaluation import evaluate, metrics
@@ -49,7 +49,7 @@ def main() -> None:
     dm.setup("fit")
     assert dm.labels is not None
     tables = {"val_split": dm.labels.iloc[dm.val_idx].reset_index(drop=True)}
-    tables["holdout_299"], native = _holdout_tables(cfg, None)
+    tables["holdout_299"], native = holdout_tables(cfg, None)
     args.out.mkdir(parents=True, exist_ok=True)
 
     preds: dict[str, dict[str, pd.DataFrame]] = {split: {} for split in [*tables, "holdout_native"]}

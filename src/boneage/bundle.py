@@ -217,9 +217,10 @@ def run_config_for(checkpoint: str | Path) -> RunConfig:
     )
 
 
-def _holdout_tables(cfg: RunConfig, native_images: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def holdout_tables(cfg: RunConfig, native_images: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The held-out ids in the training geometry (from data.images) and, when their own files exist, in
-    the clinic's geometry (the holdout CSV's folder, or ``native_images``)."""
+    the clinic's geometry (the holdout CSV's folder, or ``native_images``). Public because every report on
+    a candidate model (the bundle, ``benchmarks/ensemble_check.py``) must score the same two tables."""
     from boneage.data import holdout_mask
 
     d = cfg.data
@@ -289,7 +290,7 @@ def make_bundle(
         "licence": LICENCE,
     }
     if cfg.data.holdout_labels:
-        held, native = _holdout_tables(cfg, Path(native_images) if native_images else None)
+        held, native = holdout_tables(cfg, Path(native_images) if native_images else None)
         say(f"held-out ids, training geometry ({len(held)} images)")
         rep = evaluate(predictor, held, cache_dir=cache, progress=progress)
         rep_plain = evaluate(plain, held, cache_dir=cache, progress=progress)

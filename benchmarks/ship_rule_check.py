@@ -1,0 +1,60 @@
+"""Apply a bundled-model candidate's ship rule: its 6-view TTA MAE on the validation split against a bar.
+
+    python benchmarks/ship_rule_check.py --model ~/.cache/boneage/runs/bundled-v0.7/last.ckpt \
+        --config configs/bundled-v0.7.yaml --bar 6.902 --out docs/results/bundled-v0.7/ship_rule.json
+
+Only the validation split (training ids never trained on) is scored, so the decision cannot lean on the
+1,001 held-out ids; those are scored afterwards by ``bundled_model_report.py``, for the record. The bar is
+the incumbent's figure measured the same way (``docs/results/ensemble/ensemble.json`` for v0.6), written in
+the candidate's config before it trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="the candidate: a checkpoint or a bundle")
+    ap.add_argument("--config", type=Path, required=True, help="its run config (gives the split)")
+    ap.add_argument("--bar", type=float, required=True, help="ship only at or below this MAE (months)")
+    ap.add_argument("--out", type=Path, required=True, help="where to write the decision (JSON)")
+    args = ap.parse_args()
+
+    import yaml
+
+    from boneage.config import config_from_dict
+    from boneage.data import BoneAgeDataModule
+    from boneage.evaluation import evaluate
+    from boneage.inference import Predictor
+
+    cfg = config_from_dict(yaml.safe_load(args.config.read_text()), source=args.config)
+    dm = BoneAgeDataModule(cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess)
+    dm.setup("fit")
+    assert dm.labels is not None
+    table = dm.labels.iloc[dm.val_idx].reset_index(drop=True)
+    predictor = Predictor.load(args.model.expanduser(), runtime="auto")
+    t0 = time.perf_counter()
+    rep = evaluate(predictor, table, cache_dir=cfg.data.cache_dir, progress=False)
+    mae = float(rep.metrics["mae_months"])
+    result = {
+        "model": str(args.model),
+        "config": str(args.config),
+        "split": "validation split (training ids, 299 px copies), 6-view TTA",
+        "n": len(table),
+        "mae": round(mae, 3),
+        "bar": args.bar,
+        "ship": bool(mae <= args.bar),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
