@@ -6,7 +6,8 @@
 Only the validation split (training ids never trained on) is scored, so the decision cannot lean on the
 1,001 held-out ids; those are scored afterwards by ``bundled_model_report.py``, for the record. The bar is
 the incumbent's figure measured the same way (``docs/results/ensemble/ensemble.json`` for v0.6), written in
-the candidate's config before it trained.
+the candidate's config before it trained. Per-image predictions go to ``preds_val_split.csv`` beside the
+JSON, so the candidate can be compared with the incumbent image by image (a paired difference).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    rep.predictions.to_csv(args.out.with_name("preds_val_split.csv"), index=False)  # for paired comparisons
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
