@@ -29,7 +29,11 @@ MARGIN_MONTHS = 0.10  # the rule: the ensemble must beat the better member by th
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--member", nargs=3, action="append", required=True, metavar=("NAME", "MODEL", "NATIVE_PREDS_CSV"),
+        "--member",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "MODEL", "NATIVE_PREDS_CSV"),
         help="a bundle or checkpoint and its predict-path predictions of the native PNGs ('-': measure them)",
     )
     ap.add_argument("--config", type=Path, required=True, help="a run config giving the split and images")
@@ -38,17 +42,13 @@ def main() -> None:
 
     import yaml
 
-    from boneage.bundle import holdout_tables
+    from boneage.bundle import holdout_tables, run_split
     from boneage.config import config_from_dict
-    from boneage.data import BoneAgeDataModule
     from boneage.evaluation import evaluate, metrics
     from boneage.inference import Predictor
 
     cfg = config_from_dict(yaml.safe_load(args.config.read_text()), source=args.config)
-    dm = BoneAgeDataModule(cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess)
-    dm.setup("fit")
-    assert dm.labels is not None
-    tables = {"val_split": dm.labels.iloc[dm.val_idx].reset_index(drop=True)}
+    tables = {"val_split": run_split(cfg)[1]}
     tables["holdout_299"], native = holdout_tables(cfg, None)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -4,10 +4,11 @@
         --config configs/bundled-v0.7.yaml --bar 6.902 --out docs/results/bundled-v0.7/ship_rule.json
 
 Only the validation split (training ids never trained on) is scored, so the decision cannot lean on the
-1,001 held-out ids; those are scored afterwards by ``bundled_model_report.py``, for the record. The bar is
-the incumbent's figure measured the same way (``docs/results/ensemble/ensemble.json`` for v0.6), written in
-the candidate's config before it trained. Per-image predictions go to ``preds_val_split.csv`` beside the
-JSON, so the candidate can be compared with the incumbent image by image (a paired difference).
+1,001 held-out ids; those are scored afterwards (``bundled_model_report.py``, ``ensemble_check.py``), for
+the record. The bar is the incumbent's figure measured the same way
+(``docs/results/ensemble/ensemble.json`` for v0.6), written in the candidate's config before it trained.
+Per-image predictions go to ``preds_val_split.csv`` beside the JSON, so the candidate can be compared with
+the incumbent image by image (a paired difference).
 """
 
 from __future__ import annotations
@@ -28,16 +29,13 @@ def main() -> None:
 
     import yaml
 
+    from boneage.bundle import run_split
     from boneage.config import config_from_dict
-    from boneage.data import BoneAgeDataModule
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
     cfg = config_from_dict(yaml.safe_load(args.config.read_text()), source=args.config)
-    dm = BoneAgeDataModule(cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess)
-    dm.setup("fit")
-    assert dm.labels is not None
-    table = dm.labels.iloc[dm.val_idx].reset_index(drop=True)
+    table = run_split(cfg)[1]
     predictor = Predictor.load(args.model.expanduser(), runtime="auto")
     t0 = time.perf_counter()
     rep = evaluate(predictor, table, cache_dir=cfg.data.cache_dir, progress=False)

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,9 @@ from boneage.ood import (
 )
 from boneage.runs import git_commit
 from boneage.runtime import oriented_pixels
+
+if TYPE_CHECKING:
+    from boneage.data import BoneAgeDataModule
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +220,20 @@ def run_config_for(checkpoint: str | Path) -> RunConfig:
     )
 
 
+def run_split(cfg: RunConfig) -> tuple[BoneAgeDataModule, pd.DataFrame]:
+    """The run's data module, set up with the split it trained on, and its validation table: the images
+    that choose (checkpoints, ship rules) and calibrate, so every report on a candidate scores the same
+    ids."""
+    from boneage.data import BoneAgeDataModule
+
+    dm = BoneAgeDataModule(
+        cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess, progress=False
+    )
+    dm.setup("fit")
+    assert dm.labels is not None
+    return dm, dm.labels.iloc[dm.val_idx].reset_index(drop=True)
+
+
 def holdout_tables(cfg: RunConfig, native_images: Path | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The held-out ids in the training geometry (from data.images) and, when their own files exist, in
     the clinic's geometry (the holdout CSV's folder, or ``native_images``). Public because every report on
@@ -250,20 +267,14 @@ def make_bundle(
     (training ids), so the held-out ids judge the model and nothing else. Without a holdout, the run's
     own validation split is used, as v0.1 did.
     """
-    from boneage.data import BoneAgeDataModule
-
     say = on_step or (lambda _msg: None)
     cfg = run_config_for(checkpoint)
     predictor = Predictor.load(checkpoint, runtime="auto")
     plain = Predictor.load(checkpoint, tta=False, runtime="auto")
     cache = cache_dir or cfg.data.cache_dir
-    dm = BoneAgeDataModule(
-        cfg.data.model_copy(update={"holdout_monitor": False}), cfg.preprocess, progress=False
-    )
-    dm.setup("fit")
+    dm, val = run_split(cfg)
     assert dm.labels is not None
     train_ages = dm.labels.iloc[dm.train_idx]["boneage"].to_numpy(float)
-    val = dm.labels.iloc[dm.val_idx].reset_index(drop=True)
     say(f"validation split ({len(val)} training-set ids, TTA)")
     val_report = evaluate(predictor, val, cache_dir=cache, progress=progress)
     spread = val_report.predictions["uncertainty"].to_numpy(float)
