@@ -40,14 +40,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/results/ensemble"))
     args = ap.parse_args()
 
-    import yaml
-
     from boneage.bundle import holdout_tables, run_split
-    from boneage.config import config_from_dict
+    from boneage.config import load_config
     from boneage.evaluation import evaluate, metrics
     from boneage.inference import Predictor
 
-    cfg = config_from_dict(yaml.safe_load(args.config.read_text()), source=args.config)
+    cfg = load_config(args.config)  # as training read it: presets applied
     tables = {"val_split": run_split(cfg)[1]}
     tables["holdout_299"], native = holdout_tables(cfg, None)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="where to write the decision (JSON)")
     args = ap.parse_args()
 
-    import yaml
-
     from boneage.bundle import run_split
-    from boneage.config import config_from_dict
+    from boneage.config import load_config
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
-    cfg = config_from_dict(yaml.safe_load(args.config.read_text()), source=args.config)
+    cfg = load_config(args.config)  # as training read it: presets applied
     table = run_split(cfg)[1]
     predictor = Predictor.load(args.model.expanduser(), runtime="auto")
     t0 = time.perf_counter()
