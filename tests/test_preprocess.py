@@ -135,6 +135,8 @@ def test_bad_settings() -> None:
         Preprocess(size=16)
     with pytest.raises(ValueError, match="align"):
         Preprocess(align="axes")
+    with pytest.raises(ValueError, match="fit"):
+        Preprocess(fit="fill")
 
 
 def test_key_changes_with_every_setting() -> None:
@@ -150,6 +152,7 @@ def test_key_changes_with_every_setting() -> None:
         Preprocess(low_percentile=1.0),
         Preprocess(high_percentile=99.0),
         Preprocess(align="axis"),
+        Preprocess(fit="stretch"),
     ]
     keys = {v.key() for v in variants}
     assert base.key() not in keys
@@ -163,6 +166,7 @@ def test_key_changes_with_every_setting() -> None:
         "geometry": "letterbox",
         "squash_size": 299,
         "align": "none",
+        "fit": "pad",
     }
     # caches built before the geometry and align fields existed keep their key (letterbox was the only one)
     assert base.key() == "fc3441471458"
@@ -310,3 +314,20 @@ def test_align_makes_real_hands_upright(shared_sample: Path) -> None:
         out = Preprocess(size=96, geometry="squash", align="axis")(read_radiograph(path).pixels)
         assert out.shape == (96, 96) and out.dtype == np.uint8
     assert max(abs(t) for t in tilts) > 3.0  # the sample has tilted hands, so this checked something
+
+
+def test_stretch_fills_the_square_with_the_hand_region() -> None:
+    # a tall bright "hand" on a dark frame: pad keeps its proportions (black bars left and right), stretch
+    # resizes the crop box to the whole square, so only the crop's own margin is background
+    img = np.full((200, 200), 0.05, dtype=np.float32)
+    img[20:180, 70:130] = 0.9
+    img[40:160, 90:110] = 0.6  # some structure inside, so the contrast stretch has two levels
+    pad = Preprocess(size=64, fit="pad")(img)
+    stretch = Preprocess(size=64, fit="stretch")(img)
+    assert pad.shape == stretch.shape == (64, 64)
+    assert pad[:, :8].max() == 0 and pad[:, -8:].max() == 0
+    hand_cols = lambda out: int((out.max(axis=0) > 0).sum())  # noqa: E731
+    assert hand_cols(pad) < 32 and hand_cols(stretch) > 48  # 60/76 of the box's width is hand
+    # the same settings give the same pixels in training and inference; pad stays the default
+    np.testing.assert_array_equal(stretch, Preprocess(size=64, fit="stretch")(img))
+    assert Preprocess().fit == "pad"

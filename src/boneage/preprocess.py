@@ -146,6 +146,7 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
 
 GEOMETRIES = ("letterbox", "squash")
 ALIGNMENTS = ("none", "axis")
+FITS = ("pad", "stretch")
 
 
 def training_copy(pixels: np.ndarray, size: int = 299, quality: int = 60) -> np.ndarray:
@@ -194,6 +195,7 @@ class Preprocess:
     geometry: str = "letterbox"  # letterbox | squash (whole frame to squash_size² first)
     squash_size: int = 299  # the side of the square frame when geometry is squash
     align: str = "none"  # none | axis (turn the hand's long axis upright before the crop)
+    fit: str = "pad"  # pad | stretch (how the crop box becomes the square: black bars, or resized to fill it)
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -206,6 +208,8 @@ class Preprocess:
             raise ValueError("preprocess size must be at least 32 pixels")
         if self.align not in ALIGNMENTS:
             raise ValueError(f"unknown align {self.align!r} (none or axis)")
+        if self.fit not in FITS:
+            raise ValueError(f"unknown fit {self.fit!r} (pad or stretch)")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
@@ -221,7 +225,7 @@ class Preprocess:
             pixels = np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1)
         elif self.contrast == "clahe":
             pixels = _clahe(pixels)
-        out = letterbox(pixels, self.size)
+        out = squash(pixels, self.size) if self.fit == "stretch" else letterbox(pixels, self.size)
         return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
     @classmethod
@@ -245,6 +249,8 @@ class Preprocess:
             d.pop("squash_size")
         if self.align == "none":  # as before the option existed
             d.pop("align")
+        if self.fit == "pad":  # likewise
+            d.pop("fit")
         if PREPROCESS_VERSION > 1:
             d["code_version"] = PREPROCESS_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
