@@ -1,4 +1,4 @@
-"""Bundle a training run's best checkpoint and write every figure the model card states, measured.
+"""Bundle a training run's chosen checkpoint (its ship rule's) and write every figure the model card states.
 
     python benchmarks/bundled_model_report.py --run-dir ~/.cache/boneage/runs/bundled-v0.3 \
         --prior-run ~/.cache/boneage/runs/bundled-v0.2 --bundle src/boneage/assets/model.safetensors \
@@ -86,7 +86,9 @@ def main() -> None:
         default=[],
         help="run folder(s) this run was initialised from, oldest first (their curves and CPU hours)",
     )
-    ap.add_argument("--checkpoint", default="best.ckpt")
+    ap.add_argument(
+        "--checkpoint", default=None, help="default: the run config's ship.checkpoint (best or last)"
+    )
     args = ap.parse_args()
 
     from boneage.bundle import make_bundle
@@ -96,6 +98,10 @@ def main() -> None:
         from boneage import __version__
 
         args.version = __version__
+    if args.checkpoint is None:
+        from boneage.bundle import run_config_for
+
+        args.checkpoint = f"{run_config_for(args.run_dir / 'last.ckpt').ship.checkpoint}.ckpt"
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     path, facts = make_bundle(

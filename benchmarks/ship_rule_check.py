@@ -1,12 +1,13 @@
 """Apply a bundled-model candidate's ship rule: its 6-view TTA MAE on the validation split against a bar.
 
     python benchmarks/ship_rule_check.py --model ~/.cache/boneage/runs/bundled-v0.7/last.ckpt \
-        --config configs/bundled-v0.7.yaml --bar 6.902 --out docs/results/bundled-v0.7/ship_rule.json
+        --config configs/bundled-v0.7.yaml --out docs/results/bundled-v0.7/ship_rule.json
 
 Only the validation split (training ids never trained on) is scored, so the decision cannot lean on the
 1,001 held-out ids; those are scored afterwards (``bundled_model_report.py``, ``ensemble_check.py``), for
 the record. The bar is the incumbent's figure measured the same way
-(``docs/results/ensemble/ensemble.json`` for v0.6), written in the candidate's config before it trained.
+(``docs/results/ensemble/ensemble.json`` for v0.6), written in the candidate's config (``ship.bar``, with
+``ship.checkpoint``) before it trained; ``--bar`` may repeat it, never change it.
 Per-image predictions go to ``preds_val_split.csv`` beside the JSON, so the candidate can be compared with
 the incumbent image by image (a paired difference).
 """
@@ -23,29 +24,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="the candidate: a checkpoint or a bundle")
     ap.add_argument("--config", type=Path, required=True, help="its run config (gives the split)")
-    ap.add_argument("--bar", type=float, required=True, help="ship only at or below this MAE (months)")
+    ap.add_argument("--bar", type=float, default=None, help="the config's ship.bar, repeated (months)")
     ap.add_argument("--out", type=Path, required=True, help="where to write the decision (JSON)")
     args = ap.parse_args()
 
-    from boneage.bundle import run_split
+    from boneage.bundle import run_split, ship_decision
     from boneage.config import load_config
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
     cfg = load_config(args.config)  # as training read it: presets applied
+    ship_decision(cfg, args.model, 0.0, args.bar)  # a wrong bar or checkpoint fails before scoring
     table = run_split(cfg)[1]
     predictor = Predictor.load(args.model.expanduser(), runtime="auto")
     t0 = time.perf_counter()
     rep = evaluate(predictor, table, cache_dir=cfg.data.cache_dir, progress=False)
-    mae = float(rep.metrics["mae_months"])
+    decision = ship_decision(cfg, args.model, float(rep.metrics["mae_months"]), args.bar)
     result = {
         "model": str(args.model),
         "config": str(args.config),
         "split": "validation split (training ids, 299 px copies), 6-view TTA",
         "n": len(table),
-        "mae": round(mae, 3),
-        "bar": args.bar,
-        "ship": bool(mae <= args.bar),
+        **decision,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,4 +55,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from boneage.errors import BoneAgeInputError
+
+    try:
+        main()
+    except BoneAgeInputError as exc:  # a wrong bar, checkpoint or file: one line, exit 2
+        raise SystemExit(f"error: {exc}") from None

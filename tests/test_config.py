@@ -302,3 +302,31 @@ def test_run_config_makes_the_model_spec() -> None:
     assert "pretrained" not in spec.model_dump()  # how it was initialised is training history, not the model
     assert cfg.train.size_schedule == {} and cfg.train.ema_decay == pytest.approx(0.998)
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_ship_rule_is_read_checked_and_applied() -> None:
+    from boneage.bundle import ship_decision
+
+    cfg = config_from_dict({"ship": {"bar": 6.902, "checkpoint": "last"}})
+    assert cfg.ship.bar == 6.902 and cfg.ship.checkpoint == "last"
+    assert Config().ship.bar is None and Config().ship.checkpoint == "best"  # not a candidate by default
+    with pytest.raises(BoneAgeInputError, match="ship"):
+        config_from_dict({"ship": {"bar": 6.9, "checkpont": "last"}})  # a typo fails when read
+    with pytest.raises(BoneAgeInputError, match="ship"):
+        config_from_dict({"ship": {"checkpoint": "middle"}})
+
+    # the rule as written: at or below the bar ships, above does not
+    assert ship_decision(cfg, "run/last.ckpt", 6.902)["ship"] is True
+    decision = ship_decision(cfg, "run/last.ckpt", 6.913)
+    assert decision == {"mae": 6.913, "bar": 6.902, "checkpoint": "last", "ship": False}
+    # a bar on the command line may repeat the config's, never change it; the epoch is the one fixed
+    assert ship_decision(cfg, "run/last.ckpt", 6.9, bar=6.902)["ship"] is True
+    with pytest.raises(BoneAgeInputError, match="differs"):
+        ship_decision(cfg, "run/last.ckpt", 6.9, bar=7.5)
+    with pytest.raises(BoneAgeInputError, match="last.ckpt, not best.ckpt"):
+        ship_decision(cfg, "run/best.ckpt", 6.9)
+    assert ship_decision(cfg, "bundle.safetensors", 6.9)["ship"] is True  # a bundle is one set of weights
+    # no bar anywhere: nothing to decide against
+    with pytest.raises(BoneAgeInputError, match="no ship bar"):
+        ship_decision(Config(), "run/best.ckpt", 6.9)
+    assert ship_decision(Config(), "run/best.ckpt", 6.9, bar=7.0)["bar"] == 7.0

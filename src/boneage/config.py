@@ -179,6 +179,16 @@ class TrainerConfig(Section):
     compile: bool = False  # torch.compile the network (in place: checkpoints keep their keys)
 
 
+class ShipConfig(Section):
+    """A bundled-model candidate's ship rule, written before it trains so the numbers cannot choose it:
+    the ``checkpoint`` it offers (``last``: the final epoch, fixed in advance; ``best``: the epoch the
+    validation split picked) ships only if its 6-view TTA MAE on the validation split is at or below
+    ``bar`` (the incumbent's figure measured the same way). No bar: the run is not a candidate."""
+
+    bar: float | None = Field(None, gt=0)
+    checkpoint: Literal["last", "best"] = "best"
+
+
 class RunConfig(Section):
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -188,6 +198,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    ship: ShipConfig = Field(default_factory=ShipConfig)
 
     @field_validator("name")
     @classmethod
