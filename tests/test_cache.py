@@ -388,3 +388,42 @@ def test_training_from_shards_scores_the_holdout_it_never_trains_on(tmp_path: Pa
     summary = train(cfg, tmp_path / "run", progress=False)
     assert (summary["train_images"], summary["val_images"], summary["holdout_images"]) == (6, 3, 3)
     assert pd.read_csv(tmp_path / "run" / "metrics.csv")["holdout_mae"].notna().any()
+
+
+_AFTER_TORCH = """
+import sys
+from pathlib import Path
+import torch
+from boneage.cache import build_cache
+from boneage.preprocess import Preprocess
+
+torch.set_num_threads(2)
+x = torch.randn(256, 256)
+for _ in range(20):  # the parent's intra-op thread pool is started, as after a training run
+    x = torch.tanh(x @ x)
+report = build_cache(
+    Path(sys.argv[1]), Preprocess(size=32, contrast="clahe"), Path(sys.argv[2]), Path(sys.argv[3]),
+    fmt="raw", workers=2, progress=False,
+)
+print("cached", report)
+"""
+
+
+def test_clahe_cache_builds_with_workers_after_torch_ran(tmp_path: Path) -> None:
+    # a grid's second variant builds its cache in the process that trained the first one; CLAHE runs torch
+    # (kornia) in the cache workers, and forked workers of a process whose torch threads had started hung
+    # for good (seen in grid 7). The workers now run torch on one thread, so this finishes in seconds.
+    import subprocess
+    import sys
+
+    images, labels = _dataset(tmp_path, 6)
+    script = tmp_path / "after_torch.py"
+    script.write_text(_AFTER_TORCH)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "c"), str(labels), str(images)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "added=6" in done.stdout and "failed=[]" in done.stdout

@@ -247,6 +247,16 @@ class _ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
+def _worker_init() -> None:
+    """A forked worker of a process whose torch threads had started (a grid's second variant, after
+    training the first) hung for good in torch code (CLAHE runs kornia): torch's OpenMP pool does not
+    survive a fork. One thread per worker, as PyTorch's own DataLoader workers do, avoids the pool."""
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def _run_jobs(
     jobs: list[tuple[int, str, Preprocess, str, int]], workers: int, progress: ProgressOption
 ) -> Iterator[tuple[int, bytes | None, str]]:
@@ -256,7 +266,7 @@ def _run_jobs(
     with tracker(progress, f"caching {total} radiographs") as tick:
         tick(0, total)
         if workers > 1 and total > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
                 for done, result in enumerate(pool.map(_encode_job, jobs, chunksize=4), 1):
                     yield result
                     tick(done, total)
