@@ -45,8 +45,9 @@ class PreprocessSpec(Strict):
     # form of the registration in Iglovikov et al.; none: as found
     align: Literal["none", "axis"] = "none"
     # how the crop box becomes the square input. pad: keep the hand's proportions, black bars fill the rest
-    # (14% of the input on average on the 299 px copies); stretch: resize the box to the square, so every input pixel is hand
-    # region (more pixels across the hand, its proportions changed the same way in training and inference)
+    # (14% of the input on average on the 299 px copies); stretch: resize the box to the square, so every
+    # input pixel is hand region (more pixels across the hand, its proportions changed the same way in
+    # training and inference)
     fit: Literal["pad", "stretch"] = "pad"
 
 
