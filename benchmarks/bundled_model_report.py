@@ -98,10 +98,13 @@ def main() -> None:
         from boneage import __version__
 
         args.version = __version__
-    if args.checkpoint is None:
-        from boneage.bundle import run_config_for
+    import yaml
 
-        args.checkpoint = f"{run_config_for(args.run_dir / 'last.ckpt').ship.checkpoint}.ckpt"
+    from boneage.config import config_from_dict
+
+    cfg = config_from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    if args.checkpoint is None:
+        args.checkpoint = f"{cfg.ship.checkpoint}.ckpt"
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     path, facts = make_bundle(
@@ -146,11 +149,6 @@ def main() -> None:
         import subprocess
         import sys
 
-        import yaml
-
-        from boneage.config import config_from_dict
-
-        cfg = config_from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
         holdout = Path(cfg.data.holdout_labels)
         out_csv = args.out / "cli_predict_native.csv"
         out_csv.unlink(missing_ok=True)
