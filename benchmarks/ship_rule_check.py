@@ -28,13 +28,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="where to write the decision (JSON)")
     args = ap.parse_args()
 
-    from boneage.bundle import run_split, ship_decision
+    from boneage.bundle import run_split, ship_bar, ship_decision
     from boneage.config import load_config
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
     cfg = load_config(args.config)  # as training read it: presets applied
-    ship_decision(cfg, args.model, 0.0, args.bar)  # a wrong bar or checkpoint fails before scoring
+    ship_bar(cfg, args.model, args.bar)  # a wrong bar or checkpoint fails here, before minutes of scoring
     table = run_split(cfg)[1]
     predictor = Predictor.load(args.model.expanduser(), runtime="auto")
     t0 = time.perf_counter()
@@ -59,5 +59,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except BoneAgeInputError as exc:  # a wrong bar, checkpoint or file: one line, exit 2
+    except BoneAgeInputError as exc:  # a wrong bar, checkpoint or file: one line, exit 1
         raise SystemExit(f"error: {exc}") from None

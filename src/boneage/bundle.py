@@ -234,23 +234,28 @@ def run_split(cfg: RunConfig) -> tuple[BoneAgeDataModule, pd.DataFrame]:
     return dm, dm.labels.iloc[dm.val_idx].reset_index(drop=True)
 
 
-def ship_decision(cfg: RunConfig, model: str | Path, mae: float, bar: float | None = None) -> dict[str, Any]:
-    """Apply the ship rule written in the candidate's config (``ship``): a bar given on the command line
+def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> float:
+    """The bar of the ship rule written in the candidate's config (``ship``). A bar given on the command line
     must equal it, and the model must be the checkpoint the rule names, so a decision cannot quietly use
-    another bar or another epoch than the one fixed before training."""
+    another bar or another epoch than the one fixed before training. Cheap: check it before scoring."""
     rule = cfg.ship
     if rule.bar is None and bar is None:
         raise BoneAgeInputError("no ship bar: the config's ship.bar is unset and none was given", model)
     if rule.bar is not None and bar is not None and abs(bar - rule.bar) > 1e-9:
         raise BoneAgeInputError(f"bar {bar} differs from the config's ship.bar {rule.bar}", model)
-    chosen = rule.bar if rule.bar is not None else float(bar)  # type: ignore[arg-type]
     name = Path(model).name
     if name.endswith(".ckpt") and name != f"{rule.checkpoint}.ckpt":
         raise BoneAgeInputError(f"the config's ship rule offers {rule.checkpoint}.ckpt, not {name}", model)
+    return rule.bar if rule.bar is not None else float(bar)  # type: ignore[arg-type]
+
+
+def ship_decision(cfg: RunConfig, model: str | Path, mae: float, bar: float | None = None) -> dict[str, Any]:
+    """The ship rule applied to the candidate's measured MAE (see ``ship_bar``)."""
+    chosen = ship_bar(cfg, model, bar)
     return {
         "mae": round(float(mae), 3),
         "bar": chosen,
-        "checkpoint": rule.checkpoint,
+        "checkpoint": cfg.ship.checkpoint,
         "ship": bool(mae <= chosen),
     }
 
