@@ -374,8 +374,9 @@ def test_grid_resumes_an_interrupted_variant_with_holdout_validation_and_subsets
 
 
 # may change the bundled recipe: they choose on training ids (a 5% split, or 20% where the grid says why)
-RECIPE_GRIDS = {"cpu-align", "cpu-upsample", "cpu-preprocess", "cpu-fit-wide"}
-WIDE_SPLIT = {"cpu-fit-wide"}  # grid 7b: re-asks grid 7 on a selection split four times larger
+RECIPE_GRIDS = {"cpu-align", "cpu-upsample", "cpu-preprocess", "cpu-fit-wide", "cpu-fit-split7"}
+# grid 7b re-asks grid 7 on a selection split four times larger; grid 7c once more on a fresh draw of it
+WIDE_SPLIT = {"cpu-fit-wide", "cpu-fit-split7"}
 
 
 def test_cpu_grids_validate_without_training() -> None:
