@@ -1,0 +1,65 @@
+"""The analyses behind grid 7c's paired comparison and the crop-geometry figures (benchmarks/fit_paired.py,
+benchmarks/crop_geometry.py): the numbers in docs/experiments.md come from these functions, so their
+arithmetic is checked on inputs whose answer is known."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_and_its_link_to_padding() -> None:
+    fit = _load("fit_paired")
+    rng = np.random.default_rng(0)
+    n = 300
+    pad_share = np.linspace(0.0, 0.3, n)
+    ids = [str(i) for i in range(n)]
+    base = pd.Series(rng.uniform(2, 12, n), index=ids)
+    # stretch is 1 month better where there is no padding and 1 month worse at 30% padding, for both seeds
+    effect = -1 + pad_share / 0.3 * 2
+    errs = {
+        "pad": base,
+        "pad-seed-7": base + 0.2,
+        "stretch": base + effect,
+        "stretch-seed-7": base + 0.2 + effect,
+    }
+    out = fit.paired(errs, pad_share)
+    assert out["n"] == n
+    assert out["diff_stretch_minus_pad"] == pytest.approx(effect.mean(), abs=1e-3)
+    assert out["diff_per_10pct_padding"] == pytest.approx(2 / 3, abs=1e-3)  # 2 months per 30 points
+    assert out["corr_diff_padding"] == pytest.approx(1.0, abs=1e-3)
+    thirds = out["diff_by_padding_third"]
+    assert [t["n"] for t in thirds] == [100, 100, 100]
+    assert thirds[0]["diff"] < -0.5 < 0.5 < thirds[2]["diff"]
+    assert out["mae_pad"] == pytest.approx(float(base.mean() + 0.1), abs=1e-3)
+
+
+def test_crop_geometry_measures_a_known_box(tmp_path: Path) -> None:
+    geo = _load("crop_geometry")
+    img = np.zeros((299, 299), dtype=np.uint8)
+    img[40:280, 90:210] = 200  # a bright 240 x 120 "hand"
+    path = tmp_path / "1.jpg"
+    Image.fromarray(img).save(path)
+    (h, w), = geo.boxes([path])
+    # hand_box adds a 4% margin on each side
+    assert 240 <= h <= 240 + 2 * 0.04 * 299 + 2 and 120 <= w <= 120 + 2 * 0.04 * 299 + 2
+    s = geo.summary(np.array([[240.0, 120.0], [200.0, 200.0]]))
+    assert s["long_side_px"]["mean"] == 220.0
+    assert s["padding_share"]["mean"] == 0.25  # 50% of the square for the first box, none for the second
+    assert s["share_long_side_below_299"] == 1.0 and s["taller_than_wide"] == 0.5
+    fp = _load("fit_paired")
+    assert fp.padding_share(pd.Series([path]))[0] == pytest.approx(1 - w / h)
