@@ -98,11 +98,9 @@ def main() -> None:
         from boneage import __version__
 
         args.version = __version__
-    import yaml
+    from boneage.bundle import run_config_for
 
-    from boneage.config import config_from_dict
-
-    cfg = config_from_dict(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    cfg = run_config_for(args.run_dir / "last.ckpt")  # the run folder's config.yaml
     if args.checkpoint is None:
         args.checkpoint = f"{cfg.ship.checkpoint}.ckpt"
     args.out.mkdir(parents=True, exist_ok=True)

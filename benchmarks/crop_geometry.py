@@ -32,18 +32,22 @@ def boxes(paths: list[Path]) -> np.ndarray:
     return np.array(out, dtype=float)
 
 
+def padding(hw: np.ndarray) -> np.ndarray:
+    """Share of a square letterboxed input that is black bars, for each (height, width) crop box."""
+    return 1 - hw.min(axis=1) / hw.max(axis=1)
+
+
 def summary(hw: np.ndarray) -> dict:
-    long_side, short_side = hw.max(axis=1), hw.min(axis=1)
-    padding = 1 - short_side / long_side
+    long_side, bars = hw.max(axis=1), padding(hw)
     pct = [10, 50, 90]
     return {
         "n": len(hw),
         "long_side_px": {"mean": round(float(long_side.mean()), 1),
                          **{f"p{q}": float(np.percentile(long_side, q)) for q in pct}},
         "share_long_side_below_299": round(float((long_side < 299).mean()), 3),
-        "padding_share": {"mean": round(float(padding.mean()), 3),
-                          "se": round(float(padding.std(ddof=1) / np.sqrt(len(hw))), 4),
-                          **{f"p{q}": round(float(np.percentile(padding, q)), 3) for q in pct}},
+        "padding_share": {"mean": round(float(bars.mean()), 3),
+                          "se": round(float(bars.std(ddof=1) / np.sqrt(len(hw))), 4),
+                          **{f"p{q}": round(float(np.percentile(bars, q)), 3) for q in pct}},
         "taller_than_wide": round(float((hw[:, 0] > hw[:, 1]).mean()), 3),
     }
 

@@ -20,31 +20,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from crop_geometry import boxes, padding  # a sibling script: the same crop boxes as the geometry figures
 
 
 def padding_share(paths: pd.Series) -> np.ndarray:
     """Share of a square letterboxed input that is padding, from the crop box of each 299 px copy."""
-    from PIL import Image
-
-    from boneage.preprocess import hand_box
-
-    out = []
-    for p in paths:
-        t, b, left, r = hand_box(np.asarray(Image.open(p).convert("L")))
-        h, w = b - t, r - left
-        out.append(1 - min(h, w) / max(h, w))
-    return np.array(out)
+    return padding(boxes(list(paths)))
 
 
-def paired(abs_err: dict[str, pd.DataFrame], pad: np.ndarray) -> dict:
+def abs_errors(predictor, table: pd.DataFrame, cache_dir: str | None) -> pd.Series:
+    """|error| per id, single view, through the run's own preprocessing cache."""
+    from boneage.evaluation import evaluate
+
+    p = evaluate(predictor, table, cache_dir=cache_dir, progress=False).predictions
+    return p.set_index("id")["error"].abs()
+
+
+def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
     """Mean over seeds of each arm's |error| per image, then the paired difference and its link to padding."""
     arm = {a: pd.concat([v for k, v in abs_err.items() if k.startswith(a)], axis=1).mean(axis=1)
            for a in ("pad", "stretch")}
     d = (arm["stretch"] - arm["pad"]).to_numpy()
     n = len(d)
-    slope, intercept = np.polyfit(pad, d, 1)
+    slope = np.polyfit(pad, d, 1)[0]
     q = np.quantile(pad, [1 / 3, 2 / 3])
-    thirds = [d[pad <= q[0]], d[(pad > q[0]) & (pad <= q[1])], d[pad > q[1]]]
+    thirds = [pad <= q[0], (pad > q[0]) & (pad <= q[1]), pad > q[1]]
     return {
         "n": n,
         "mae_pad": round(float(arm["pad"].mean()), 3),
@@ -54,9 +54,9 @@ def paired(abs_err: dict[str, pd.DataFrame], pad: np.ndarray) -> dict:
         "diff_per_10pct_padding": round(float(slope * 0.1), 3),
         "corr_diff_padding": round(float(np.corrcoef(pad, d)[0, 1]), 3),
         "diff_by_padding_third": [
-            {"padding_mean": round(float(pad[m].mean()), 3), "n": len(t), "diff": round(float(t.mean()), 3),
-             "se": round(float(t.std(ddof=1) / np.sqrt(len(t))), 3)}
-            for t, m in zip(thirds, [pad <= q[0], (pad > q[0]) & (pad <= q[1]), pad > q[1]], strict=True)
+            {"padding_mean": round(float(pad[m].mean()), 3), "n": int(m.sum()),
+             "diff": round(float(d[m].mean()), 3), "se": round(float(d[m].std(ddof=1) / np.sqrt(m.sum())), 3)}
+            for m in thirds
         ],
     }
 
@@ -67,9 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from boneage.bundle import holdout_tables, run_split
-    from boneage.config import load_config
-    from boneage.evaluation import evaluate
+    from boneage.bundle import holdout_tables, run_config_for, run_split
     from boneage.inference import Predictor
 
     result: dict = {}
@@ -77,19 +75,16 @@ def main() -> None:
     held_pad = None
     for grid in args.grid:
         runs = sorted(p for p in grid.iterdir() if (p / "last.ckpt").is_file())
-        cfg = load_config(runs[0] / "config.yaml")
+        cfg = run_config_for(runs[0] / "last.ckpt")
         val = run_split(cfg)[1]
         held = holdout_tables(cfg, None)[0]
         errs: dict[str, pd.Series] = {}
         for run in runs:
-            rcfg = load_config(run / "config.yaml")
+            rcfg = run_config_for(run / "last.ckpt")
             assert rcfg.data.seed == cfg.data.seed and rcfg.data.val_fraction == cfg.data.val_fraction
             predictor = Predictor.load(run / "last.ckpt", tta=False)
-            for table, store in ((val, errs), (held, held_err)):
-                p = evaluate(predictor, table, cache_dir=rcfg.data.cache_dir, progress=False).predictions
-                store[f"{run.name}@{grid.name}" if store is held_err else run.name] = (
-                    p.set_index("id")["error"].abs()
-                )
+            errs[run.name] = abs_errors(predictor, val, rcfg.data.cache_dir)
+            held_err[f"{run.name}@{grid.name}"] = abs_errors(predictor, held, rcfg.data.cache_dir)
         pad = padding_share(val["path"])
         result[grid.name] = {"split_seed": cfg.data.seed, "runs": [r.name for r in runs], **paired(errs, pad)}
         if held_pad is None:
