@@ -1,6 +1,6 @@
-"""The analyses behind grid 7c's paired comparison and the crop-geometry figures (benchmarks/fit_paired.py,
-benchmarks/crop_geometry.py): the numbers in docs/experiments.md come from these functions, so their
-arithmetic is checked on inputs whose answer is known."""
+"""The analyses behind grid 7c's paired comparison, the crop-geometry figures and the fit gap
+(benchmarks/fit_paired.py, benchmarks/crop_geometry.py, benchmarks/fit_gap.py): the numbers in the docs
+come from these functions, so their arithmetic is checked on inputs whose answer is known."""
 
 from __future__ import annotations
 
@@ -66,3 +66,36 @@ def test_crop_geometry_measures_a_known_box(tmp_path: Path) -> None:
     assert s["share_long_side_below_299"] == 1.0 and s["taller_than_wide"] == 0.5
     fp = _load("fit_paired")
     assert fp.padding_share(pd.Series([path]))[0] == pytest.approx(1 - w / h)
+
+
+def test_fit_gap_summary_on_known_errors() -> None:
+    """The fitted-vs-unseen figures of benchmarks/fit_gap.py: MAE, bias, the worst-5% share, age bands."""
+    gap = _load("fit_gap")
+    age = np.array([30.0] * 10 + [100.0] * 10 + [150.0] * 80 + [220.0] * 100)
+    err = np.concatenate(
+        [np.full(10, 4.0), np.full(10, -2.0), np.full(80, 1.0), np.full(90, -1.0), np.full(10, 20.0)]
+    )
+    preds = pd.DataFrame({"boneage": age, "predicted": age + err})
+    out = gap.summary(preds)
+    assert out["n"] == 200
+    assert out["mae"] == pytest.approx(np.abs(err).mean())
+    assert out["bias"] == pytest.approx(err.mean(), abs=1e-3)
+    # the worst 5% (10 images) are the ten 20-month errors: 200 of 470 months of error
+    assert out["share_of_error_in_worst_5pct"] == pytest.approx(200 / np.abs(err).sum(), abs=1e-3)
+    bands = out["mae_by_age_band"]
+    assert set(bands) == {"0-60m", "60-120m", "120-168m", "204-300m"}  # an empty band is left out
+    assert bands["0-60m"] == {"n": 10, "mae": 4.0, "bias": 4.0}
+    assert bands["60-120m"]["bias"] == -2.0
+    assert bands["204-300m"]["mae"] == pytest.approx(2.9)  # 90 x 1 + 10 x 20 over 100
+
+
+def test_paired_runs_difference_aligns_ids() -> None:
+    """benchmarks/paired_runs.py pairs two runs' errors by id, whatever their order, before differencing."""
+    pr = _load("paired_runs")
+    a = pd.Series([1.0, 2.0, 3.0, 4.0], index=["a", "b", "c", "d"])
+    b = pd.Series([3.5, 2.5, 1.5, 0.5, 9.0], index=["d", "c", "b", "a", "e"])  # "e" is not in a: left out
+    out = pr.difference(a, b)
+    assert out["n"] == 4
+    assert out["mae_a"] == 2.5 and out["mae_b"] == 2.0
+    assert out["diff_b_minus_a"] == -0.5  # every image 0.5 better in b
+    assert out["diff_se"] == 0.0 and out["corr_abs_errors"] == 1.0
