@@ -26,16 +26,19 @@ BANDS = [(0, 60), (60, 120), (120, 168), (168, 204), (204, 300)]  # months: the 
 
 def summary(preds: pd.DataFrame) -> dict:
     """MAE, median, bias, the share of all error carried by the worst 5%, and MAE by age band."""
-    err = (preds["predicted"] - preds["boneage"]).to_numpy(float)
+    from boneage.evaluation import metrics
+
+    age = preds["boneage"].to_numpy(float)
+    err = preds["predicted"].to_numpy(float) - age
     a = np.abs(err)
     worst = np.sort(a)[::-1][: max(1, round(0.05 * len(a)))]
-    age = preds["boneage"].to_numpy(float)
+    m = metrics(preds["predicted"].to_numpy(float), age)
     return {
-        "n": len(a),
-        "mae": round(float(a.mean()), 3),
+        "n": m["n"],
+        "mae": round(m["mae_months"], 3),
         "mae_se": round(float(a.std(ddof=1) / np.sqrt(len(a))), 3),
-        "median_ae": round(float(np.median(a)), 3),
-        "bias": round(float(err.mean()), 3),
+        "median_ae": round(m["median_ae_months"], 3),
+        "bias": round(m["bias_months"], 3),
         "share_of_error_in_worst_5pct": round(float(worst.sum() / a.sum()), 3),
         "mae_by_age_band": {
             f"{lo}-{hi}m": {
@@ -55,17 +58,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from boneage.bundle import holdout_tables, run_split
     from boneage.config import load_config
+    from boneage.data import read_source, select_rows
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
     cfg = load_config(args.config)
-    dm, val = run_split(cfg)
-    assert dm.labels is not None
-    train = dm.labels.iloc[dm.train_idx].reset_index(drop=True)
+    # the run's id selection only: no image cache is built or opened (every set is read from its files)
+    sel = select_rows(read_source(cfg.data), cfg.data)
+    val = sel.labels.iloc[sel.val_idx].reset_index(drop=True)
+    train = sel.labels.iloc[sel.train_idx].reset_index(drop=True)
     train = train.sample(n=min(args.train_sample, len(train)), random_state=0).reset_index(drop=True)
-    held = holdout_tables(cfg, None)[0]
+    held = sel.holdout
+    assert held is not None, "the config names no data.holdout_labels"
     predictor = Predictor.load(args.model, tta=False)
 
     result: dict = {"config": str(args.config), "model": str(args.model or "bundled"), "view": "single"}
