@@ -36,8 +36,9 @@ def shared_299() -> Path:
     return _shared(SHARED_299)
 
 
-def make_tiny_predictor(size: int = 64, seed: int = 0):
-    """A randomly initialised tiny network with the real Predictor around it: fast, offline, deterministic."""
+def make_tiny_predictor(size: int = 64, seed: int = 0, **spec_fields):
+    """A randomly initialised tiny network with the real Predictor around it: fast, offline, deterministic.
+    ``spec_fields`` set other ModelSpec fields (e.g. ``age_bins``)."""
     import torch
 
     from boneage.inference import Predictor
@@ -51,6 +52,7 @@ def make_tiny_predictor(size: int = 64, seed: int = 0):
         head=[16],
         sex_units=8,
         dropout=0.0,
+        **spec_fields,
     )
     model = BoneAgeNet.from_spec(spec)
     return Predictor(model, spec, {"val_mae_months": 99.0, "version": "test"})

@@ -137,14 +137,15 @@ def test_tta_batch_views() -> None:
     assert torch.equal(out[2:4], x.flip(-1))  # view 1 its mirror image
 
 
-def test_onnx_matches_torch() -> None:
+@pytest.mark.parametrize("age_bins", [0, 20])
+def test_onnx_matches_torch(age_bins: int) -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         if os.environ.get("CI"):
             raise
         pytest.skip("onnxruntime is not installed")
-    predictor = make_tiny_predictor(size=64, seed=3)
+    predictor = make_tiny_predictor(size=64, seed=3, age_bins=age_bins)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (5, 64, 64), dtype=np.uint8)
     images[:, 16:48, 20:44] = 230  # some structure, not only noise

@@ -410,3 +410,70 @@ def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
     torch.testing.assert_close(graph_feats, feats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graph_texture, texture, rtol=1e-5, atol=1e-5)
     assert cam.shape == (2, 3, 3)  # 96 px at stride 32
+
+
+def test_label_distribution_head_outputs_the_expected_age() -> None:
+    """``age_bins`` > 0: the head's logits cover ages spread over ``age_range`` and the model answers their
+    softmax's expectation, in months, inside the range whatever the logits."""
+    torch.manual_seed(0)
+    model = _build(_tiny_cfg(age_bins=25, age_range=(0.0, 240.0))).eval()
+    assert model.head.out.out_features == 25
+    assert torch.equal(model.age_centres, torch.linspace(0, 240, 25))
+    image, male = _inputs()
+    with torch.no_grad():
+        out, _ = model.head_output(image, male)
+        months = model(image, male)
+        model.head.out.bias.fill_(0.0)
+        model.head.out.bias[20] = 60.0  # all the mass on one bin: that bin's age
+        peaked = model(image, male)
+    torch.testing.assert_close(months, torch.softmax(out, 1) @ torch.linspace(0, 240, 25))
+    assert ((months > 0) & (months < 240)).all()
+    torch.testing.assert_close(peaked, torch.full((3,), 200.0))
+
+
+def test_label_distribution_settings_are_checked_when_read() -> None:
+    from boneage.spec import ModelSpec
+
+    bad_settings = (
+        {"age_bins": 1},
+        {"age_bins": 10, "age_range": (200.0, 10.0)},
+        {"age_bins": 10, "task": "classification"},
+    )
+    for bad in bad_settings:
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)
+        with pytest.raises(ValueError):
+            ModelSpec(**bad)
+    spec = RunConfig(model=_tiny_cfg(age_bins=12, age_range=(0.0, 228.0))).model_spec()
+    assert (spec.age_bins, spec.age_range) == (12, (0.0, 228.0))
+
+
+def test_regression_checkpoint_initialises_a_label_distribution_model_but_its_output_layer() -> None:
+    """A plain model's weights start a distribution head's fine-tuning: only ``head.out`` is new."""
+    source = BoneAgeNet("test_efficientnet", [16], sex_units=8)
+    target = BoneAgeNet("test_efficientnet", [16], sex_units=8, age_bins=30)
+    skipped = load_matching(target, source.state_dict())
+    assert skipped == ["age_centres", "head.out.bias", "head.out.weight"]
+    torch.testing.assert_close(target.head.hidden[0].weight, source.head.hidden[0].weight)
+
+
+@pytest.mark.parametrize("age_bins", [0, 16])
+def test_in_graph_grad_cam_is_the_gradient_of_the_answer(age_bins: int) -> None:
+    """The export graph's closed-form Grad-CAM equals autograd's: channel weights d months / d A averaged
+    over the map, for the plain head and for the label-distribution head's expected age."""
+    from boneage.inference import _ExportGraph
+
+    torch.manual_seed(0)
+    net = BoneAgeNet("test_efficientnet", [16], sex_units=4, age_bins=age_bins, age_mean=120.0, age_std=40.0)
+    net.eval()
+    x, male = torch.rand(2, 1, 64, 64), torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        months, _, cam = _ExportGraph(net, cam=True)(x, male)[:3]
+    a = list(net.block_outputs(x))[-1][1].detach().requires_grad_(True)  # the last block's output
+    b = net.backbone
+    feats = b.forward_head(b.bn2(b.conv_head(a)))
+    answer = net.to_months(net.head(torch.cat([feats, net.sex(male.reshape(-1, 1))], 1)))
+    (grad,) = torch.autograd.grad(answer.sum(), a)
+    alpha = grad.mean((2, 3)) * a.shape[2] * a.shape[3]  # the graph leaves out the pooling's 1/(h·w)
+    torch.testing.assert_close(months, answer.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cam, (alpha[:, :, None, None] * a).sum(1).detach(), rtol=1e-4, atol=1e-4)

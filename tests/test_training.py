@@ -203,3 +203,46 @@ def test_cpu_precision_follows_the_cpu(monkeypatch, asked: str, native_bf16: boo
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: native_bf16)
     cfg = build_config({}, ["trainer.accelerator=cpu", f"trainer.precision={asked}"])
     assert training._device_settings(cfg) == ("cpu", expected)
+
+
+def test_label_distribution_loss_fits_a_batch() -> None:
+    """The DLDL-v2 loss (KL to Gaussian label distributions + L1 of the expected age) is smallest at the
+    right ages: a few Adam steps on one batch bring the expected ages towards the labels."""
+    from boneage.training import BoneAgeModule
+
+    torch.manual_seed(0)
+    spec = {"backbone": "test_efficientnet", "head": [16], "sex_units": 4, "dropout": 0.0, "age_bins": 41}
+    module = BoneAgeModule(spec, train={"label_sigma": 6.0})
+    module.model.set_target_stats(120.0, 40.0)
+    images, male = torch.rand(4, 1, 32, 32), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    age = torch.tensor([30.0, 80.0, 150.0, 200.0])
+    module.model.train()
+    opt = torch.optim.Adam(module.model.parameters(), lr=1e-2)
+    first_loss, first = module.distribution_loss(images, male, age)
+    for _ in range(60):
+        loss, months = module.distribution_loss(images, male, age)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * float(first_loss.detach())
+    assert float((months.detach() - age).abs().mean()) < 0.5 * float((first.detach() - age).abs().mean())
+
+
+@pytest.mark.integration
+def test_label_distribution_run_trains_and_predicts(
+    shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path
+) -> None:
+    """A real (tiny) run with ``model.age_bins``: its checkpoint carries the bins in its spec and predicts
+    through the ordinary Predictor, inside the bins' age range."""
+    from boneage.inference import Predictor
+
+    cfg = make_tiny_train_config(
+        shared_sample, tiny_cache_dir, model={"age_bins": 24, "age_range": [0, 240]}, train={"label_sigma": 8}
+    )
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert math.isfinite(summary["best_val_mae"])
+    predictor = Predictor.load(tmp_path / "run" / "best.ckpt")
+    assert predictor.spec.age_bins == 24 and predictor.model.head.out.out_features == 24
+    image = sorted((shared_sample / "images").glob("*.png"))[0]
+    pred = predictor.predict(image, "female")
+    assert 0 < pred.bone_age_months < 240

@@ -121,6 +121,18 @@ class ModelConfig(Section):
     head: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [512])
     dropout: float = Field(0.2, ge=0, lt=1)
     in_chans: int = Field(1, ge=1, le=3)
+    # 0: one output, L1 loss | N >= 2: label-distribution head over N ages across age_range (ModelSpec)
+    age_bins: int = Field(0, ge=0, le=2000)
+    age_range: tuple[float, float] = (0.0, 240.0)
+
+    @model_validator(mode="after")
+    def _bins_make_sense(self) -> ModelConfig:
+        """The spec's own checks, when the file is read rather than when training starts."""
+        if self.age_bins == 1 or self.age_range[1] <= self.age_range[0]:
+            raise ValueError("age_bins must be 0 or at least 2, over an age_range from low to high")
+        if self.age_bins and self.task != "regression":
+            raise ValueError("age_bins needs task=regression")
+        return self
 
 
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -144,6 +156,9 @@ class TrainConfig(Section):
         default_factory=dict
     )
     ema_decay: float = Field(0.0, ge=0, lt=1)  # > 0: validate, checkpoint and ship an EMA of the weights
+    # model.age_bins > 0: the standard deviation (months) of the Gaussian label distribution each target
+    # becomes; the loss is KL(label distribution || softmax) plus L1 of the expected age (DLDL-v2)
+    label_sigma: float = Field(6.0, gt=0)
 
 
 class FinetuneConfig(Section):
@@ -236,6 +251,8 @@ class RunConfig(Section):
             head=list(m.head),
             dropout=m.dropout,
             task=m.task,
+            age_bins=m.age_bins,
+            age_range=m.age_range,
             target_mean=float(target_mean),
             target_std=max(float(target_std), 1e-3),
             versions=versions,

@@ -300,7 +300,8 @@ class _ExportGraph(torch.nn.Module):
 
     Grad-CAM's channel weights are the spatial mean of d months / d A, A the last block's output. Through
     global average pooling, the dense head, BatchNorm and a 1x1 convolution that gradient is a closed form:
-    g = age_std · W_out · diag(ReLU'(head)) · W_hidden (per pooled channel), times act'(bn(conv(A))) and the
+    g = age_std · W_out · diag(ReLU'(head)) · W_hidden (per pooled channel; a label-distribution head puts
+    p ⊙ (centres − E[age]) · W_out in place of age_std · W_out), times act'(bn(conv(A))) and the
     BatchNorm scale per pixel, mapped back through the 1x1 convolution's weights. Written as tensor maths it
     exports like any other layer: the heatmap needs no hooks, no backward pass and no lock.
     """
@@ -334,12 +335,16 @@ class _ExportGraph(torch.nn.Module):
         for layer in net.head.hidden:
             pres.append(layer(hidden))
             hidden = torch.relu(pres[-1])
-        z = net.head.out(hidden).squeeze(1)
-        months = z.float() * net.age_std + net.age_mean
-        grad = net.head.out.weight.expand(z.shape[0], -1)
+        out = net.head.out(hidden)
+        months = net.to_months(out)
+        if net.age_bins:  # d E[age] / d logit_k = p_k (c_k - E[age])
+            p = torch.softmax(out.float(), dim=1)
+            grad = (p * (net.age_centres[None, :] - months[:, None])) @ net.head.out.weight
+        else:
+            grad = net.head.out.weight.expand(out.shape[0], -1) * net.age_std
         for layer, p in zip(reversed(list(net.head.hidden)), reversed(pres), strict=True):
             grad = (grad * (p > 0).to(grad.dtype)) @ layer.weight
-        grad = grad[:, : feats.shape[1]] * net.age_std
+        grad = grad[:, : feats.shape[1]]
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.weight is not None else 1.0
         d_pre = act_grad * (grad * scale)[:, :, None, None]  # up to the constant 1/(h·w) of the pooling
         alpha = d_pre.mean(dim=(2, 3)) @ b.conv_head.weight.flatten(1)  # (B, C of A)

@@ -60,14 +60,14 @@ class Head(nn.Module):
     """Dense layers → one output. Layer names do not depend on dropout (a checkpoint trained with another
     dropout initialises the whole head): ``hidden.<i>`` and ``out``."""
 
-    def __init__(self, width: int, units: list[int], dropout: float = 0.0) -> None:
+    def __init__(self, width: int, units: list[int], dropout: float = 0.0, outputs: int = 1) -> None:
         super().__init__()
         self.hidden = nn.ModuleList()
         for u in units:
             self.hidden.append(nn.Linear(width, u))
             width = u
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.out = nn.Linear(width, 1)
+        self.out = nn.Linear(width, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
@@ -95,6 +95,8 @@ class BoneAgeNet(nn.Module):
         in_chans: int = 1,
         age_mean: float = 127.0,
         age_std: float = 41.0,
+        age_bins: int = 0,
+        age_range: tuple[float, float] = (0.0, 240.0),
     ) -> None:
         super().__init__()
         try:
@@ -104,7 +106,10 @@ class BoneAgeNet(nn.Module):
         self.backbone_name = backbone
         self.in_chans = in_chans
         self.sex = nn.Sequential(nn.Linear(1, sex_units), nn.ReLU(inplace=True))
-        self.head = Head(self.backbone.num_features + sex_units, list(head), dropout)
+        self.age_bins = int(age_bins)
+        self.head = Head(self.backbone.num_features + sex_units, list(head), dropout, max(1, self.age_bins))
+        if self.age_bins:  # the ages the label-distribution head's logits stand for (months)
+            self.register_buffer("age_centres", torch.linspace(*map(float, age_range), self.age_bins))
         self.register_buffer("age_mean", torch.tensor(float(age_mean)))
         self.register_buffer("age_std", torch.tensor(float(age_std)))
         self.register_buffer("pixel_mean", torch.tensor(GREY_MEAN))
@@ -115,7 +120,15 @@ class BoneAgeNet(nn.Module):
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> BoneAgeNet:
         """The network a spec describes, with its target statistics and pixel normalisation."""
-        net = cls(spec.backbone, spec.head, spec.sex_units, spec.dropout, spec.in_chans)
+        net = cls(
+            spec.backbone,
+            spec.head,
+            spec.sex_units,
+            spec.dropout,
+            spec.in_chans,
+            age_bins=spec.age_bins,
+            age_range=spec.age_range,
+        )
         net.set_target_stats(spec.target_mean, spec.target_std)
         net.pixel_mean.fill_(spec.pixel_mean)
         net.pixel_std.fill_(spec.pixel_std)
@@ -185,10 +198,21 @@ class BoneAgeNet(nn.Module):
         self, image: torch.Tensor, male: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bone age in months and the pooled image features it came from (what ``boneage.ood`` models)."""
+        out, feats = self.head_output(image, male)
+        return self.to_months(out), feats
+
+    def head_output(self, image: torch.Tensor, male: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's raw output (B, 1 z-score or ``age_bins`` logits) and the pooled features: what the
+        label-distribution loss needs besides the months."""
         feats = self.features(image)
         sex = self.sex(male.reshape(-1, 1).to(feats.dtype))
-        z = self.head(torch.cat([feats, sex], dim=1)).squeeze(1)
-        return z.float() * self.age_std + self.age_mean, feats
+        return self.head(torch.cat([feats, sex], dim=1)), feats
+
+    def to_months(self, out: torch.Tensor) -> torch.Tensor:
+        """Head output → (B,) months: the z-score de-normalised, or the logits' expected age."""
+        if self.age_bins:
+            return torch.softmax(out.float(), dim=1) @ self.age_centres
+        return out.squeeze(1).float() * self.age_std + self.age_mean
 
 
 def _offline_imagenet_state(backbone: str) -> dict[str, torch.Tensor] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from boneage.errors import BoneAgeInputError
 
@@ -63,12 +63,27 @@ class ModelSpec(Strict):
     dropout: float = Field(0.2, ge=0, lt=1)
     # regression: bone age in months | classification: one logit (e.g. MURA abnormality pretraining)
     task: Literal["regression", "classification"] = "regression"
+    # 0: the head outputs one z-score of the age | N >= 2: N logits over ages evenly spaced across
+    # age_range (months), trained on Gaussian label distributions (label-distribution learning with
+    # expectation regression, DLDL-v2, Gao et al. 2018); the output is the softmax's expected age
+    age_bins: int = Field(0, ge=0, le=2000)
+    age_range: tuple[float, float] = (0.0, 240.0)
     # the head predicts z-scores of the training targets; these turn them back into months
     target_mean: float = 127.0
     target_std: float = Field(41.0, gt=0)
     pixel_mean: float = GREY_MEAN
     pixel_std: float = Field(GREY_STD, gt=0)
     versions: dict[str, str] = Field(default_factory=dict)  # boneage, timm, torch that trained it
+
+    @model_validator(mode="after")
+    def _bins_make_sense(self) -> ModelSpec:
+        if self.age_bins == 1:
+            raise ValueError("age_bins must be 0 (one output) or at least 2")
+        if self.age_bins and self.task != "regression":
+            raise ValueError("age_bins needs task=regression")
+        if self.age_range[1] <= self.age_range[0]:
+            raise ValueError(f"age_range {self.age_range} must go from low to high")
+        return self
 
     @classmethod
     def parse(cls, data: dict[str, Any], source: object = None) -> ModelSpec:

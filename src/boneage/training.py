@@ -174,17 +174,37 @@ class BoneAgeModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, male, age = batch
-        pred = self(images, male)
-        if self.classification:  # age holds the 0/1 label; "MAE" is that of the predicted probability
+        if self.model.age_bins:
+            loss, pred = self.distribution_loss(images, male, age)
+            mae = (pred.detach() - age).abs().mean()
+        elif self.classification:  # age holds the 0/1 label; "MAE" is that of the predicted probability
+            pred = self(images, male)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(pred, age)
             mae = (torch.sigmoid(pred.detach()) - age).abs().mean()
         else:
+            pred = self(images, male)
             # L1 on normalised targets: the same optimum as MAE in months, at a scale the optimiser likes
             loss = torch.nn.functional.l1_loss(pred, age) / self.model.age_std
             mae = (pred.detach() - age).abs().mean()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(age))
         self.log("train_mae", mae, on_step=False, on_epoch=True, batch_size=len(age))
         return loss
+
+    def distribution_loss(
+        self, images: torch.Tensor, male: torch.Tensor, age: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DLDL-v2: KL divergence from each age's Gaussian label distribution (``train.label_sigma``
+        months) to the softmax over the bins, plus L1 of the expected age on the normalised scale (the L1
+        alone is the plain model's loss); returns (loss, expected age in months)."""
+        out, _ = self.model.head_output(images, male)
+        log_p = torch.log_softmax(out.float(), dim=1)
+        centres = self.model.age_centres
+        target = torch.softmax(
+            -((centres[None, :] - age.float()[:, None]) ** 2) / (2 * self.train_cfg.label_sigma**2), dim=1
+        )
+        kl = torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
+        months = log_p.exp() @ centres
+        return kl + torch.nn.functional.l1_loss(months, age.float()) / self.model.age_std, months
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, male, age = batch
