@@ -477,3 +477,25 @@ def test_in_graph_grad_cam_is_the_gradient_of_the_answer(age_bins: int) -> None:
     alpha = grad.mean((2, 3)) * a.shape[2] * a.shape[3]  # the graph leaves out the pooling's 1/(h·w)
     torch.testing.assert_close(months, answer.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cam, (alpha[:, :, None, None] * a).sum(1).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_checkpoint_starts_a_distribution_model_at_its_own_answers(tmp_path: Path) -> None:
+    """Converted output layer: the distribution model's expected ages equal the plain model's (to a small
+    fraction of a month inside the bins' range): a fine-tuning cycle does not start from a uniform guess."""
+    from boneage.spec import ModelSpec
+
+    torch.manual_seed(0)
+    plain = BoneAgeNet("test_efficientnet", [16], sex_units=8, age_mean=110.0, age_std=45.0).eval()
+    with torch.no_grad():
+        plain.head.out.weight.mul_(60.0)  # answers spread over the age range, not all near the mean
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    spec = ModelSpec(backbone="test_efficientnet", head=[16], sex_units=8, dropout=0.0, age_bins=121)
+    spec.target_mean, spec.target_std = 127.0, 41.0  # the new run's own statistics: must not matter
+    model = build_model(spec, str(tmp_path / "plain.pt"), label_sigma=6.0).eval()
+    assert model.init_report["skipped"] == []
+    image, male = torch.rand(8, 1, 32, 32), torch.tensor([0.0, 1.0] * 4)
+    with torch.no_grad():
+        want, got = plain(image, male), model(image, male)
+    inside = (want > 20) & (want < 220)
+    assert inside.sum() >= 4 and float(want.std()) > 5
+    torch.testing.assert_close(got[inside], want[inside], atol=0.05, rtol=0)

@@ -72,6 +72,9 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
             x = self.drop(torch.relu(layer(x)))
+        if self.out.out_features > 1:  # age-bin logits reach the hundreds: bf16 would blur neighbouring bins
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.out(x.float())
         return self.out(x)
 
 
@@ -211,7 +214,8 @@ class BoneAgeNet(nn.Module):
     def to_months(self, out: torch.Tensor) -> torch.Tensor:
         """Head output → (B,) months: the z-score de-normalised, or the logits' expected age."""
         if self.age_bins:
-            return torch.softmax(out.float(), dim=1) @ self.age_centres
+            # a product and a sum, not a matmul: autocast rounds a matmul to bf16 (1-month steps at 128+)
+            return (torch.softmax(out.float(), dim=1) * self.age_centres).sum(1)
         return out.squeeze(1).float() * self.age_std + self.age_mean
 
 
@@ -320,8 +324,30 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
     return skipped
 
 
-def build_model(spec: ModelSpec, pretrained: str = "none") -> BoneAgeNet:
-    """The network of ``spec``, initialised as ``pretrained`` says: imagenet, none, or a checkpoint path."""
+def distribution_from_regression(
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor,
+    centres: torch.Tensor,
+    age_mean: float,
+    age_std: float,
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A label-distribution output layer that answers what a one-output head answers. With z = w·h + b the
+    plain head's z-score and c_k the bins' ages as z-scores, logits β c_k z − β c_k² / 2 equal
+    −β (c_k − z)² / 2 up to a constant: a Gaussian over the bins centred on the plain answer, of width
+    ``sigma`` months (β = (age_std / sigma)²). Fine-tuning a plain model into a distribution head then starts
+    from the plain model's predictions instead of a uniform guess."""
+    c = (centres.float() - float(age_mean)) / float(age_std)
+    beta = (float(age_std) / float(sigma)) ** 2
+    weight = beta * c[:, None] * out_weight.float().reshape(1, -1)
+    bias = beta * c * float(out_bias.float().reshape(-1)[0]) - beta * c**2 / 2
+    return weight, bias
+
+
+def build_model(spec: ModelSpec, pretrained: str = "none", label_sigma: float = 6.0) -> BoneAgeNet:
+    """The network of ``spec``, initialised as ``pretrained`` says: imagenet, none, or a checkpoint path.
+    A one-output checkpoint starting a label-distribution model gives it its output layer converted
+    (``distribution_from_regression``, width ``label_sigma`` months)."""
     model = BoneAgeNet.from_spec(spec)
     init = (pretrained or "none").strip()
     if init.lower() == "imagenet":
@@ -331,9 +357,27 @@ def build_model(spec: ModelSpec, pretrained: str = "none") -> BoneAgeNet:
         skipped = [k for k, _ in model.named_parameters() if not k.startswith("backbone.")]
         model.init_report = {"source": f"imagenet ({source})", "loaded": loaded, "skipped": skipped}
     elif init.lower() not in {"none", "random", ""}:
-        state = {k: v for k, v in read_state_dict(init).items() if k not in TARGET_BUFFERS}
+        full = read_state_dict(init)
+        state = {k: v for k, v in full.items() if k not in TARGET_BUFFERS}
         every = load_matching(model, state)
-        skipped = [k for k in every if k not in TARGET_BUFFERS]
+        plain_out = state.get("head.out.weight")
+        one_output = plain_out is not None and plain_out.shape[0] == 1
+        if model.age_bins and one_output and "head.out.weight" in every:
+            weight, bias = distribution_from_regression(
+                plain_out,
+                state["head.out.bias"],
+                model.age_centres,
+                float(full.get("age_mean", torch.tensor(spec.target_mean))),
+                float(full.get("age_std", torch.tensor(spec.target_std))),
+                label_sigma,
+            )
+            if weight.shape == model.head.out.weight.shape:
+                with torch.no_grad():
+                    model.head.out.weight.copy_(weight)
+                    model.head.out.bias.copy_(bias)
+                every = [k for k in every if k not in ("head.out.weight", "head.out.bias")]
+                log.info("converted the checkpoint's one-output head into %d age bins", model.age_bins)
+        skipped = [k for k in every if k not in (*TARGET_BUFFERS, "age_centres")]  # buffers set by the spec
         loaded = len(model.state_dict()) - len(every)
         model.init_report = {"source": init, "loaded": loaded, "skipped": skipped}
         if all(name in every for name, _ in model.named_parameters() if name.startswith("backbone.")):

@@ -56,7 +56,7 @@ class BoneAgeModule(L.LightningModule):
         self.classification = self.spec.task == "classification"
         if self.classification:  # the network's output is then the logit itself
             self.spec.target_mean, self.spec.target_std = 0.0, 1.0
-        self.model = build_model(self.spec, pretrained)
+        self.model = build_model(self.spec, pretrained, self.train_cfg.label_sigma)
         self.augment = Augment(AugmentConfig.model_validate(augment or {}))
         self._val_abs: list[torch.Tensor] = []
         self._holdout_abs: list[torch.Tensor] = []
@@ -203,7 +203,7 @@ class BoneAgeModule(L.LightningModule):
             -((centres[None, :] - age.float()[:, None]) ** 2) / (2 * self.train_cfg.label_sigma**2), dim=1
         )
         kl = torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
-        months = log_p.exp() @ centres
+        months = (log_p.exp() * centres).sum(1)  # not a matmul: autocast would round it to bf16
         return kl + torch.nn.functional.l1_loss(months, age.float()) / self.model.age_std, months
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
