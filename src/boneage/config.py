@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from boneage.errors import BoneAgeInputError
-from boneage.spec import ModelSpec, PreprocessSpec
+from boneage.spec import ModelSpec, PreprocessSpec, check_age_bins
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _bins_make_sense(self) -> ModelConfig:
         """The spec's own checks, when the file is read rather than when training starts."""
-        if self.age_bins == 1 or self.age_range[1] <= self.age_range[0]:
-            raise ValueError("age_bins must be 0 or at least 2, over an age_range from low to high")
-        if self.age_bins and self.task != "regression":
-            raise ValueError("age_bins needs task=regression")
+        check_age_bins(self.age_bins, self.age_range, self.task)
         return self
 
 

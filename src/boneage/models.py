@@ -57,8 +57,9 @@ TARGET_BUFFERS = ("age_mean", "age_std")
 
 
 class Head(nn.Module):
-    """Dense layers → one output. Layer names do not depend on dropout (a checkpoint trained with another
-    dropout initialises the whole head): ``hidden.<i>`` and ``out``."""
+    """Dense layers → one output (the age's z-score) or ``outputs`` age-bin logits. Layer names do not depend
+    on dropout (a checkpoint trained with another dropout initialises the whole head): ``hidden.<i>`` and
+    ``out``."""
 
     def __init__(self, width: int, units: list[int], dropout: float = 0.0, outputs: int = 1) -> None:
         super().__init__()

@@ -77,12 +77,7 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _bins_make_sense(self) -> ModelSpec:
-        if self.age_bins == 1:
-            raise ValueError("age_bins must be 0 (one output) or at least 2")
-        if self.age_bins and self.task != "regression":
-            raise ValueError("age_bins needs task=regression")
-        if self.age_range[1] <= self.age_range[0]:
-            raise ValueError(f"age_range {self.age_range} must go from low to high")
+        check_age_bins(self.age_bins, self.age_range, self.task)
         return self
 
     @classmethod
@@ -92,6 +87,16 @@ class ModelSpec(Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise BoneAgeInputError(f"invalid model spec ({one_line(exc)})", source) from None
+
+
+def check_age_bins(age_bins: int, age_range: tuple[float, float], task: str) -> None:
+    """Shared by the spec and the run config's model section, so a bad setting fails when a file is read."""
+    if age_bins == 1:
+        raise ValueError("age_bins must be 0 (one output) or at least 2")
+    if age_bins and task != "regression":
+        raise ValueError("age_bins needs task=regression")
+    if age_range[1] <= age_range[0]:
+        raise ValueError(f"age_range {age_range} must go from low to high")
 
 
 def one_line(exc: ValidationError) -> str:
