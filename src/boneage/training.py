@@ -203,7 +203,7 @@ class BoneAgeModule(L.LightningModule):
             -((centres[None, :] - age.float()[:, None]) ** 2) / (2 * self.train_cfg.label_sigma**2), dim=1
         )
         kl = torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
-        months = (log_p.exp() * centres).sum(1)  # not a matmul: autocast would round it to bf16
+        months = self.model.to_months(out)
         return kl + torch.nn.functional.l1_loss(months, age.float()) / self.model.age_std, months
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
