@@ -49,7 +49,7 @@ def mae_vs_time(
     hours = m["elapsed_s"].to_numpy(float) / 3600
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.subplots()
-    ax.plot(hours, m["val_mae"], "o-", label="validation split (5% of training ids; picks best.ckpt)")
+    ax.plot(hours, m["val_mae"], "o-", label="validation split (5% of training ids; chose each checkpoint)")
     if "holdout_mae" in m and m["holdout_mae"].notna().any():
         ax.plot(hours, m["holdout_mae"], "s-", label="1,001 held-out ids, 299 px copies, single view")
     for label, value, style in (
