@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,17 @@ def test_older_summaries_without_status(tmp_path: Path) -> None:
     run = RunDir(tmp_path).create()
     (run / "summary.json").write_text('{"finished": false}')
     assert run.status == "interrupted"
+
+
+def test_resumed_runs_keep_every_session(tmp_path: Path) -> None:
+    """A run resumed in a later session (maybe at a later commit) keeps the first session's start, commit."""
+    run = RunDir(tmp_path).create()
+    first = {"name": "x", "seed": 1, "started": "2026-01-01T09:00:00", "git_commit": "abc"}
+    (run / "run.json").write_text(json.dumps(first))
+    facts = run.write_facts(seed=1, name="x")
+    assert facts["sessions"][0] == {"started": "2026-01-01T09:00:00", "git_commit": "abc"}
+    assert facts["sessions"][1] == {"started": facts["started"], "git_commit": facts["git_commit"]}
+    again = run.write_facts(seed=1, name="x")
+    assert len(again["sessions"]) == 3 and run.read_json("run.json")["sessions"] == again["sessions"]
+    fresh = RunDir(tmp_path / "new").create().write_facts(seed=2, name="y")
+    assert len(fresh["sessions"]) == 1

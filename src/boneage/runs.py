@@ -1,7 +1,7 @@
 """The run folder: one record shared by ``boneage train`` and experiment grids.
 
 config.yaml    the resolved run config (the run can be repeated from it)
-run.json       facts: seed, git commit, versions, device, start time
+run.json       facts: seed, git commit, versions, device, start time (and each resumed session's)
 metrics.csv    one row per epoch (written by the training loop)
 summary.json   the outcome, with ``status``: running | finished | interrupted | failed
 best.ckpt, last.ckpt, error.txt (a failed grid variant)
@@ -63,6 +63,8 @@ class RunDir:
         return self._write("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def write_facts(self, seed: int, name: str, **extra: Any) -> dict[str, Any]:
+        """The top-level facts are this session's; ``sessions`` lists every session's start and commit, so a
+        run resumed across sessions (and code changes) still shows where each part came from."""
         facts: dict[str, Any] = {
             "name": name,
             "seed": seed,
@@ -71,6 +73,12 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
         }
+        before = self.read_json("run.json")
+        sessions = before.get("sessions")
+        if not isinstance(sessions, list):  # a run.json from before sessions were kept: its one session
+            first = {k: before.get(k) for k in ("started", "git_commit")}
+            sessions = [first] if before.get("started") else []
+        facts["sessions"] = [*sessions, {"started": facts["started"], "git_commit": facts["git_commit"]}]
         self._write("run.json", json.dumps(facts, indent=2))
         return facts
 
