@@ -274,6 +274,78 @@ def holdout_tables(cfg: RunConfig, native_images: Path | None) -> tuple[pd.DataF
     return train_geometry, native
 
 
+def average_checkpoints(
+    sources: list[str | Path],
+    out_path: str | Path,
+    *,
+    weights: list[float] | None = None,
+    config: str | Path | None = None,
+) -> Path:
+    """Checkpoints or bundles of one architecture → one checkpoint holding their weighted mean (a model
+    soup; ``boneage.models.average_state_dicts``), with ``config.yaml`` beside it so it bundles and
+    scores like a trained run. The config gives the data split that judges it: ``config``, or else the
+    run config of the first ``.ckpt`` source. Bundles' OOD densities are not averaged: a soup's features
+    differ, so ``make_bundle`` fits its own."""
+    import hashlib
+
+    import torch
+
+    from boneage.inference import OOD_PREFIX, read_model_file
+    from boneage.models import average_state_dicts
+
+    paths = [Path(s).expanduser() for s in sources]
+    if len(paths) < 2:
+        raise BoneAgeInputError("averaging needs at least two models")
+    specs, states = [], []
+    for p in paths:
+        _facts, spec, state = read_model_file(p)
+        specs.append(spec)
+        states.append({k: v for k, v in state.items() if not k.startswith(OOD_PREFIX)})
+    first = specs[0].model_dump()
+    for p, spec in zip(paths[1:], specs[1:], strict=True):
+        other = spec.model_dump()
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise BoneAgeInputError(
+                f"its model spec differs from {paths[0].name}'s in {', '.join(differ)}", p
+            )
+    mean = average_state_dicts(states, weights)
+    if config is not None:
+        from boneage.config import load_config
+
+        cfg = load_config(config)
+    else:
+        ckpts = [p for p in paths if p.suffix == ".ckpt"]
+        if not ckpts:
+            raise BoneAgeInputError("no .ckpt among the models: pass the run config that gives the split")
+        cfg = run_config_for(ckpts[0])
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = out.parent / "config.yaml"
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
+        raise BoneAgeInputError(
+            "a different config.yaml is already there: write the average elsewhere", saved
+        )
+    saved.write_text(text)
+    total = sum(weights) if weights is not None else float(len(paths))
+    shares = [w / total for w in weights] if weights is not None else [1 / len(paths)] * len(paths)
+    blob = {
+        "state_dict": {f"model.{k}": v for k, v in mean.items()},
+        "boneage_spec": first,
+        "averaged_from": [
+            {"file": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "weight": round(w, 6)}
+            for p, w in zip(paths, shares, strict=True)
+        ],
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(blob, tmp)
+    tmp.replace(out)
+    return out
+
+
 def make_bundle(
     checkpoint: str | Path,
     out_path: str | Path,

@@ -194,11 +194,12 @@ class TrainerConfig(Section):
 class ShipConfig(Section):
     """A bundled-model candidate's ship rule, written before it trains so the numbers cannot choose it:
     the ``checkpoint`` it offers (``last``: the final epoch, fixed in advance; ``best``: the epoch the
-    validation split picked) ships only if its 6-view TTA MAE on the validation split is at or below
-    ``bar`` (the incumbent's figure measured the same way). No bar: the run is not a candidate."""
+    validation split picked; ``soup``: the weight average ``boneage average`` writes) ships only if its
+    6-view TTA MAE on the validation split is at or below ``bar`` (the incumbent's figure measured the same
+    way). No bar: the run is not a candidate."""
 
     bar: float | None = Field(None, gt=0)
-    checkpoint: Literal["last", "best"] = "best"
+    checkpoint: Literal["last", "best", "soup"] = "best"
 
 
 class RunConfig(Section):

@@ -99,7 +99,10 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, to
     spec = spec_from_record(record, state, path)
     if "spec" in record and "boneage_spec" not in blob:  # hyper-parameters hold the spec before fitting
         spec.target_mean, spec.target_std = float(state["age_mean"]), float(state["age_std"])
-    return {"source": str(path)}, spec, state
+    facts: dict[str, Any] = {"source": str(path)}
+    if "averaged_from" in blob:  # a weight average (boneage.bundle.average_checkpoints): say of what
+        facts["averaged_from"] = blob["averaged_from"]
+    return facts, spec, state
 
 
 class Predictor(BasePredictor):

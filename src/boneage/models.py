@@ -316,6 +316,38 @@ def rename_legacy_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def average_state_dicts(
+    states: list[dict[str, torch.Tensor]], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weighted mean of models that share one architecture (a "model soup", Wortsman et al. 2022):
+    fine-tuned from one start, their average often scores like their ensemble at one model's cost.
+    Floating tensors (BatchNorm running statistics included) are averaged in float32; integer ones (step
+    counters) are taken from the first model. Keys, shapes and dtypes must match, or it fails naming one."""
+    if not states:
+        raise BoneAgeInputError("nothing to average: no models given")
+    w = [1.0 / len(states)] * len(states) if weights is None else [float(x) for x in weights]
+    if len(w) != len(states):
+        raise BoneAgeInputError(f"{len(w)} weights for {len(states)} models")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise BoneAgeInputError(f"weights must be non-negative with a positive sum, got {w}")
+    w = [x / sum(w) for x in w]
+    first = states[0]
+    for i, other in enumerate(states[1:], start=2):
+        if set(other) != set(first):
+            diff = sorted(set(other) ^ set(first))
+            raise BoneAgeInputError(f"model {i} has other tensors than model 1 (e.g. {diff[0]})")
+        for k, v in first.items():
+            if other[k].shape != v.shape:
+                raise BoneAgeInputError(f"model {i}: {k} is {tuple(other[k].shape)}, not {tuple(v.shape)}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in first.items():
+        if v.is_floating_point():
+            out[k] = sum(wi * s[k].float() for wi, s in zip(w, states, strict=True))  # type: ignore[assignment]
+        else:
+            out[k] = v.clone()
+    return out
+
+
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Copy every tensor whose name and shape match; return what was skipped, so a user can check it."""
     own = model.state_dict()

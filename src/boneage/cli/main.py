@@ -1,4 +1,5 @@
-"""``boneage train``, ``evaluate``, ``predict``, ``export``, ``bundle`` and ``serve``: the top-level commands.
+"""``boneage train``, ``evaluate``, ``predict``, ``export``, ``bundle``, ``average`` and ``serve``: the
+top-level commands.
 
 The sub-commands (``boneage cache ...``, ``boneage experiments ...``, ``boneage tune``) live in their own
 modules of this package and are attached to :data:`app` in ``boneage/cli/__init__.py``.
@@ -452,6 +453,26 @@ def bundle(
     meta.pop("_predictions", None)
     print(json.dumps(meta, indent=2))
     out.print(f"wrote {path} and {path.with_suffix('.onnx').name} ({_sizes(path)})")
+
+
+@app.command()
+@exit_on_user_error
+def average(
+    models: Annotated[list[Path], typer.Argument(help="two or more checkpoints or bundles")],
+    out_path: Annotated[Path, typer.Option("--out", help="output checkpoint (ship rules name it soup.ckpt)")],
+    weight: Annotated[
+        list[float] | None, typer.Option(help="one share per model, in order (default: equal shares)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="run config giving the split (default: the first .ckpt's own)")
+    ] = None,
+) -> None:
+    """Average the weights of models fine-tuned from one start (a model soup) into one checkpoint, with
+    config.yaml beside it: score it with `evaluate`, judge it with a ship rule, bundle it with `bundle`."""
+    from boneage.bundle import average_checkpoints
+
+    path = average_checkpoints(list(models), out_path, weights=weight or None, config=config)
+    out.print(f"wrote {path} (the mean of {len(models)} models) and {path.parent / 'config.yaml'}")
 
 
 def _sizes(path: Path) -> str:
