@@ -99,3 +99,23 @@ def test_paired_runs_difference_aligns_ids() -> None:
     assert out["mae_a"] == 2.5 and out["mae_b"] == 2.0
     assert out["diff_b_minus_a"] == -0.5  # every image 0.5 better in b
     assert out["diff_se"] == 0.0 and out["corr_abs_errors"] == 1.0
+
+
+def test_paired_preds_pairs_two_prediction_files(tmp_path: Path) -> None:
+    """benchmarks/paired_preds.py: two prediction CSVs paired by id; files of other images are refused."""
+    pp = _load("paired_preds")
+    a = tmp_path / "a.csv"
+    b = tmp_path / "b.csv"
+    pd.DataFrame({"id": ["1", "2", "3"], "boneage": [100, 120, 140], "predicted": [104, 118, 140]}).to_csv(
+        a, index=False
+    )
+    pd.DataFrame({"id": ["3", "2", "1"], "boneage": [140, 120, 100], "predicted": [141, 121, 101]}).to_csv(
+        b, index=False
+    )
+    out = pp.compare(a, b)
+    assert out["n"] == 3 and out["mae_a"] == 2.0 and out["mae_b"] == 1.0
+    assert out["diff_b_minus_a"] == -1.0  # errors 4, 2, 0 against 1, 1, 1
+    c = tmp_path / "c.csv"
+    pd.DataFrame({"id": ["1"], "boneage": [99], "predicted": [99]}).to_csv(c, index=False)
+    with pytest.raises(SystemExit, match="disagree"):
+        pp.compare(a, c)

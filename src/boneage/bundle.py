@@ -304,7 +304,10 @@ def average_checkpoints(
     first = specs[0].model_dump()
     for p, spec in zip(paths[1:], specs[1:], strict=True):
         other = spec.model_dump()
-        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        # "versions" records the software that wrote each file, not what the weights mean
+        differ = sorted(
+            k for k in first.keys() | other.keys() if k != "versions" and first.get(k) != other.get(k)
+        )
         if differ:
             raise BoneAgeInputError(
                 f"its model spec differs from {paths[0].name}'s in {', '.join(differ)}", p

@@ -1,0 +1,57 @@
+"""Two models' per-image prediction CSVs on the same ids, compared image by image.
+
+    python benchmarks/paired_preds.py docs/results/bundled-v0.9/preds_val_split.csv \
+        docs/results/bundled-v0.10/preds_val_split.csv --out docs/results/bundled-v0.10/paired_val_split.json
+
+Why: a ship rule compares two MAEs on 569 validation images, whose noise is a few hundredths to a tenth of a
+month; the paired difference |error|(B) - |error|(A) with its standard error over images says whether a
+decision was within that noise. Reads any CSV with ``id``, ``boneage`` and ``predicted`` columns
+(``ship_rule_check.py``'s ``preds_val_split.csv``, ``bundled_model_report.py``'s ``preds_native.csv``,
+``boneage evaluate --out``). It only records: no decision is taken from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+from paired_runs import difference  # a sibling script: the same paired arithmetic
+
+
+def abs_errors(csv: Path) -> pd.Series:
+    """|predicted - reference| per id; the reference must agree wherever two files share an id."""
+    t = pd.read_csv(csv, dtype={"id": str})
+    missing = {"id", "boneage", "predicted"} - set(t.columns)
+    if missing:
+        raise SystemExit(f"error: {csv}: no {', '.join(sorted(missing))} column")
+    t = t.dropna(subset=["predicted"])
+    return (t["predicted"] - t["boneage"]).abs().set_axis(t["id"]).rename(csv.stem)
+
+
+def compare(a: Path, b: Path) -> dict:
+    ea, eb = abs_errors(a), abs_errors(b)
+    ta = pd.read_csv(a, dtype={"id": str}).set_index("id")["boneage"]
+    tb = pd.read_csv(b, dtype={"id": str}).set_index("id")["boneage"]
+    common = ta.index.intersection(tb.index)
+    if not (ta[common] == tb[common]).all():
+        raise SystemExit(f"error: {a} and {b} disagree on reference ages: not the same images")
+    return {"a": str(a), "b": str(b), **difference(ea, eb)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path, help="the incumbent's predictions")
+    ap.add_argument("b", type=Path, help="the candidate's predictions")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    result = compare(args.a, args.b)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
