@@ -225,7 +225,14 @@ def test_average_checkpoints_makes_a_scorable_soup(tmp_path: Path, shared_sample
     assert ship_bar(run_config_for(soup), soup) == 7.0
     p = Predictor.load(soup, runtime="torch")
     assert [s["weight"] for s in p.meta["averaged_from"]] == [0.5, 0.5]
-    assert p.meta["averaged_from"][0]["file"].endswith("a.safetensors")
+    assert p.meta["averaged_from"][0]["file"] == "a.safetensors"  # no local folder in what may ship
+    assert len(p.meta["averaged_from"][1]["sha256"]) == 64
+    # a folder already holding another run's config is not overwritten
+    other_cfg = tmp_path / "other.yaml"
+    make_tiny_train_config(shared_sample, tmp_path / "cache", name="other").save(other_cfg)
+    with pytest.raises(BoneAgeInputError, match="different config.yaml"):
+        average_checkpoints([a, b], tmp_path / "soup" / "soup2.ckpt", config=other_cfg)
+    assert run_config_for(soup).name == "tiny"
     x = np.full((2, 64, 64), 120, np.uint8)
     assert np.isfinite(p.predict_arrays(x, np.array([True, False]))[0]).all()
     # the average of a model with itself is that model

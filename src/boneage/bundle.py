@@ -337,7 +337,8 @@ def average_checkpoints(
         "state_dict": {f"model.{k}": v for k, v in mean.items()},
         "boneage_spec": first,
         "averaged_from": [
-            {"file": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "weight": round(w, 6)}
+            # the name and digest, not the path: a bundle made from this must not carry a local folder
+            {"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "weight": round(w, 6)}
             for p, w in zip(paths, shares, strict=True)
         ],
         "created": datetime.datetime.now().isoformat(timespec="seconds"),

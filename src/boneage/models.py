@@ -322,7 +322,8 @@ def average_state_dicts(
     """The weighted mean of models that share one architecture (a "model soup", Wortsman et al. 2022):
     fine-tuned from one start, their average often scores like their ensemble at one model's cost.
     Floating tensors (BatchNorm running statistics included) are averaged in float32; integer ones (step
-    counters) are taken from the first model. Keys, shapes and dtypes must match, or it fails naming one."""
+    counters) are taken from the first model, so an fp16 bundle and an fp32 checkpoint mix. Keys and shapes
+    must match, or it fails naming one."""
     if not states:
         raise BoneAgeInputError("nothing to average: no models given")
     w = [1.0 / len(states)] * len(states) if weights is None else [float(x) for x in weights]
