@@ -198,7 +198,21 @@ def test_average_state_dicts_is_the_weighted_mean() -> None:
         average_state_dicts([a, b], [1.0])
 
 
-def test_average_checkpoints_makes_a_scorable_soup(tmp_path: Path, shared_sample: Path) -> None:
+@pytest.fixture(scope="module")
+def two_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny bundles of one architecture (each save exports ONNX too: made once for the soup tests).
+    The second was written by other software versions: that alone does not make it another architecture."""
+    from conftest import make_tiny_predictor
+
+    folder = tmp_path_factory.mktemp("soup-ingredients")
+    a = save_bundle(make_tiny_predictor(seed=0), folder / "a.safetensors")
+    b = save_bundle(make_tiny_predictor(seed=1, versions={"boneage": "0.0"}), folder / "b.safetensors")
+    return a, b
+
+
+def test_average_checkpoints_makes_a_scorable_soup(
+    tmp_path: Path, shared_sample: Path, two_bundles: tuple[Path, Path]
+) -> None:
     """Two bundles of one architecture → soup.ckpt holding their mean, config.yaml beside it (the split
     that judges it), a record of its sources; it loads and predicts like any checkpoint, a ship rule can
     name it, and a model of another architecture is refused."""
@@ -209,9 +223,7 @@ def test_average_checkpoints_makes_a_scorable_soup(tmp_path: Path, shared_sample
     from boneage.errors import BoneAgeInputError
     from boneage.models import read_state_dict
 
-    a = save_bundle(make_tiny_predictor(seed=0), tmp_path / "a.safetensors")
-    # written by other software versions: that alone does not make it another architecture
-    b = save_bundle(make_tiny_predictor(seed=1, versions={"boneage": "0.0"}), tmp_path / "b.safetensors")
+    a, b = two_bundles
     cfg_path = tmp_path / "run.yaml"
     cfg = make_tiny_train_config(shared_sample, tmp_path / "cache", ship={"bar": 7.0, "checkpoint": "soup"})
     cfg.save(cfg_path)
@@ -232,6 +244,8 @@ def test_average_checkpoints_makes_a_scorable_soup(tmp_path: Path, shared_sample
     make_tiny_train_config(shared_sample, tmp_path / "cache", name="other").save(other_cfg)
     with pytest.raises(BoneAgeInputError, match="different config.yaml"):
         average_checkpoints([a, b], tmp_path / "soup" / "soup2.ckpt", config=other_cfg)
+    # the same run config again (e.g. a re-run) is the same split: accepted
+    assert average_checkpoints([a, b], tmp_path / "soup" / "soup.ckpt", config=cfg_path) == soup
     assert run_config_for(soup).name == "tiny"
     x = np.full((2, 64, 64), 120, np.uint8)
     assert np.isfinite(p.predict_arrays(x, np.array([True, False]))[0]).all()
@@ -245,15 +259,13 @@ def test_average_checkpoints_makes_a_scorable_soup(tmp_path: Path, shared_sample
         average_checkpoints([a, other], tmp_path / "y" / "soup.ckpt", config=cfg_path)
 
 
-def test_average_cli(tmp_path: Path, shared_sample: Path) -> None:
+def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Path, Path]) -> None:
     """`boneage average A B --out soup.ckpt` writes the soup; a bad weight count is one line, exit 2."""
-    from conftest import make_tiny_predictor
     from typer.testing import CliRunner
 
     from boneage.cli import app
 
-    a = save_bundle(make_tiny_predictor(seed=0), tmp_path / "a.safetensors")
-    b = save_bundle(make_tiny_predictor(seed=1), tmp_path / "b.safetensors")
+    a, b = two_bundles
     cfg_path = tmp_path / "run.yaml"
     make_tiny_train_config(shared_sample, tmp_path / "cache").save(cfg_path)
     out = tmp_path / "soup" / "soup.ckpt"

@@ -286,16 +286,25 @@ def average_checkpoints(
     scores like a trained run. The config gives the data split that judges it: ``config``, or else the
     run config of the first ``.ckpt`` source. Bundles' OOD densities are not averaged: a soup's features
     differ, so ``make_bundle`` fits its own."""
-    import hashlib
-
     import torch
 
     from boneage.inference import OOD_PREFIX, read_model_file
-    from boneage.models import average_state_dicts
+    from boneage.models import average_state_dicts, mixing_shares
+    from boneage.runtime import file_digest
 
     paths = [Path(s).expanduser() for s in sources]
     if len(paths) < 2:
         raise BoneAgeInputError("averaging needs at least two models")
+    shares = mixing_shares(len(paths), weights)  # bad weights or no split fail before any model is read
+    if config is not None:
+        from boneage.config import load_config
+
+        cfg = load_config(config)
+    else:
+        ckpts = [p for p in paths if p.suffix == ".ckpt"]
+        if not ckpts:
+            raise BoneAgeInputError("no .ckpt among the models: pass the run config that gives the split")
+        cfg = run_config_for(ckpts[0])
     specs, states = [], []
     for p in paths:
         _facts, spec, state = read_model_file(p)
@@ -312,33 +321,25 @@ def average_checkpoints(
             raise BoneAgeInputError(
                 f"its model spec differs from {paths[0].name}'s in {', '.join(differ)}", p
             )
-    mean = average_state_dicts(states, weights)
-    if config is not None:
-        from boneage.config import load_config
-
-        cfg = load_config(config)
-    else:
-        ckpts = [p for p in paths if p.suffix == ".ckpt"]
-        if not ckpts:
-            raise BoneAgeInputError("no .ckpt among the models: pass the run config that gives the split")
-        cfg = run_config_for(ckpts[0])
+    mean = average_state_dicts(states, shares)
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    saved = out.parent / "config.yaml"
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
+    from boneage.experiments import config_differences  # how a grid tells its saved run config from a new one
+
+    differ = config_differences(out.parent, cfg)
+    if differ:
         raise BoneAgeInputError(
-            "a different config.yaml is already there: write the average elsewhere", saved
+            f"a different config.yaml is already there ({'; '.join(differ[:3])}): write the average "
+            "elsewhere",
+            out.parent / "config.yaml",
         )
-    saved.write_text(text)
-    total = sum(weights) if weights is not None else float(len(paths))
-    shares = [w / total for w in weights] if weights is not None else [1 / len(paths)] * len(paths)
+    cfg.save(out.parent / "config.yaml")
     blob = {
         "state_dict": {f"model.{k}": v for k, v in mean.items()},
         "boneage_spec": first,
         "averaged_from": [
             # the name and digest, not the path: a bundle made from this must not carry a local folder
-            {"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "weight": round(w, 6)}
+            {"file": p.name, "sha256": file_digest(p), "weight": round(w, 6)}
             for p, w in zip(paths, shares, strict=True)
         ],
         "created": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -316,6 +316,17 @@ def rename_legacy_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def mixing_shares(n: int, weights: list[float] | None = None) -> list[float]:
+    """Each of ``n`` models' share of an average, summing to 1 (equal without ``weights``): checked here
+    once, so a caller can refuse bad weights before loading any model and record the shares it used."""
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n:
+        raise BoneAgeInputError(f"{len(w)} weights for {n} models")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise BoneAgeInputError(f"weights must be non-negative with a positive sum, got {w}")
+    return [x / sum(w) for x in w]
+
+
 def average_state_dicts(
     states: list[dict[str, torch.Tensor]], weights: list[float] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -326,12 +337,7 @@ def average_state_dicts(
     must match, or it fails naming one."""
     if not states:
         raise BoneAgeInputError("nothing to average: no models given")
-    w = [1.0 / len(states)] * len(states) if weights is None else [float(x) for x in weights]
-    if len(w) != len(states):
-        raise BoneAgeInputError(f"{len(w)} weights for {len(states)} models")
-    if any(x < 0 for x in w) or sum(w) <= 0:
-        raise BoneAgeInputError(f"weights must be non-negative with a positive sum, got {w}")
-    w = [x / sum(w) for x in w]
+    w = mixing_shares(len(states), weights)
     first = states[0]
     for i, other in enumerate(states[1:], start=2):
         if set(other) != set(first):
