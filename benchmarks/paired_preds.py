@@ -20,24 +20,23 @@ import pandas as pd
 from paired_runs import difference  # a sibling script: the same paired arithmetic
 
 
-def abs_errors(csv: Path) -> pd.Series:
-    """|predicted - reference| per id; the reference must agree wherever two files share an id."""
+def read_predictions(csv: Path) -> pd.DataFrame:
+    """``boneage`` and ``predicted`` by id (a refused image has no prediction)."""
     t = pd.read_csv(csv, dtype={"id": str})
     missing = {"id", "boneage", "predicted"} - set(t.columns)
     if missing:
         raise SystemExit(f"error: {csv}: no {', '.join(sorted(missing))} column")
-    t = t.dropna(subset=["predicted"])
-    return (t["predicted"] - t["boneage"]).abs().set_axis(t["id"]).rename(csv.stem)
+    return t.set_index("id")
 
 
 def compare(a: Path, b: Path) -> dict:
-    ea, eb = abs_errors(a), abs_errors(b)
-    ta = pd.read_csv(a, dtype={"id": str}).set_index("id")["boneage"]
-    tb = pd.read_csv(b, dtype={"id": str}).set_index("id")["boneage"]
+    """The paired difference B - A over ids both answered; the files must agree on every shared reference."""
+    ta, tb = read_predictions(a), read_predictions(b)
     common = ta.index.intersection(tb.index)
-    if not (ta[common] == tb[common]).all():
+    if not (ta.loc[common, "boneage"] == tb.loc[common, "boneage"]).all():
         raise SystemExit(f"error: {a} and {b} disagree on reference ages: not the same images")
-    return {"a": str(a), "b": str(b), **difference(ea, eb)}
+    errors = [(t["predicted"] - t["boneage"]).abs().dropna() for t in (ta, tb)]
+    return {"a": str(a), "b": str(b), **difference(*errors)}
 
 
 def main() -> None:
