@@ -119,3 +119,32 @@ def test_paired_preds_pairs_two_prediction_files(tmp_path: Path) -> None:
     pd.DataFrame({"id": ["1"], "boneage": [99], "predicted": [99]}).to_csv(c, index=False)
     with pytest.raises(SystemExit, match="disagree"):
         pp.compare(a, c)
+
+
+def test_median_readout_of_known_distributions() -> None:
+    torch = pytest.importorskip("torch")
+    readout = _load("readout_check")
+    centres = torch.linspace(0, 240, 121)
+    one = torch.full((1, 121), -1e9)
+    one[0, 60] = 0  # all mass in the 120-month cell [119, 121]: the median is its middle
+    two = torch.full((1, 121), -1e9)
+    two[0, 60:62] = 0  # half in 120's cell, half in 122's: the median is their shared edge
+    skewed = torch.full((1, 121), -1e9)
+    skewed[0, 0] = np.log(0.6)  # 60% at 0 months, 40% at 100: mean 40, median inside the first cell
+    skewed[0, 50] = np.log(0.4)
+    got = readout.median_months(torch.cat([one, two, skewed]), centres)
+    assert got.tolist() == pytest.approx([120.0, 121.0, -1 + 2 * 0.5 / 0.6], abs=1e-4)
+    a, b, ref = np.array([1.0, 5.0]), np.array([2.0, 5.0]), np.array([0.0, 0.0])
+    stats = readout.paired(a, b, ref)
+    assert stats["median_minus_mean"] == pytest.approx(0.5) and stats["mae_mean_readout"] == 3.0
+
+
+def test_label_grid_rounding_error() -> None:
+    grid_mod = _load("label_grid")
+    grid = np.array([0.0, 6.0, 12.0, 24.0])
+    # an even 6-month grid: a seen age spread over +-3 months averages 1.5 from the label
+    assert grid_mod.rounding_error(grid, np.array([6.0]))[0] == pytest.approx(1.5)
+    # between gaps of 6 and 12 (cell -3..+6): (36 + 144) / (4 * 18) = 2.5
+    assert grid_mod.rounding_error(grid, np.array([12.0]))[0] == pytest.approx(2.5)
+    # the end cells mirror their inner gap
+    assert grid_mod.rounding_error(grid, np.array([0.0, 24.0])).tolist() == pytest.approx([1.5, 3.0])

@@ -259,8 +259,71 @@ def test_average_checkpoints_makes_a_scorable_soup(
         average_checkpoints([a, other], tmp_path / "y" / "soup.ckpt", config=cfg_path)
 
 
+def test_reestimate_batchnorm_takes_the_plain_average_of_its_batches() -> None:
+    """The statistics become the average over the batches given (not an exponential blend with the old
+    ones), weights stay, dropout stays off, and the layers' momentum and the model's mode come back."""
+    import torch
+    from torch import nn
+
+    from boneage.models import reestimate_batchnorm
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1, momentum=0.1)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, image: torch.Tensor, male: torch.Tensor) -> torch.Tensor:
+            out = self.drop(self.bn(image)).mean((1, 2, 3))
+            assert not self.drop.training
+            return out + male
+
+    net = Net().eval()
+    net.bn.running_mean.fill_(50.0)
+    weight = net.bn.weight.detach().clone()
+    batches = [torch.full((4, 1, 3, 3), 2.0), torch.full((4, 1, 3, 3), 4.0)]
+    batches[1][0] = 10.0  # a spread inside the second batch
+    seen = reestimate_batchnorm(net, [(b, torch.zeros(4)) for b in batches])
+    assert seen == 8
+    assert net.bn.running_mean.item() == pytest.approx((2.0 + batches[1].mean().item()) / 2)
+    assert net.bn.running_var.item() == pytest.approx(batches[1].var().item() / 2, rel=1e-4)
+    assert net.bn.momentum == 0.1 and not net.training and torch.equal(net.bn.weight, weight)
+
+
+def test_average_with_batchnorm_reestimated(
+    tmp_path: Path, shared_sample: Path, two_bundles: tuple[Path, Path]
+) -> None:
+    """`--bn-images N`: the soup's weights are still the mean, its BatchNorm statistics are those of N
+    training-split images (not the ingredients' mean), the record says so, and a seed repeats it."""
+    import torch
+
+    from boneage.bundle import average_checkpoints
+    from boneage.errors import BoneAgeInputError
+    from boneage.models import read_state_dict
+
+    a, b = two_bundles
+    cfg_path = tmp_path / "run.yaml"
+    make_tiny_train_config(shared_sample, tmp_path / "cache").save(cfg_path)
+    plain = average_checkpoints([a, b], tmp_path / "plain" / "soup.ckpt", config=cfg_path)
+    bn = average_checkpoints([a, b], tmp_path / "bn" / "soup.ckpt", config=cfg_path, bn_images=12)
+    again = average_checkpoints([a, b], tmp_path / "again" / "soup.ckpt", config=cfg_path, bn_images=12)
+    sp, sb, sa = read_state_dict(plain), read_state_dict(bn), read_state_dict(again)
+    conv = next(k for k in sp if k.endswith("conv_stem.weight"))
+    stat = next(k for k in sp if k.endswith("running_var"))
+    assert torch.allclose(sb[conv], sp[conv])
+    assert not torch.allclose(sb[stat], sp[stat]) and torch.equal(sb[stat], sa[stat])
+    p = Predictor.load(bn, runtime="torch")
+    assert p.meta["batchnorm"] == {"images": 12, "seed": 0, "split": "training", "augmented": True}
+    assert "batchnorm" not in Predictor.load(plain, runtime="torch").meta
+    x = np.full((2, 64, 64), 120, np.uint8)
+    assert np.isfinite(p.predict_arrays(x, np.array([True, False]))[0]).all()
+    with pytest.raises(BoneAgeInputError, match="bn_images"):
+        average_checkpoints([a, b], tmp_path / "neg" / "soup.ckpt", config=cfg_path, bn_images=-1)
+
+
 def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Path, Path]) -> None:
-    """`boneage average A B --out soup.ckpt` writes the soup; a bad weight count is one line, exit 2."""
+    """`boneage average A B --out soup.ckpt [--bn-images N]` writes the soup; a bad weight count is one
+    line, exit 2."""
     from typer.testing import CliRunner
 
     from boneage.cli import app
@@ -270,9 +333,12 @@ def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Pat
     make_tiny_train_config(shared_sample, tmp_path / "cache").save(cfg_path)
     out = tmp_path / "soup" / "soup.ckpt"
     runner = CliRunner()
-    done = runner.invoke(app, ["average", str(a), str(b), "--out", str(out), "--config", str(cfg_path)])
+    done = runner.invoke(
+        app, ["average", str(a), str(b), "--out", str(out), "--config", str(cfg_path), "--bn-images", "4"]
+    )
     assert done.exit_code == 0, done.output
     assert out.is_file() and (out.parent / "config.yaml").is_file()
+    assert Predictor.load(out, runtime="torch").meta["batchnorm"]["images"] == 4
     bad = runner.invoke(
         app, ["average", str(a), str(b), "--out", str(out), "--config", str(cfg_path), "--weight", "1"]
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from boneage.runtime import oriented_pixels
 
 if TYPE_CHECKING:
     from boneage.data import BoneAgeDataModule
+    from boneage.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +281,16 @@ def average_checkpoints(
     *,
     weights: list[float] | None = None,
     config: str | Path | None = None,
+    bn_images: int = 0,
+    bn_seed: int = 0,
 ) -> Path:
     """Checkpoints or bundles of one architecture → one checkpoint holding their weighted mean (a model
     soup; ``boneage.models.average_state_dicts``), with ``config.yaml`` beside it so it bundles and
     scores like a trained run. The config gives the data split that judges it: ``config``, or else the
-    run config of the first ``.ckpt`` source. Bundles' OOD densities are not averaged: a soup's features
-    differ, so ``make_bundle`` fits its own."""
+    run config of the first ``.ckpt`` source. With ``bn_images`` the BatchNorm statistics are then
+    re-estimated on that many training-split images (``batchnorm_from_training_images``) instead of
+    averaged. Bundles' OOD densities are not averaged: a soup's features differ, so ``make_bundle`` fits
+    its own."""
     import torch
 
     from boneage.inference import OOD_PREFIX, read_model_file
@@ -296,6 +301,8 @@ def average_checkpoints(
     if len(paths) < 2:
         raise BoneAgeInputError("averaging needs at least two models")
     shares = mixing_shares(len(paths), weights)  # bad weights or no split fail before any model is read
+    if bn_images < 0:
+        raise BoneAgeInputError(f"bn_images must be 0 (average the statistics) or more, got {bn_images}")
     if config is not None:
         from boneage.config import load_config
 
@@ -322,6 +329,9 @@ def average_checkpoints(
                 f"its model spec differs from {paths[0].name}'s in {', '.join(differ)}", p
             )
     mean = average_state_dicts(states, shares)
+    batchnorm = None
+    if bn_images:
+        mean, batchnorm = batchnorm_from_training_images(mean, specs[0], cfg, bn_images, bn_seed)
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     from boneage.experiments import config_differences  # how a grid tells its saved run config from a new one
@@ -342,6 +352,7 @@ def average_checkpoints(
             {"file": p.name, "sha256": file_digest(p), "weight": round(w, 6)}
             for p, w in zip(paths, shares, strict=True)
         ],
+        **({"batchnorm": batchnorm} if batchnorm else {}),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
     }
@@ -349,6 +360,43 @@ def average_checkpoints(
     torch.save(blob, tmp)
     tmp.replace(out)
     return out
+
+
+def batchnorm_from_training_images(
+    state: dict[str, Any], spec: ModelSpec, cfg: RunConfig, n: int, seed: int = 0, batch_size: int = 32
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state with re-estimated BatchNorm statistics, a record of how): ``n`` images drawn (``seed``) from
+    the run's training split, preprocessed as the model's spec says, under the run's augmentation, because
+    that is how the ingredients' own statistics were gathered during training."""
+    import torch
+
+    from boneage.augment import Augment
+    from boneage.cache import cached_images
+    from boneage.models import BoneAgeNet, reestimate_batchnorm
+    from boneage.preprocess import Preprocess
+
+    dm, _ = run_split(cfg)
+    train = dm.labels.iloc[dm.train_idx]
+    rng = np.random.default_rng(seed)
+    table = train.iloc[np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))]
+    table = table.reset_index(drop=True)
+    images = cached_images(cfg.data.cache_dir, Preprocess.from_config(spec.preprocess), table)
+    male = table["male"].to_numpy(dtype=np.float32)
+    model = BoneAgeNet.from_spec(spec)
+    model.load_state_dict(state)
+    augment = Augment(cfg.augment)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float()[:, None]
+            yield augment(x / 255.0), torch.from_numpy(male[start : start + batch_size])
+
+    with torch.random.fork_rng():  # the augmentation draws from its own seeded stream
+        torch.manual_seed(seed)
+        seen = reestimate_batchnorm(model, batches())
+    record = {"images": seen, "seed": seed, "split": "training", "augmented": augment.enabled}
+    log.info("re-estimated BatchNorm statistics on %d training images", seen)
+    return dict(model.state_dict()), record
 
 
 def make_bundle(

@@ -102,6 +102,8 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, to
     facts: dict[str, Any] = {"source": str(path)}
     if "averaged_from" in blob:  # a weight average (boneage.bundle.average_checkpoints): say of what
         facts["averaged_from"] = blob["averaged_from"]
+    if "batchnorm" in blob:  # ... and whether its BatchNorm statistics were re-estimated, on what
+        facts["batchnorm"] = blob["batchnorm"]
     return facts, spec, state
 
 

@@ -10,7 +10,7 @@ import hashlib
 import importlib
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -353,6 +353,37 @@ def average_state_dicts(
         else:
             out[k] = v.clone()
     return out
+
+
+def reestimate_batchnorm(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> int:
+    """Replace every BatchNorm layer's running statistics by the plain average over ``batches`` of (image,
+    male) inputs, weights untouched: a weight average's statistics are not the average of its ingredients'
+    (SWA's ``update_bn``, for a network with two inputs). Dropout stays off. Returns the images seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over every batch, not an exponential one
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for image, male in batches:
+                model(image, male)
+                seen += len(image)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if not seen:
+        raise BoneAgeInputError("no images to re-estimate the BatchNorm statistics on")
+    return seen
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -466,12 +466,19 @@ def average(
     config: Annotated[
         Path | None, typer.Option(help="run config giving the split (default: the first .ckpt's own)")
     ] = None,
+    bn_images: Annotated[
+        int,
+        typer.Option(help="re-estimate BatchNorm statistics on this many training images (0: average them)"),
+    ] = 0,
+    bn_seed: Annotated[int, typer.Option(help="seed of those images and their augmentation")] = 0,
 ) -> None:
     """Average the weights of models fine-tuned from one start (a model soup) into one checkpoint, with
     config.yaml beside it: score it with `evaluate`, judge it with a ship rule, bundle it with `bundle`."""
     from boneage.bundle import average_checkpoints
 
-    path = average_checkpoints(list(models), out_path, weights=weight or None, config=config)
+    path = average_checkpoints(
+        list(models), out_path, weights=weight or None, config=config, bn_images=bn_images, bn_seed=bn_seed
+    )
     out.print(f"wrote {path} (the mean of {len(models)} models) and {path.parent / 'config.yaml'}")
 
 
