@@ -87,9 +87,17 @@ def main() -> None:
         help="run folder(s) this run was initialised from, oldest first (their curves and CPU hours)",
     )
     ap.add_argument(
-        "--checkpoint", default=None, help="default: the run config's ship.checkpoint (best or last)"
+        "--checkpoint", default=None, help="default: the run config's ship.checkpoint (best, last or soup)"
+    )
+    ap.add_argument(
+        "--training-run",
+        type=Path,
+        default=None,
+        help="the run whose metrics.csv and summary.json describe the training (default: --run-dir; for a "
+        "weight average, the last trained ingredient's run folder, its earlier ones as --prior-run)",
     )
     args = ap.parse_args()
+    trained = args.training_run or args.run_dir
 
     from boneage.bundle import make_bundle
     from boneage.evaluation import metrics, plot_predictions
@@ -112,7 +120,7 @@ def main() -> None:
         on_step=lambda msg: print(f"[{time.perf_counter() - started:6.1f} s] {msg}", flush=True),
     )
     preds = facts.pop("_predictions", None)
-    summary = json.loads((args.run_dir / "summary.json").read_text())
+    summary = json.loads((trained / "summary.json").read_text())
     facts["bundle_bytes"] = path.stat().st_size
     onnx_file = path.with_suffix(".onnx")
     facts["onnx_bytes"] = onnx_file.stat().st_size if onnx_file.is_file() else None
@@ -140,8 +148,9 @@ def main() -> None:
         (args.out / "metrics_299.json").write_text(json.dumps(m299, indent=2))
         plot_predictions(native, args.out, title=f"v{args.version}, 1,001 held-out native PNGs, TTA:")
     for name in ("config.yaml", "metrics.csv", "summary.json", "run.json"):
-        if (args.run_dir / name).is_file():
-            shutil.copy(args.run_dir / name, args.out / name)
+        source = args.run_dir if name == "config.yaml" else trained
+        if (source / name).is_file():
+            shutil.copy(source / name, args.out / name)
     if preds is not None:
         # the literal clinician path: `boneage predict DIR --out CSV --sex-from CSV` on the native files
         import subprocess
@@ -175,7 +184,7 @@ def main() -> None:
         (args.out / "facts.json").write_text(json.dumps(facts, indent=2))
     prior = [run / "metrics.csv" for run in args.prior_run]
     mae_vs_time(
-        args.run_dir / "metrics.csv",
+        trained / "metrics.csv",
         args.out / "mae_vs_time.png",
         facts,
         f"Bundled model v{args.version}",

@@ -451,6 +451,9 @@ def make_bundle(
         "source_checkpoint": Path(checkpoint).name,
         "licence": LICENCE,
     }
+    for key in ("averaged_from", "batchnorm"):  # a weight average says of what, and how its statistics came
+        if key in predictor.meta:
+            facts[key] = predictor.meta[key]
     if cfg.data.holdout_labels:
         held, native = holdout_tables(cfg, Path(native_images) if native_images else None)
         say(f"held-out ids, training geometry ({len(held)} images)")
