@@ -54,7 +54,7 @@ def main() -> None:
             "grid": [int(g) for g in grid],
             "share_on_grid": round(float(on.mean()), 4),
             "median_gap_months": float(np.median(np.diff(grid))),
-            "rounding_mae_months": round(float(np.concatenate(errors[-1:]).mean()), 3),
+            "rounding_mae_months": round(float(errors[-1].mean()), 3),
         }
     result["share_multiple_of_6"] = round(float((table["boneage"] % 6 == 0).mean()), 4)
     result["rounding_mae_months"] = round(float(np.concatenate(errors).mean()), 3)

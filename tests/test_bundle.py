@@ -265,6 +265,7 @@ def test_reestimate_batchnorm_takes_the_plain_average_of_its_batches() -> None:
     import torch
     from torch import nn
 
+    from boneage.errors import BoneAgeInputError
     from boneage.models import reestimate_batchnorm
 
     class Net(nn.Module):
@@ -288,6 +289,10 @@ def test_reestimate_batchnorm_takes_the_plain_average_of_its_batches() -> None:
     assert net.bn.running_mean.item() == pytest.approx((2.0 + batches[1].mean().item()) / 2)
     assert net.bn.running_var.item() == pytest.approx(batches[1].var().item() / 2, rel=1e-4)
     assert net.bn.momentum == 0.1 and not net.training and torch.equal(net.bn.weight, weight)
+    kept = net.bn.running_mean.clone()
+    with pytest.raises(BoneAgeInputError, match="no images"):  # nothing to learn from: statistics kept
+        reestimate_batchnorm(net, [])
+    assert torch.equal(net.bn.running_mean, kept) and net.bn.momentum == 0.1
 
 
 def test_average_with_batchnorm_reestimated(

@@ -361,10 +361,14 @@ def reestimate_batchnorm(
     """Replace every BatchNorm layer's running statistics by the plain average over ``batches`` of (image,
     male) inputs, weights untouched: a weight average's statistics are not the average of its ingredients'
     (SWA's ``update_bn``, for a network with two inputs). Dropout stays off. Returns the images seen."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    before = [{k: v.clone() for k, v in m.state_dict().items() if k in stats} for m in norms]
     was_training = model.training
     model.eval()
     for m in norms:
@@ -377,12 +381,16 @@ def reestimate_batchnorm(
             for image, male in batches:
                 model(image, male)
                 seen += len(image)
+        if not seen:
+            raise BoneAgeInputError("no images to re-estimate the BatchNorm statistics on")
+    except BaseException:
+        for m, old in zip(norms, before, strict=True):  # a failure leaves the statistics it found
+            m.load_state_dict(old, strict=False)
+        raise
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
-    if not seen:
-        raise BoneAgeInputError("no images to re-estimate the BatchNorm statistics on")
     return seen
 
 
