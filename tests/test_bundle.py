@@ -307,8 +307,8 @@ def test_average_with_batchnorm_reestimated(
     from boneage.models import read_state_dict
 
     a, b = two_bundles
-    cfg_path = tmp_path / "run.yaml"
-    make_tiny_train_config(shared_sample, tmp_path / "cache").save(cfg_path)
+    cfg_path = tmp_path / "run.yaml"  # preprocessing as the bundles' spec (64 px): the images they would see
+    make_tiny_train_config(shared_sample, tmp_path / "cache", preprocess={"size": 64}).save(cfg_path)
     plain = average_checkpoints([a, b], tmp_path / "plain" / "soup.ckpt", config=cfg_path)
     bn = average_checkpoints([a, b], tmp_path / "bn" / "soup.ckpt", config=cfg_path, bn_images=12)
     again = average_checkpoints([a, b], tmp_path / "again" / "soup.ckpt", config=cfg_path, bn_images=12)
@@ -324,6 +324,10 @@ def test_average_with_batchnorm_reestimated(
     assert np.isfinite(p.predict_arrays(x, np.array([True, False]))[0]).all()
     with pytest.raises(BoneAgeInputError, match="bn_images"):
         average_checkpoints([a, b], tmp_path / "neg" / "soup.ckpt", config=cfg_path, bn_images=-1)
+    other = tmp_path / "other.yaml"  # a run whose cached images are 32 px: not what these models see
+    make_tiny_train_config(shared_sample, tmp_path / "cache").save(other)
+    with pytest.raises(BoneAgeInputError, match="preprocesses otherwise"):
+        average_checkpoints([a, b], tmp_path / "px" / "soup.ckpt", config=other, bn_images=4)
 
 
 def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Path, Path]) -> None:
@@ -335,7 +339,7 @@ def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Pat
 
     a, b = two_bundles
     cfg_path = tmp_path / "run.yaml"
-    make_tiny_train_config(shared_sample, tmp_path / "cache").save(cfg_path)
+    make_tiny_train_config(shared_sample, tmp_path / "cache", preprocess={"size": 64}).save(cfg_path)
     out = tmp_path / "soup" / "soup.ckpt"
     runner = CliRunner()
     done = runner.invoke(

@@ -26,7 +26,7 @@ from boneage import __version__
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.evaluation import evaluate
-from boneage.inference import Predictor, export_bundle_onnx
+from boneage.inference import AVERAGE_RECORDS, Predictor, export_bundle_onnx
 from boneage.io import read_radiograph
 from boneage.labels import read_labels
 from boneage.ood import (
@@ -371,25 +371,23 @@ def batchnorm_from_training_images(
     import torch
 
     from boneage.augment import Augment
-    from boneage.cache import cached_images
+    from boneage.data import to_float
     from boneage.models import BoneAgeNet, reestimate_batchnorm
-    from boneage.preprocess import Preprocess
 
+    if cfg.preprocess != spec.preprocess:  # the split's cached images must be what the models see
+        raise BoneAgeInputError(f"the run config {cfg.name!r} preprocesses otherwise than the models' spec")
     dm, _ = run_split(cfg)
-    train = dm.labels.iloc[dm.train_idx]
-    rng = np.random.default_rng(seed)
-    table = train.iloc[np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))]
-    table = table.reset_index(drop=True)
-    images = cached_images(cfg.data.cache_dir, Preprocess.from_config(spec.preprocess), table)
-    male = table["male"].to_numpy(dtype=np.float32)
+    train = dm.train_set  # the run's cached training images, as fit_ood reads them
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
+    images, male = torch.from_numpy(train.array(rows)), train.male[rows]
     model = BoneAgeNet.from_spec(spec)
     model.load_state_dict(state)
     augment = Augment(cfg.augment)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).float()[:, None]
-            yield augment(x / 255.0), torch.from_numpy(male[start : start + batch_size])
+            x = to_float(images[start : start + batch_size, None])
+            yield augment(x), male[start : start + batch_size]
 
     with torch.random.fork_rng():  # the augmentation draws from its own seeded stream
         torch.manual_seed(seed)
@@ -451,9 +449,7 @@ def make_bundle(
         "source_checkpoint": Path(checkpoint).name,
         "licence": LICENCE,
     }
-    for key in ("averaged_from", "batchnorm"):  # a weight average says of what, and how its statistics came
-        if key in predictor.meta:
-            facts[key] = predictor.meta[key]
+    facts.update({k: predictor.meta[k] for k in AVERAGE_RECORDS if k in predictor.meta})
     if cfg.data.holdout_labels:
         held, native = holdout_tables(cfg, Path(native_images) if native_images else None)
         say(f"held-out ids, training geometry ({len(held)} images)")

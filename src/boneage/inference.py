@@ -39,6 +39,7 @@ from boneage.runtime import (
 from boneage.spec import ModelSpec, spec_from_record
 
 __all__ = [
+    "AVERAGE_RECORDS",
     "BUNDLED_NAME",
     "TTA_VIEWS",
     "Prediction",
@@ -51,6 +52,11 @@ __all__ = [
     "read_model_file",
     "tta_batch",
 ]
+
+
+# what a weight average (boneage.bundle.average_checkpoints) records of itself: of which models, and how its
+# BatchNorm statistics came about; read with the model and carried into a bundle's facts
+AVERAGE_RECORDS = ("averaged_from", "batchnorm")
 
 
 def tta_batch(images: torch.Tensor, views: list[tuple[bool, float, float]]) -> torch.Tensor:
@@ -99,12 +105,7 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, to
     spec = spec_from_record(record, state, path)
     if "spec" in record and "boneage_spec" not in blob:  # hyper-parameters hold the spec before fitting
         spec.target_mean, spec.target_std = float(state["age_mean"]), float(state["age_std"])
-    facts: dict[str, Any] = {"source": str(path)}
-    if "averaged_from" in blob:  # a weight average (boneage.bundle.average_checkpoints): say of what
-        facts["averaged_from"] = blob["averaged_from"]
-    if "batchnorm" in blob:  # ... and whether its BatchNorm statistics were re-estimated, on what
-        facts["batchnorm"] = blob["batchnorm"]
-    return facts, spec, state
+    return {"source": str(path), **{k: blob[k] for k in AVERAGE_RECORDS if k in blob}}, spec, state
 
 
 class Predictor(BasePredictor):
