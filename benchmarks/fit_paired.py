@@ -28,6 +28,13 @@ def padding_share(paths: pd.Series) -> np.ndarray:
     return padding(boxes(list(paths)))
 
 
+def mean_and_se(d: np.ndarray) -> tuple[float, float]:
+    """Mean of per-image paired differences and its standard error over images, unrounded: the one
+    arithmetic every paired benchmark here reports (each rounds as its committed results were written)."""
+    d = np.asarray(d, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def abs_errors(predictor, table: pd.DataFrame, cache_dir: str | None) -> pd.Series:
     """|error| per id, single view, through the run's own preprocessing cache."""
     from boneage.evaluation import evaluate
@@ -49,13 +56,13 @@ def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
         "n": n,
         "mae_pad": round(float(arm["pad"].mean()), 3),
         "mae_stretch": round(float(arm["stretch"].mean()), 3),
-        "diff_stretch_minus_pad": round(float(d.mean()), 3),
-        "diff_se": round(float(d.std(ddof=1) / np.sqrt(n)), 3),
+        "diff_stretch_minus_pad": round(mean_and_se(d)[0], 3),
+        "diff_se": round(mean_and_se(d)[1], 3),
         "diff_per_10pct_padding": round(float(slope * 0.1), 3),
         "corr_diff_padding": round(float(np.corrcoef(pad, d)[0, 1]), 3),
         "diff_by_padding_third": [
             {"padding_mean": round(float(pad[m].mean()), 3), "n": int(m.sum()),
-             "diff": round(float(d[m].mean()), 3), "se": round(float(d[m].std(ddof=1) / np.sqrt(m.sum())), 3)}
+             "diff": round(mean_and_se(d[m])[0], 3), "se": round(mean_and_se(d[m])[1], 3)}
             for m in thirds
         ],
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fit_paired import abs_errors  # a sibling script: the same single-view scoring
+from fit_paired import abs_errors, mean_and_se  # a sibling script: the same scoring and arithmetic
 
 
 def difference(a: pd.Series, b: pd.Series) -> dict:
@@ -29,8 +29,8 @@ def difference(a: pd.Series, b: pd.Series) -> dict:
         "n": len(d),
         "mae_a": round(float(a.mean()), 3),
         "mae_b": round(float(b.mean()), 3),
-        "diff_b_minus_a": round(float(d.mean()), 3),
-        "diff_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3),
+        "diff_b_minus_a": round(mean_and_se(d)[0], 3),
+        "diff_se": round(mean_and_se(d)[1], 3),
         "corr_abs_errors": round(float(np.corrcoef(a, b)[0, 1]), 3),
     }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fit_paired import mean_and_se  # a sibling script: the same paired arithmetic
 
 
 def median_months(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,8 @@ def paired(a: np.ndarray, b: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         "n": len(ref),
         "mae_mean_readout": round(float(np.abs(a - ref).mean()), 4),
         "mae_median_readout": round(float(np.abs(b - ref).mean()), 4),
-        "median_minus_mean": round(float(d.mean()), 4),
-        "standard_error": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+        "median_minus_mean": round(mean_and_se(d)[0], 4),
+        "standard_error": round(mean_and_se(d)[1], 4),
         "bias_mean_readout": round(float((a - ref).mean()), 3),
         "bias_median_readout": round(float((b - ref).mean()), 3),
     }

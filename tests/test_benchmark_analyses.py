@@ -101,6 +101,21 @@ def test_paired_runs_difference_aligns_ids() -> None:
     assert out["diff_se"] == 0.0 and out["corr_abs_errors"] == 1.0
 
 
+def test_paired_benchmarks_share_one_arithmetic() -> None:
+    """fit_paired.mean_and_se is the mean and standard error every paired benchmark reports: the same
+    figures from paired_runs.difference and readout_check.paired, each in its committed rounding."""
+    fp, pr, ro = _load("fit_paired"), _load("paired_runs"), _load("readout_check")
+    d = np.array([0.5, -1.0, 2.0, 0.25, -0.75])
+    mean, se = fp.mean_and_se(d)
+    assert mean == pytest.approx(0.2) and se == pytest.approx(np.std(d, ddof=1) / np.sqrt(5))
+    a = pd.Series([3.0, 4.0, 1.0, 2.0, 5.0], index=list("abcde"))
+    out = pr.difference(a, a + d)
+    assert out["diff_b_minus_a"] == round(mean, 3) and out["diff_se"] == round(se, 3)
+    ref = np.zeros(5)
+    stats = ro.paired(a.to_numpy(), (a + d).to_numpy(), ref)  # all positive: |b| - |a| = d
+    assert stats["median_minus_mean"] == round(mean, 4) and stats["standard_error"] == round(se, 4)
+
+
 def test_paired_preds_pairs_two_prediction_files(tmp_path: Path) -> None:
     """benchmarks/paired_preds.py: two prediction CSVs paired by id; files of other images are refused."""
     pp = _load("paired_preds")

@@ -20,7 +20,7 @@ import torch
 
 from boneage.errors import BoneAgeInputError
 from boneage.labels import parse_sex as normalize_sex
-from boneage.models import BoneAgeNet, read_state_dict, stage_statistics
+from boneage.models import BoneAgeNet, checkpoint_state, read_state_dict, stage_statistics
 from boneage.ood import PREFIX as OOD_PREFIX
 from boneage.ood import TEXTURE_STAGE, FeatureDensity
 from boneage.runtime import (
@@ -98,7 +98,7 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelSpec, dict[str, to
     if not isinstance(blob, dict):
         raise BoneAgeInputError("not a boneage checkpoint", path)
     hp = blob.get("hyper_parameters") or {}
-    state = read_state_dict(path)
+    state = checkpoint_state(blob)
     record = {"spec": blob["boneage_spec"]} if "boneage_spec" in blob else hp
     if not ({"spec", "config"} & set(record)):
         raise BoneAgeInputError("checkpoint has no boneage model spec (not from boneage train?)", path)

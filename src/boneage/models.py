@@ -291,7 +291,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return rename_legacy_head({k: v.float() for k, v in load_file(str(p)).items()})
-    blob = torch.load(p, map_location="cpu", weights_only=False)
+    return checkpoint_state(torch.load(p, map_location="cpu", weights_only=False))
+
+
+def checkpoint_state(blob: Any) -> dict[str, torch.Tensor]:
+    """The network's tensors inside an already-loaded checkpoint (Lightning's ``model.`` prefix removed),
+    so a reader that also needs the checkpoint's records loads a 90 MB file once."""
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     prefix = "model."
     if any(k.startswith(prefix) for k in state):
