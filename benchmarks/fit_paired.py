@@ -49,6 +49,7 @@ def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
            for a in ("pad", "stretch")}
     d = (arm["stretch"] - arm["pad"]).to_numpy()
     n = len(d)
+    diff, se = mean_and_se(d)
     slope = np.polyfit(pad, d, 1)[0]
     q = np.quantile(pad, [1 / 3, 2 / 3])
     thirds = [pad <= q[0], (pad > q[0]) & (pad <= q[1]), pad > q[1]]
@@ -56,14 +57,15 @@ def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
         "n": n,
         "mae_pad": round(float(arm["pad"].mean()), 3),
         "mae_stretch": round(float(arm["stretch"].mean()), 3),
-        "diff_stretch_minus_pad": round(mean_and_se(d)[0], 3),
-        "diff_se": round(mean_and_se(d)[1], 3),
+        "diff_stretch_minus_pad": round(diff, 3),
+        "diff_se": round(se, 3),
         "diff_per_10pct_padding": round(float(slope * 0.1), 3),
         "corr_diff_padding": round(float(np.corrcoef(pad, d)[0, 1]), 3),
         "diff_by_padding_third": [
             {"padding_mean": round(float(pad[m].mean()), 3), "n": int(m.sum()),
-             "diff": round(mean_and_se(d[m])[0], 3), "se": round(mean_and_se(d[m])[1], 3)}
+             "diff": round(third[0], 3), "se": round(third[1], 3)}
             for m in thirds
+            for third in [mean_and_se(d[m])]
         ],
     }
 

@@ -25,12 +25,13 @@ def difference(a: pd.Series, b: pd.Series) -> dict:
     """MAE of each run and the paired difference B - A (negative: B is better) over their common ids."""
     a, b = a.align(b, join="inner")
     d = (b - a).to_numpy(float)
+    diff, se = mean_and_se(d)
     return {
         "n": len(d),
         "mae_a": round(float(a.mean()), 3),
         "mae_b": round(float(b.mean()), 3),
-        "diff_b_minus_a": round(mean_and_se(d)[0], 3),
-        "diff_se": round(mean_and_se(d)[1], 3),
+        "diff_b_minus_a": round(diff, 3),
+        "diff_se": round(se, 3),
         "corr_abs_errors": round(float(np.corrcoef(a, b)[0, 1]), 3),
     }
 

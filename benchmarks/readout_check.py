@@ -36,12 +36,13 @@ def median_months(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 def paired(a: np.ndarray, b: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """MAE of each and the mean paired difference of absolute errors (b - a) with its standard error."""
     d = np.abs(b - ref) - np.abs(a - ref)
+    diff, se = mean_and_se(d)
     return {
         "n": len(ref),
         "mae_mean_readout": round(float(np.abs(a - ref).mean()), 4),
         "mae_median_readout": round(float(np.abs(b - ref).mean()), 4),
-        "median_minus_mean": round(mean_and_se(d)[0], 4),
-        "standard_error": round(mean_and_se(d)[1], 4),
+        "median_minus_mean": round(diff, 4),
+        "standard_error": round(se, 4),
         "bias_mean_readout": round(float((a - ref).mean()), 3),
         "bias_median_readout": round(float((b - ref).mean()), 3),
     }
