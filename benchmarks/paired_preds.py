@@ -7,7 +7,9 @@ Why: a ship rule compares two MAEs on 569 validation images, whose noise is a fe
 month; the paired difference |error|(B) - |error|(A) with its standard error over images says whether a
 decision was within that noise. Reads any CSV with ``id``, ``boneage`` and ``predicted`` columns
 (``ship_rule_check.py``'s ``preds_val_split.csv``, ``bundled_model_report.py``'s ``preds_native.csv``,
-``boneage evaluate --out``). It only records: no decision is taken from it.
+``boneage evaluate --out``). ``--column-a``/``--column-b`` name other prediction columns, so two members of
+``ensemble_check.py``'s ``preds_<split>.csv`` (or a member and the mean) compare the same way. It only
+records: no decision is taken from it.
 """
 
 from __future__ import annotations
@@ -20,32 +22,36 @@ import pandas as pd
 from paired_runs import difference  # a sibling script: the same paired arithmetic
 
 
-def read_predictions(csv: Path) -> pd.DataFrame:
-    """``boneage`` and ``predicted`` by id (a refused image has no prediction)."""
+def read_predictions(csv: Path, column: str = "predicted") -> pd.DataFrame:
+    """``boneage`` and the prediction ``column`` (as ``predicted``) by id (a refused image has none)."""
     t = pd.read_csv(csv, dtype={"id": str})
-    missing = {"id", "boneage", "predicted"} - set(t.columns)
+    missing = {"id", "boneage", column} - set(t.columns)
     if missing:
         raise SystemExit(f"error: {csv}: no {', '.join(sorted(missing))} column")
-    return t.set_index("id")
+    return t.set_index("id")[["boneage", column]].rename(columns={column: "predicted"})
 
 
-def compare(a: Path, b: Path) -> dict:
+def compare(a: Path, b: Path, column_a: str = "predicted", column_b: str = "predicted") -> dict:
     """The paired difference B - A over ids both answered; the files must agree on every shared reference."""
-    ta, tb = read_predictions(a), read_predictions(b)
+    ta, tb = read_predictions(a, column_a), read_predictions(b, column_b)
     common = ta.index.intersection(tb.index)
     if not (ta.loc[common, "boneage"] == tb.loc[common, "boneage"]).all():
         raise SystemExit(f"error: {a} and {b} disagree on reference ages: not the same images")
     errors = [(t["predicted"] - t["boneage"]).abs().dropna() for t in (ta, tb)]
-    return {"a": str(a), "b": str(b), **difference(*errors)}
+    names = {"a": str(a) if column_a == "predicted" else f"{a}:{column_a}"}
+    names["b"] = str(b) if column_b == "predicted" else f"{b}:{column_b}"
+    return {**names, **difference(*errors)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path, help="the incumbent's predictions")
     ap.add_argument("b", type=Path, help="the candidate's predictions")
+    ap.add_argument("--column-a", default="predicted", help="A's prediction column")
+    ap.add_argument("--column-b", default="predicted", help="B's prediction column")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    result = compare(args.a, args.b)
+    result = compare(args.a, args.b, args.column_a, args.column_b)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

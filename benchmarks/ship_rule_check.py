@@ -9,7 +9,8 @@ the record. The bar is the incumbent's figure measured the same way
 (``docs/results/ensemble/ensemble.json`` for v0.6), written in the candidate's config (``ship.bar``, with
 ``ship.checkpoint``) before it trained; ``--bar`` may repeat it, never change it.
 Per-image predictions go to ``preds_val_split.csv`` beside the JSON, so the candidate can be compared with
-the incumbent image by image (a paired difference).
+the incumbent image by image (a paired difference). ``--record-only`` scores a model that has no ship rule
+(a stage that only gates a line, or an old bundle) the same way, and takes no decision.
 """
 
 from __future__ import annotations
@@ -26,20 +27,30 @@ def main() -> None:
     ap.add_argument("--config", type=Path, required=True, help="its run config (gives the split)")
     ap.add_argument("--bar", type=float, default=None, help="the config's ship.bar, repeated (months)")
     ap.add_argument("--out", type=Path, required=True, help="where to write the decision (JSON)")
+    ap.add_argument("--record-only", action="store_true", help="score without a rule: no bar, no decision")
     args = ap.parse_args()
 
     from boneage.bundle import run_split, ship_bar, ship_decision
     from boneage.config import load_config
+    from boneage.errors import BoneAgeInputError
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor
 
     cfg = load_config(args.config)  # as training read it: presets applied
-    ship_bar(cfg, args.model, args.bar)  # a wrong bar or checkpoint fails here, before minutes of scoring
+    if args.record_only and args.bar is not None:
+        raise BoneAgeInputError("--record-only takes no decision, so no --bar", args.model)
+    if not args.record_only:
+        ship_bar(cfg, args.model, args.bar)  # a wrong bar or checkpoint fails here, before minutes of scoring
     table = run_split(cfg)[1]
     predictor = Predictor.load(args.model.expanduser(), runtime="auto")
     t0 = time.perf_counter()
     rep = evaluate(predictor, table, cache_dir=cfg.data.cache_dir, progress=False)
-    decision = ship_decision(cfg, args.model, float(rep.metrics["mae_months"]), args.bar)
+    mae = float(rep.metrics["mae_months"])
+    decision = (
+        {"mae": round(mae, 3), "ship": None, "decision": "none: recorded only"}
+        if args.record_only
+        else ship_decision(cfg, args.model, mae, args.bar)
+    )
     result = {
         "model": str(args.model),
         "config": str(args.config),

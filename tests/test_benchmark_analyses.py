@@ -136,6 +136,26 @@ def test_paired_preds_pairs_two_prediction_files(tmp_path: Path) -> None:
         pp.compare(a, c)
 
 
+def test_paired_preds_compares_two_columns_of_one_ensemble_file(tmp_path: Path) -> None:
+    """A member against the mean in ensemble_check.py's per-split file; a missing column is named."""
+    pp = _load("paired_preds")
+    f = tmp_path / "preds_val_split.csv"
+    pd.DataFrame(
+        {
+            "id": ["1", "2"],
+            "boneage": [100, 120],
+            "male": [True, False],
+            "m1": [110, 120],
+            "ensemble": [105, 119],
+        }
+    ).to_csv(f, index=False)
+    out = pp.compare(f, f, "m1", "ensemble")  # |errors| 10, 0 against 5, 1
+    assert out["a"].endswith(":m1") and out["b"].endswith(":ensemble")
+    assert out["mae_a"] == 5.0 and out["mae_b"] == 3.0 and out["diff_b_minus_a"] == -2.0
+    with pytest.raises(SystemExit, match="no m2 column"):
+        pp.compare(f, f, "m2", "ensemble")
+
+
 def test_median_readout_of_known_distributions() -> None:
     torch = pytest.importorskip("torch")
     readout = _load("readout_check")
