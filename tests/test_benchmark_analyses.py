@@ -183,3 +183,21 @@ def test_label_grid_rounding_error() -> None:
     assert grid_mod.rounding_error(grid, np.array([12.0]))[0] == pytest.approx(2.5)
     # the end cells mirror their inner gap
     assert grid_mod.rounding_error(grid, np.array([0.0, 24.0])).tolist() == pytest.approx([1.5, 3.0])
+
+
+def test_duplicate_radiographs_finds_a_reencoded_copy_and_nothing_else(tmp_path: Path) -> None:
+    """benchmarks/duplicate_radiographs.py: a film saved again (resized, JPEG) pairs with itself only."""
+    dup = _load("duplicate_radiographs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(4):
+        img = (rng.random((64, 64)) * 255).astype(np.uint8)
+        img = np.kron(img[::8, ::8], np.ones((8, 8), np.uint8))  # blocky, so it survives 48 px thumbnails
+        p = tmp_path / f"{k}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    copy = tmp_path / "copy.jpg"
+    Image.open(paths[2]).resize((80, 80)).save(copy, quality=60)
+    paths.append(copy)
+    pairs = dup.similar_pairs(dup.thumbnails(paths), threshold=0.95, block=2)
+    assert [(i, j) for i, j, _ in pairs] == [(2, 4)] and pairs[0][2] > 0.99
