@@ -37,17 +37,31 @@ def thumbnails(paths: list[Path], side: int = 48) -> np.ndarray:
     return x
 
 
-def similar_pairs(z: np.ndarray, threshold: float, block: int = 2000) -> list[tuple[int, int, float]]:
-    """Index pairs (i < j) whose correlation exceeds ``threshold``, most similar first; computed in row
-    blocks so the 12k x 12k matrix is never held at once."""
+Pair = tuple[int, int, float]
+
+
+def scan(z: np.ndarray, threshold: float, block: int = 2000) -> tuple[list[Pair], np.ndarray]:
+    """One pass over all pairs, in row blocks so the 12k x 12k matrix is never held at once: the index pairs
+    (i < j) whose correlation exceeds ``threshold``, most similar first, and each image's highest
+    correlation with any other image (how close different films come at this scale)."""
     found = []
+    nearest = np.empty(len(z), np.float32)
+    cols = np.arange(len(z))
     for start in range(0, len(z), block):
         c = z[start : start + block] @ z.T
-        rows = np.arange(c.shape[0])
-        c[rows[:, None] + start >= np.arange(len(z))[None, :]] = -1.0  # each pair once, no self-pairs
-        for i, j in np.argwhere(c > threshold):
+        rows = np.arange(c.shape[0]) + start
+        c[rows - start, rows] = -1.0  # no self-pairs
+        nearest[rows] = c.max(axis=1)
+        upper = c > threshold
+        upper &= rows[:, None] < cols[None, :]  # each pair once
+        for i, j in np.argwhere(upper):
             found.append((start + int(i), int(j), float(c[i, j])))
-    return sorted(found, key=lambda t: -t[2])
+    return sorted(found, key=lambda t: -t[2]), nearest
+
+
+def similar_pairs(z: np.ndarray, threshold: float, block: int = 2000) -> list[Pair]:
+    """The pairs of ``scan`` alone."""
+    return scan(z, threshold, block)[0]
 
 
 def main() -> None:
@@ -62,7 +76,7 @@ def main() -> None:
     held_ids = pd.read_csv(args.sample / "labels.csv", dtype={"id": str})["id"].tolist()
     held = set(held_ids)
     z = thumbnails([args.data / "images" / f"{i}.jpg" for i in labels["id"]])
-    pairs = similar_pairs(z, args.report_above)
+    pairs, best = scan(z, args.report_above)
     rows = [
         {
             "id_a": labels["id"].iat[i],
@@ -79,12 +93,6 @@ def main() -> None:
     native = thumbnails([args.sample / "images" / f"{i}.png" for i in held_ids])
     copy = thumbnails([args.data / "images" / f"{i}.jpg" for i in held_ids])
     own = (native * copy).sum(axis=1)
-    # the most similar partner of every image: how close different films come at this scale
-    best = np.full(len(z), -1.0, np.float32)
-    for start in range(0, len(z), 2000):
-        c = z[start : start + 2000] @ z.T
-        c[np.arange(c.shape[0]), np.arange(c.shape[0]) + start] = -1.0
-        best[start : start + 2000] = c.max(axis=1)
     result = {
         "images": len(z),
         "pairs_above": {str(t): sum(r["correlation"] > t for r in rows) for t in (0.95, 0.97, 0.99, 0.995)},
