@@ -2,5 +2,5 @@
 
 from boneage.errors import BoneAgeInputError
 
-__version__ = "0.10.0"
+__version__ = "0.12.0"
 __all__ = ["BoneAgeInputError", "__version__"]
