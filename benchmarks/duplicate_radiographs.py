@@ -59,11 +59,6 @@ def scan(z: np.ndarray, threshold: float, block: int = 2000) -> tuple[list[Pair]
     return sorted(found, key=lambda t: -t[2]), nearest
 
 
-def similar_pairs(z: np.ndarray, threshold: float, block: int = 2000) -> list[Pair]:
-    """The pairs of ``scan`` alone."""
-    return scan(z, threshold, block)[0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/rsna-bone-age-299"))
