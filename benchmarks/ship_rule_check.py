@@ -9,8 +9,9 @@ the record. The bar is the incumbent's figure measured the same way
 (``docs/results/ensemble/ensemble.json`` for v0.6), written in the candidate's config (``ship.bar``, with
 ``ship.checkpoint``) before it trained; ``--bar`` may repeat it, never change it.
 Per-image predictions go to ``preds_val_split.csv`` beside the JSON, so the candidate can be compared with
-the incumbent image by image (a paired difference). ``--record-only`` scores a model that has no ship rule
-(a stage that only gates a line, or an old bundle) the same way, and takes no decision.
+the incumbent image by image (a paired difference); a rule with ``ship.paired_with`` applies that
+difference itself (``boneage.bundle.paired_with_incumbent``). ``--record-only`` scores a model that has no
+ship rule (a stage that only gates a line, or an old bundle) the same way, and takes no decision.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main() -> None:
     decision = (
         {"mae": round(mae, 3), "ship": None, "decision": "none: recorded only"}
         if args.record_only
-        else ship_decision(cfg, args.model, mae, args.bar)
+        else ship_decision(cfg, args.model, mae, args.bar, predictions=rep.predictions)
     )
     result = {
         "model": str(args.model),

@@ -250,14 +250,60 @@ def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> flo
     return rule.bar if rule.bar is not None else float(bar)  # type: ignore[arg-type]
 
 
-def ship_decision(cfg: RunConfig, model: str | Path, mae: float, bar: float | None = None) -> dict[str, Any]:
-    """The ship rule applied to the candidate's measured MAE (see ``ship_bar``)."""
+def ship_decision(
+    cfg: RunConfig,
+    model: str | Path,
+    mae: float,
+    bar: float | None = None,
+    predictions: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """The ship rule applied to the candidate's measured MAE (see ``ship_bar``) and, when the rule names an
+    incumbent's per-image predictions (``ship.paired_with``), to the paired difference on the same ids."""
     chosen = ship_bar(cfg, model, bar)
-    return {
+    decision: dict[str, Any] = {
         "mae": round(float(mae), 3),
         "bar": chosen,
         "checkpoint": cfg.ship.checkpoint,
         "ship": bool(mae <= chosen),
+    }
+    if cfg.ship.paired_with is not None:
+        paired = paired_with_incumbent(cfg, model, predictions)
+        decision["paired"] = paired
+        decision["ship"] = decision["ship"] and paired["pass"]
+    return decision
+
+
+def paired_with_incumbent(
+    cfg: RunConfig, model: str | Path, predictions: pd.DataFrame | None
+) -> dict[str, Any]:
+    """|error|(candidate) − |error|(incumbent) per image, its mean and standard error, and whether the mean is
+    at most ``-ship.paired_se`` standard errors. Both must cover exactly the same ids: a paired difference
+    over another split would compare different images."""
+    source = Path(cfg.ship.paired_with).expanduser()  # type: ignore[arg-type]
+    if predictions is None:
+        raise BoneAgeInputError(
+            "the ship rule is paired, so it needs the candidate's per-image predictions", model
+        )
+    if not source.is_file():
+        raise BoneAgeInputError(
+            "the incumbent's per-image predictions (ship.paired_with) are missing", source
+        )
+    incumbent = pd.read_csv(source).set_index("id")["error"].abs()
+    candidate = predictions.set_index("id")["error"].abs()
+    if set(incumbent.index) != set(candidate.index):
+        raise BoneAgeInputError(
+            f"the incumbent's ids differ from the candidate's ({len(incumbent)} vs {len(candidate)})", source
+        )
+    d = (candidate - incumbent.reindex(candidate.index)).to_numpy(float)
+    diff = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {
+        "incumbent": str(cfg.ship.paired_with),
+        "n": len(d),
+        "diff_candidate_minus_incumbent": round(diff, 3),
+        "diff_se": round(se, 3),
+        "needs_at_most": round(-cfg.ship.paired_se * se, 3),
+        "pass": bool(diff <= -cfg.ship.paired_se * se),
     }
 
 
