@@ -279,7 +279,7 @@ def paired_with_incumbent(
     """|error|(candidate) − |error|(incumbent) per image, its mean and standard error, and whether the mean is
     at most ``-ship.paired_se`` standard errors. Both must cover exactly the same ids: a paired difference
     over another split would compare different images."""
-    source = Path(cfg.ship.paired_with).expanduser()  # type: ignore[arg-type]
+    source = Path(str(cfg.ship.paired_with)).expanduser()
     if predictions is None:
         raise BoneAgeInputError(
             "the ship rule is paired, so it needs the candidate's per-image predictions", model

@@ -205,7 +205,7 @@ class ShipConfig(Section):
 
     bar: float | None = Field(None, gt=0)
     checkpoint: Literal["last", "best", "soup"] = "best"
-    paired_with: Path | None = None
+    paired_with: str | None = None
     paired_se: float = Field(1.0, ge=0)
 
 
