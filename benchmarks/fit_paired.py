@@ -52,7 +52,11 @@ def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
     diff, se = mean_and_se(d)
     slope = np.polyfit(pad, d, 1)[0]
     q = np.quantile(pad, [1 / 3, 2 / 3])
-    thirds = [pad <= q[0], (pad > q[0]) & (pad <= q[1]), pad > q[1]]
+    by_third = []
+    for m in (pad <= q[0], (pad > q[0]) & (pad <= q[1]), pad > q[1]):
+        third_diff, third_se = mean_and_se(d[m])
+        by_third.append({"padding_mean": round(float(pad[m].mean()), 3), "n": int(m.sum()),
+                         "diff": round(third_diff, 3), "se": round(third_se, 3)})
     return {
         "n": n,
         "mae_pad": round(float(arm["pad"].mean()), 3),
@@ -61,12 +65,7 @@ def paired(abs_err: dict[str, pd.Series], pad: np.ndarray) -> dict:
         "diff_se": round(se, 3),
         "diff_per_10pct_padding": round(float(slope * 0.1), 3),
         "corr_diff_padding": round(float(np.corrcoef(pad, d)[0, 1]), 3),
-        "diff_by_padding_third": [
-            {"padding_mean": round(float(pad[m].mean()), 3), "n": int(m.sum()),
-             "diff": round(third[0], 3), "se": round(third[1], 3)}
-            for m in thirds
-            for third in [mean_and_se(d[m])]
-        ],
+        "diff_by_padding_third": by_third,
     }
 
 

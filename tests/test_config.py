@@ -343,8 +343,9 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
     rule = {"bar": 5.0, "checkpoint": "last", "paired_with": str(tmp_path / "preds_val_split.csv")}
     cfg = config_from_dict({"ship": rule})
     assert cfg.ship.paired_se == 1.0  # one standard error unless the config says otherwise
-    # better on every image by a varying amount: a resolved win ships
-    better = pd.DataFrame({"id": ids, "error": [4.0 + (i % 3) * 0.2 for i in ids]})
+    # better on every image by a varying amount: a resolved win ships (ids as strings, as evaluate() gives
+    # them, against the numbers pandas would read from the CSV)
+    better = pd.DataFrame({"id": [str(i) for i in ids], "error": [4.0 + (i % 3) * 0.2 for i in ids]})
     decision = ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better)
     assert decision["ship"] is True and decision["paired"]["n"] == 100
     assert decision["paired"]["diff_candidate_minus_incumbent"] == pytest.approx(-0.8, abs=0.01)

@@ -288,8 +288,8 @@ def paired_with_incumbent(
         raise BoneAgeInputError(
             "the incumbent's per-image predictions (ship.paired_with) are missing", source
         )
-    incumbent = pd.read_csv(source).set_index("id")["error"].abs()
-    candidate = predictions.set_index("id")["error"].abs()
+    incumbent = pd.read_csv(source, dtype={"id": str}).set_index("id")["error"].abs()
+    candidate = predictions.set_index(predictions["id"].astype(str))["error"].abs()  # ids are strings
     if set(incumbent.index) != set(candidate.index):
         raise BoneAgeInputError(
             f"the incumbent's ids differ from the candidate's ({len(incumbent)} vs {len(candidate)})", source
