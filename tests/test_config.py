@@ -335,7 +335,7 @@ def test_ship_rule_is_read_checked_and_applied() -> None:
 def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) -> None:
     import pandas as pd
 
-    from boneage.bundle import ship_decision
+    from boneage.bundle import ship_bar, ship_decision
 
     ids = list(range(100))
     incumbent = pd.DataFrame({"id": ids, "error": [5.0 if i % 2 else -5.0 for i in ids]})
@@ -361,3 +361,7 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
         ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better.iloc[:50])
     with pytest.raises(BoneAgeInputError, match="per-image predictions"):
         ship_decision(cfg, "run/last.ckpt", 4.2)
+    # a missing incumbent file fails in the cheap check, before minutes of scoring
+    gone = config_from_dict({"ship": {**rule, "paired_with": str(tmp_path / "nowhere.csv")}})
+    with pytest.raises(BoneAgeInputError, match="paired_with"):
+        ship_bar(gone, "run/last.ckpt")

@@ -244,6 +244,8 @@ def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> flo
         raise BoneAgeInputError("no ship bar: the config's ship.bar is unset and none was given", model)
     if rule.bar is not None and bar is not None and abs(bar - rule.bar) > 1e-9:
         raise BoneAgeInputError(f"bar {bar} differs from the config's ship.bar {rule.bar}", model)
+    if rule.paired_with is not None and not Path(rule.paired_with).expanduser().is_file():
+        raise BoneAgeInputError("the incumbent's per-image predictions (ship.paired_with) are missing", model)
     name = Path(model).name
     if name.endswith(".ckpt") and name != f"{rule.checkpoint}.ckpt":
         raise BoneAgeInputError(f"the config's ship rule offers {rule.checkpoint}.ckpt, not {name}", model)
@@ -283,10 +285,6 @@ def paired_with_incumbent(
     if predictions is None:
         raise BoneAgeInputError(
             "the ship rule is paired, so it needs the candidate's per-image predictions", model
-        )
-    if not source.is_file():
-        raise BoneAgeInputError(
-            "the incumbent's per-image predictions (ship.paired_with) are missing", source
         )
     incumbent = pd.read_csv(source, dtype={"id": str}).set_index("id")["error"].abs()
     candidate = predictions.set_index(predictions["id"].astype(str))["error"].abs()  # ids are strings
