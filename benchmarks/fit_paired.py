@@ -22,17 +22,12 @@ import numpy as np
 import pandas as pd
 from crop_geometry import boxes, padding  # a sibling script: the same crop boxes as the geometry figures
 
+from boneage.evaluation import mean_and_se  # the paired arithmetic the ship rule uses
+
 
 def padding_share(paths: pd.Series) -> np.ndarray:
     """Share of a square letterboxed input that is padding, from the crop box of each 299 px copy."""
     return padding(boxes(list(paths)))
-
-
-def mean_and_se(d: np.ndarray) -> tuple[float, float]:
-    """Mean of per-image paired differences and its standard error over images, unrounded: the one
-    arithmetic every paired benchmark here reports (each rounds as its committed results were written)."""
-    d = np.asarray(d, dtype=np.float64)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def abs_errors(predictor, table: pd.DataFrame, cache_dir: str | None) -> pd.Series:

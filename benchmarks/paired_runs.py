@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from fit_paired import abs_errors, mean_and_se  # a sibling script: the same scoring and arithmetic
+from fit_paired import abs_errors  # a sibling script: the same scoring
+
+from boneage.evaluation import mean_and_se  # the same paired arithmetic as the ship rule
 
 
 def difference(a: pd.Series, b: pd.Series) -> dict:

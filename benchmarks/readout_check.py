@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fit_paired import mean_and_se  # a sibling script: the same paired arithmetic
+
+from boneage.evaluation import mean_and_se  # the same paired arithmetic as the ship rule
 
 
 def median_months(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:

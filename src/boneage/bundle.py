@@ -25,7 +25,7 @@ import yaml
 from boneage import __version__
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
-from boneage.evaluation import evaluate
+from boneage.evaluation import evaluate, mean_and_se
 from boneage.inference import AVERAGE_RECORDS, Predictor, export_bundle_onnx
 from boneage.io import read_radiograph
 from boneage.labels import read_labels
@@ -293,8 +293,7 @@ def paired_with_incumbent(
             f"the incumbent's ids differ from the candidate's ({len(incumbent)} vs {len(candidate)})", source
         )
     d = (candidate - incumbent.reindex(candidate.index)).to_numpy(float)
-    diff = float(d.mean())
-    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    diff, se = mean_and_se(d)
     return {
         "incumbent": str(cfg.ship.paired_with),
         "n": len(d),

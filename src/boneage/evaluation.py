@@ -143,3 +143,10 @@ def plot_predictions(preds: pd.DataFrame, out_dir: str | Path, title: str = "") 
     bland = out / "bland_altman.png"
     fig.savefig(bland, bbox_inches="tight")
     return [scatter, bland]
+
+
+def mean_and_se(d: np.ndarray) -> tuple[float, float]:
+    """Mean of per-image paired differences and its standard error over images, unrounded: the one
+    arithmetic every paired comparison here uses (a ship rule, and each benchmark's committed results)."""
+    d = np.asarray(d, dtype=np.float64)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
