@@ -18,22 +18,18 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
 from paired_runs import difference  # a sibling script: the same paired arithmetic
 
-
-def read_predictions(csv: Path, column: str = "predicted") -> pd.DataFrame:
-    """``boneage`` and the prediction ``column`` (as ``predicted``) by id (a refused image has none)."""
-    t = pd.read_csv(csv, dtype={"id": str})
-    missing = {"id", "boneage", column} - set(t.columns)
-    if missing:
-        raise SystemExit(f"error: {csv}: no {', '.join(sorted(missing))} column")
-    return t.set_index("id")[["boneage", column]].rename(columns={column: "predicted"})
+from boneage.errors import BoneAgeInputError
+from boneage.evaluation import read_predictions  # the reader the ship rule uses
 
 
 def compare(a: Path, b: Path, column_a: str = "predicted", column_b: str = "predicted") -> dict:
     """The paired difference B - A over ids both answered; the files must agree on every shared reference."""
-    ta, tb = read_predictions(a, column_a), read_predictions(b, column_b)
+    try:
+        ta, tb = read_predictions(a, column_a), read_predictions(b, column_b)
+    except BoneAgeInputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     common = ta.index.intersection(tb.index)
     if not (ta.loc[common, "boneage"] == tb.loc[common, "boneage"]).all():
         raise SystemExit(f"error: {a} and {b} disagree on reference ages: not the same images")

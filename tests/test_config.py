@@ -338,19 +338,24 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
     from boneage.bundle import ship_bar, ship_decision
 
     ids = list(range(100))
-    incumbent = pd.DataFrame({"id": ids, "error": [5.0 if i % 2 else -5.0 for i in ids]})
+    ref = [100.0] * len(ids)
+    incumbent = pd.DataFrame(
+        {"id": ids, "boneage": ref, "predicted": [105.0 if i % 2 else 95.0 for i in ids]}
+    )
     incumbent.to_csv(tmp_path / "preds_val_split.csv", index=False)
     rule = {"bar": 5.0, "checkpoint": "last", "paired_with": str(tmp_path / "preds_val_split.csv")}
     cfg = config_from_dict({"ship": rule})
     assert cfg.ship.paired_se == 1.0  # one standard error unless the config says otherwise
     # better on every image by a varying amount: a resolved win ships (ids as strings, as evaluate() gives
     # them, against the numbers pandas would read from the CSV)
-    better = pd.DataFrame({"id": [str(i) for i in ids], "error": [4.0 + (i % 3) * 0.2 for i in ids]})
+    better = pd.DataFrame(
+        {"id": [str(i) for i in ids], "boneage": ref, "predicted": [104.0 + (i % 3) * 0.2 for i in ids]}
+    )
     decision = ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better)
     assert decision["ship"] is True and decision["paired"]["n"] == 100
     assert decision["paired"]["diff_candidate_minus_incumbent"] == pytest.approx(-0.8, abs=0.01)
     # half the images 2.1 better, half 1.9 worse: under the bar, yet a tie the 100 images cannot resolve
-    noisy = pd.DataFrame({"id": ids, "error": [2.9 if i < 50 else -6.9 for i in ids]})
+    noisy = pd.DataFrame({"id": ids, "boneage": ref, "predicted": [102.9 if i < 50 else 93.1 for i in ids]})
     tie = ship_decision(cfg, "run/last.ckpt", 4.9, predictions=noisy)
     assert tie["paired"]["diff_candidate_minus_incumbent"] == pytest.approx(-0.1)
     assert tie["paired"]["diff_se"] == pytest.approx(0.2, abs=0.01)
@@ -359,6 +364,8 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
     assert ship_decision(cfg, "run/last.ckpt", 5.1, predictions=better)["ship"] is False
     with pytest.raises(BoneAgeInputError, match="ids differ"):
         ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better.iloc[:50])
+    with pytest.raises(BoneAgeInputError, match="reference ages differ"):  # same ids, other images
+        ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better.assign(boneage=better["boneage"] + 12))
     with pytest.raises(BoneAgeInputError, match="per-image predictions"):
         ship_decision(cfg, "run/last.ckpt", 4.2)
     # a missing incumbent file fails in the cheap check, before minutes of scoring

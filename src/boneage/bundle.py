@@ -25,7 +25,7 @@ import yaml
 from boneage import __version__
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
-from boneage.evaluation import evaluate, mean_and_se
+from boneage.evaluation import evaluate, mean_and_se, read_predictions
 from boneage.inference import AVERAGE_RECORDS, Predictor, export_bundle_onnx
 from boneage.io import read_radiograph
 from boneage.labels import read_labels
@@ -286,13 +286,17 @@ def paired_with_incumbent(
         raise BoneAgeInputError(
             "the ship rule is paired, so it needs the candidate's per-image predictions", model
         )
-    incumbent = pd.read_csv(source, dtype={"id": str}).set_index("id")["error"].abs()
-    candidate = predictions.set_index(predictions["id"].astype(str))["error"].abs()  # ids are strings
+    incumbent = read_predictions(source)
+    candidate = predictions.set_index(predictions["id"].astype(str))  # ids are strings, as the reader's
     if set(incumbent.index) != set(candidate.index):
         raise BoneAgeInputError(
             f"the incumbent's ids differ from the candidate's ({len(incumbent)} vs {len(candidate)})", source
         )
-    d = (candidate - incumbent.reindex(candidate.index)).to_numpy(float)
+    incumbent = incumbent.reindex(candidate.index)
+    if not np.allclose(incumbent["boneage"], candidate["boneage"]):
+        raise BoneAgeInputError("the incumbent's reference ages differ from the candidate's labels", source)
+    errors = [(t["predicted"] - t["boneage"]).abs() for t in (candidate, incumbent)]
+    d = (errors[0] - errors[1]).to_numpy(float)
     diff, se = mean_and_se(d)
     return {
         "incumbent": str(cfg.ship.paired_with),

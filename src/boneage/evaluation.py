@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.cache import cached_images
+from boneage.errors import BoneAgeInputError
 from boneage.inference import Predictor
 from boneage.labels import read_labels
 
@@ -150,3 +151,14 @@ def mean_and_se(d: np.ndarray) -> tuple[float, float]:
     arithmetic every paired comparison here uses (a ship rule, and each benchmark's committed results)."""
     d = np.asarray(d, dtype=np.float64)
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def read_predictions(csv: str | Path, column: str = "predicted") -> pd.DataFrame:
+    """``boneage`` and the prediction ``column`` (as ``predicted``) by string id from any per-image CSV
+    written here (``evaluate --out``, a ship check, a bundle report): the one reader of every paired
+    comparison, so ids read as numbers in one file and as strings in the other cannot silently miss."""
+    t = pd.read_csv(csv, dtype={"id": str})
+    missing = {"id", "boneage", column} - set(t.columns)
+    if missing:
+        raise BoneAgeInputError(f"no {', '.join(sorted(missing))} column", csv)
+    return t.set_index("id")[["boneage", column]].rename(columns={column: "predicted"})
