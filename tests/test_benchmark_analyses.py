@@ -57,7 +57,7 @@ def test_crop_geometry_measures_a_known_box(tmp_path: Path) -> None:
     img[40:280, 90:210] = 200  # a bright 240 x 120 "hand"
     path = tmp_path / "1.jpg"
     Image.fromarray(img).save(path)
-    (h, w), = geo.boxes([path])
+    ((h, w),) = geo.boxes([path])
     # hand_box adds a 4% margin on each side
     assert 240 <= h <= 240 + 2 * 0.04 * 299 + 2 and 120 <= w <= 120 + 2 * 0.04 * 299 + 2
     s = geo.summary(np.array([[240.0, 120.0], [200.0, 200.0]]))
@@ -202,3 +202,31 @@ def test_duplicate_radiographs_finds_a_reencoded_copy_and_nothing_else(tmp_path:
     pairs, nearest = dup.scan(dup.thumbnails(paths), threshold=0.95, block=2)  # self-pairs excluded
     assert [(i, j) for i, j, _ in pairs] == [(2, 4)] and pairs[0][2] > 0.99
     assert nearest[[2, 4]].tolist() == pytest.approx([pairs[0][2]] * 2) and (nearest[[0, 1, 3]] < 0.95).all()
+
+
+def test_shared_error_separates_a_shared_error_from_each_model_s_own(tmp_path: Path) -> None:
+    """benchmarks/shared_error.py: errors +2/-2 that cancel in the mean, then one every model shares."""
+    se = _load("shared_error")
+    ids = ["1", "2", "3", "4"]
+    ref = [100.0, 120.0, 140.0, 160.0]
+    own = {"a": [2, -2, 2, -2], "b": [-2, 2, -2, 2]}
+    files = []
+    for name, e in own.items():
+        f = tmp_path / f"{name}.csv"
+        pd.DataFrame({"id": ids, "boneage": ref, "predicted": np.add(ref, e)}).to_csv(f, index=False)
+        files.append(f)
+    out = se.shared_error(files)
+    assert (
+        out["n_images"] == 4
+        and out["mae_of_mean"] == 0.0
+        and out["error_correlation_min_max"] == [-1.0, -1.0]
+    )
+    assert out["mean_spread_across_models_sd"] == pytest.approx(2.828, abs=1e-3)  # sd of {+2, -2}
+    shared = tmp_path / "shared.csv"
+    pd.DataFrame({"id": ids, "boneage": ref, "predicted": np.add(ref, 5.0)}).to_csv(shared, index=False)
+    out = se.shared_error([shared, shared])
+    assert out["mae_of_mean"] == 5.0 and out["mean_spread_across_models_sd"] == 0.0
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"id": ids, "boneage": [0.0] * 4, "predicted": ref}).to_csv(other, index=False)
+    with pytest.raises(SystemExit, match="disagree"):
+        se.shared_error([shared, other])
