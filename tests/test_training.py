@@ -18,7 +18,7 @@ from boneage.cache import ShardCache, auto_cache_path
 from boneage.config import config_from_dict
 from boneage.errors import BoneAgeInputError
 from boneage.labels import read_labels
-from boneage.training import lr_lambda, train
+from boneage.training import lr_lambda, parent_seed, train
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -246,3 +246,20 @@ def test_label_distribution_run_trains_and_predicts(
     image = sorted((shared_sample / "images").glob("*.png"))[0]
     pred = predictor.predict(image, "female")
     assert 0 < pred.bone_age_months < 240
+
+
+def test_a_cycle_from_its_parent_with_the_parent_s_seed_is_warned(tmp_path: Path, caplog) -> None:
+    """Same seed as the parent's checkpoint: the first epoch would replay the parent's augmented views."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"train": {"seed": 42}}}, ckpt)
+    with caplog.at_level("WARNING", logger="boneage.training"):
+        assert parent_seed(str(ckpt), 42) == 42
+    assert "replays" in caplog.text and "train.seed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="boneage.training"):
+        assert parent_seed(str(ckpt), 7) == 42  # a new seed: recorded, no warning
+    assert caplog.text == ""
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # no training record: nothing to compare
+    assert parent_seed(str(tmp_path / "foreign.ckpt"), 42) is None
+    for other in ("imagenet", "none", None, str(tmp_path / "model.safetensors"), str(tmp_path / "gone.ckpt")):
+        assert parent_seed(other, 42) is None

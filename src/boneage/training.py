@@ -471,6 +471,7 @@ def train(
     )
     last = run / "last.ckpt"
     resume = str(last) if cfg.train.resume and last.is_file() else None
+    parent = parent_seed(cfg.model.pretrained, cfg.train.seed)
     previous = run.summary if resume else {}
     # a session killed outright (SIGKILL at its time limit) never writes summary.json; metrics.csv still
     # holds the training time up to its last finished epoch, so the total counts it either way
@@ -500,7 +501,10 @@ def train(
             "holdout_images": len(dm.holdout_set) if dm.holdout_set is not None else 0,
             "fit_seconds": fit_seconds,
             "total_fit_seconds": round(before + fit_seconds, 1),
-            "init": module.model.init_report,
+            "init": {
+                **module.model.init_report,
+                **({"parent_train_seed": parent} if parent is not None else {}),
+            },
             "phases": module.phase_log,
         }
         if trainer.is_global_zero:
@@ -520,6 +524,32 @@ def train(
         raise
     status = "interrupted" if trainer.interrupted or trainer.current_epoch < cfg.train.epochs else "finished"
     return record()
+
+
+def parent_seed(pretrained: str | None, seed: int) -> int | None:
+    """The ``train.seed`` of the run whose Lightning checkpoint ``pretrained`` names (None for ImageNet, a
+    bundle or a foreign file), with a warning when it equals ``seed``. Why: training here is deterministic,
+    so a cycle started from its parent's checkpoint with the parent's seed draws the parent's first-epoch
+    order and augmentation again, views the weights partly memorised: v0.13's last weights scored 5.89
+    months on the first quarter of that stream and 6.33 on seed 7's (``configs/experiments/replay-check-*``),
+    so the new cycle's training MAE falls at once without the model generalising better."""
+    init = str(pretrained or "").strip()
+    path = Path(init).expanduser()
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        found = int(blob["hyper_parameters"]["train"]["seed"])
+    except Exception:  # not one of this project's checkpoints: nothing to compare
+        return None
+    if found == seed:
+        log.warning(
+            "model.pretrained=%s was trained with train.seed=%d, this run's seed: its first epoch replays "
+            "the parent's order and augmentation draws; set a train.seed the parent did not use",
+            init,
+            seed,
+        )
+    return found
 
 
 def _device_settings(cfg: Config) -> tuple[str, str]:
