@@ -155,8 +155,8 @@ def mean_and_se(d: np.ndarray) -> tuple[float, float]:
 
 def read_predictions(csv: str | Path, column: str = "predicted") -> pd.DataFrame:
     """``boneage`` and the prediction ``column`` (as ``predicted``) by string id from any per-image CSV
-    written here (``evaluate --out``, a ship check, a bundle report): the one reader of every paired
-    comparison, so ids read as numbers in one file and as strings in the other cannot silently miss."""
+    written here (``evaluate --out``, a ship check, a bundle report), shared by the paired ship rule and the
+    benchmarks that pair such files, so ids read as numbers in one and as strings in another cannot miss."""
     t = pd.read_csv(csv, dtype={"id": str})
     missing = {"id", "boneage", column} - set(t.columns)
     if missing:

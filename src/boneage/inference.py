@@ -271,8 +271,9 @@ class Predictor(BasePredictor):
 def _activation_grad(act: torch.nn.Module, pre: torch.Tensor) -> torch.Tensor | None:
     """d act(x) / dx at ``pre`` for the activations EfficientNet-style heads use (autograd's convention:
     ReLU's gradient is 0 at 0, ReLU6's is 0 at 0 and 6); None for any other activation."""
-    if isinstance(act, torch.nn.ReLU6) or (isinstance(act, torch.nn.Hardtanh) and (act.min_val, act.max_val)
-                                            == (0.0, 6.0)):
+    if isinstance(act, torch.nn.ReLU6) or (
+        isinstance(act, torch.nn.Hardtanh) and (act.min_val, act.max_val) == (0.0, 6.0)
+    ):
         return ((pre > 0) & (pre < 6)).to(pre.dtype)
     if isinstance(act, torch.nn.ReLU):
         return (pre > 0).to(pre.dtype)

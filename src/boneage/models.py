@@ -360,9 +360,7 @@ def average_state_dicts(
     return out
 
 
-def reestimate_batchnorm(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> int:
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Replace every BatchNorm layer's running statistics by the plain average over ``batches`` of (image,
     male) inputs, weights untouched: a weight average's statistics are not the average of its ingredients'
     (SWA's ``update_bn``, for a network with two inputs). Dropout stays off. Returns the images seen."""

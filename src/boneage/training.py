@@ -471,7 +471,7 @@ def train(
     )
     last = run / "last.ckpt"
     resume = str(last) if cfg.train.resume and last.is_file() else None
-    parent = parent_seed(cfg.model.pretrained, cfg.train.seed)
+    parent = parent_seed(cfg.model.pretrained, cfg.train.seed) if rank0 else None  # DDP: warn once
     previous = run.summary if resume else {}
     # a session killed outright (SIGKILL at its time limit) never writes summary.json; metrics.csv still
     # holds the training time up to its last finished epoch, so the total counts it either way

@@ -258,8 +258,11 @@ class _Service:
                 self.load_error = None
                 if not self.predictor.thread_safe:
                     self._model_lock = threading.Lock()
-                log.info("model loaded (%s engine): %s", type(self.predictor).__name__,
-                         _public_facts(self.predictor.info))
+                log.info(
+                    "model loaded (%s engine): %s",
+                    type(self.predictor).__name__,
+                    _public_facts(self.predictor.info),
+                )
             return self.predictor
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
@@ -278,8 +281,9 @@ class _Service:
         except BoneAgeInputError as exc:
             raise HTTPException(503, f"model not available: {_one_line(exc.problem)}") from None
 
-    def assess(self, predictor: BasePredictor, data: bytes, label: str, sex: str | None, age: str | None
-               ) -> dict[str, Any]:
+    def assess(
+        self, predictor: BasePredictor, data: bytes, label: str, sex: str | None, age: str | None
+    ) -> dict[str, Any]:
         """Decode, predict (under the model lock for the torch engine), then draw the SD chart."""
         radiograph = read_radiograph(data, name=label)
         if sex is None and radiograph.sex is None:

