@@ -472,6 +472,8 @@ def train(
     last = run / "last.ckpt"
     resume = str(last) if cfg.train.resume and last.is_file() else None
     parent = parent_seed(cfg.model.pretrained, cfg.train.seed) if rank0 else None  # DDP: warn once
+    if parent is not None:
+        module.model.init_report["parent_train_seed"] = parent
     previous = run.summary if resume else {}
     # a session killed outright (SIGKILL at its time limit) never writes summary.json; metrics.csv still
     # holds the training time up to its last finished epoch, so the total counts it either way
@@ -501,10 +503,7 @@ def train(
             "holdout_images": len(dm.holdout_set) if dm.holdout_set is not None else 0,
             "fit_seconds": fit_seconds,
             "total_fit_seconds": round(before + fit_seconds, 1),
-            "init": {
-                **module.model.init_report,
-                **({"parent_train_seed": parent} if parent is not None else {}),
-            },
+            "init": module.model.init_report,
             "phases": module.phase_log,
         }
         if trainer.is_global_zero:
