@@ -21,19 +21,17 @@ from pathlib import Path
 from paired_runs import difference  # a sibling script: the same paired arithmetic
 
 from boneage.errors import BoneAgeInputError
-from boneage.evaluation import read_predictions  # the reader the ship rule uses
+from boneage.evaluation import align_predictions, read_predictions  # the ship rule's reader and check
 
 
 def compare(a: Path, b: Path, column_a: str = "predicted", column_b: str = "predicted") -> dict:
     """The paired difference B - A over ids both answered; the files must agree on every shared reference."""
     try:
         ta, tb = read_predictions(a, column_a), read_predictions(b, column_b)
+        ref, preds = align_predictions([(str(a), ta), (str(b), tb)])
     except BoneAgeInputError as exc:
         raise SystemExit(f"error: {exc}") from None
-    common = ta.index.intersection(tb.index)
-    if not (ta.loc[common, "boneage"] == tb.loc[common, "boneage"]).all():
-        raise SystemExit(f"error: {a} and {b} disagree on reference ages: not the same images")
-    errors = [(t["predicted"] - t["boneage"]).abs().dropna() for t in (ta, tb)]
+    errors = [preds[k].sub(ref).abs().dropna() for k in (0, 1)]
     names = {"a": str(a) if column_a == "predicted" else f"{a}:{column_a}"}
     names["b"] = str(b) if column_b == "predicted" else f"{b}:{column_b}"
     return {**names, **difference(*errors)}

@@ -18,20 +18,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from boneage.evaluation import read_predictions
+from boneage.errors import BoneAgeInputError
+from boneage.evaluation import align_predictions, read_predictions
 
 
 def shared_error(files: list[Path]) -> dict:
     """Per-model MAE, the mean's and the median's, the per-image spread (SD across models) and the error
     correlation's range, over the ids every file answered with the same reference age."""
-    tables = [read_predictions(f) for f in files]
-    ref = tables[0]["boneage"]
-    for f, t in zip(files, tables, strict=True):
-        if not np.allclose(t["boneage"].reindex(ref.index), ref, equal_nan=True):
-            raise SystemExit(f"error: {f} and {files[0]} disagree on reference ages: not the same images")
-    preds = pd.concat([t["predicted"].reindex(ref.index) for t in tables], axis=1, keys=range(len(files)))
+    try:
+        ref, preds = align_predictions([(str(f), read_predictions(f)) for f in files])
+    except BoneAgeInputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     preds = preds.dropna()
     err = preds.sub(ref.reindex(preds.index), axis=0)
     corr = err.corr().to_numpy()

@@ -364,7 +364,7 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
     assert ship_decision(cfg, "run/last.ckpt", 5.1, predictions=better)["ship"] is False
     with pytest.raises(BoneAgeInputError, match="ids differ"):
         ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better.iloc[:50])
-    with pytest.raises(BoneAgeInputError, match="reference ages differ"):  # same ids, other images
+    with pytest.raises(BoneAgeInputError, match="disagree on the reference ages"):  # same ids, other images
         ship_decision(cfg, "run/last.ckpt", 4.2, predictions=better.assign(boneage=better["boneage"] + 12))
     with pytest.raises(BoneAgeInputError, match="per-image predictions"):
         ship_decision(cfg, "run/last.ckpt", 4.2)

@@ -11,7 +11,15 @@ import pytest
 from conftest import make_tiny_predictor
 from PIL import Image
 
-from boneage.evaluation import EvaluationReport, age_band, evaluate, metrics, plot_predictions
+from boneage.errors import BoneAgeInputError
+from boneage.evaluation import (
+    EvaluationReport,
+    age_band,
+    align_predictions,
+    evaluate,
+    metrics,
+    plot_predictions,
+)
 from boneage.labels import read_labels
 
 PRED = np.array([10.0, 36.0, 95.0, 210.0, 120.0])
@@ -94,6 +102,23 @@ def test_plots_of_one_point(tmp_path: Path) -> None:
     preds = pd.DataFrame({"boneage": [100.0], "predicted": [90.0], "male": [True]})
     for path in plot_predictions(preds, tmp_path):
         _is_png(path)
+
+
+def test_prediction_tables_pair_on_shared_ids_and_refuse_other_images() -> None:
+    """The one check behind the paired ship rule and the pairing benchmarks: ids both tables hold, in the
+    first table's order; a shared id with another reference age means other images, so nothing is paired."""
+    a = pd.DataFrame({"boneage": [100.0, 120.0, 140.0], "predicted": [101, 118, 150]}, index=["1", "2", "3"])
+    b = pd.DataFrame({"boneage": [140, 120, 160], "predicted": [141.0, 121.0, 159.0]}, index=["3", "2", "4"])
+    ref, preds = align_predictions([("a.csv", a), ("b.csv", b)])
+    assert ref.index.tolist() == ["2", "3"] and ref.tolist() == [120.0, 140.0]
+    assert preds[0].tolist() == [118, 150] and preds[1].tolist() == [121.0, 141.0]
+    with pytest.raises(BoneAgeInputError, match=r"b.csv: its ids differ from a.csv's \(3 vs 3\)"):
+        align_predictions([("a.csv", a), ("b.csv", b)], same_ids=True)
+    relabelled = b.assign(boneage=[140, 132, 160])  # id 2 carries another age: another image
+    with pytest.raises(BoneAgeInputError, match="c.csv and a.csv disagree on the reference ages of 1 shared"):
+        align_predictions([("a.csv", a), ("c.csv", relabelled)])
+    same, both = align_predictions([("a.csv", a), ("a.csv", a)], same_ids=True)  # a file with itself
+    assert len(same) == 3 and (both[0] == both[1]).all()
 
 
 @pytest.mark.integration

@@ -25,7 +25,7 @@ import yaml
 from boneage import __version__
 from boneage.config import RunConfig, config_from_dict
 from boneage.errors import BoneAgeInputError
-from boneage.evaluation import evaluate, mean_and_se, read_predictions
+from boneage.evaluation import align_predictions, evaluate, mean_and_se, read_predictions
 from boneage.inference import AVERAGE_RECORDS, Predictor, export_bundle_onnx
 from boneage.io import read_radiograph
 from boneage.labels import read_labels
@@ -288,15 +288,9 @@ def paired_with_incumbent(
         )
     incumbent = read_predictions(source)
     candidate = predictions.set_index(predictions["id"].astype(str))  # ids are strings, as the reader's
-    if set(incumbent.index) != set(candidate.index):
-        raise BoneAgeInputError(
-            f"the incumbent's ids differ from the candidate's ({len(incumbent)} vs {len(candidate)})", source
-        )
-    incumbent = incumbent.reindex(candidate.index)
-    if not np.allclose(incumbent["boneage"], candidate["boneage"]):
-        raise BoneAgeInputError("the incumbent's reference ages differ from the candidate's labels", source)
-    errors = [(t["predicted"] - t["boneage"]).abs() for t in (candidate, incumbent)]
-    d = (errors[0] - errors[1]).to_numpy(float)
+    ref, preds = align_predictions([(str(source), incumbent), ("the candidate", candidate)], same_ids=True)
+    errors = preds.sub(ref, axis=0).abs()
+    d = (errors[1] - errors[0]).to_numpy(float)
     diff, se = mean_and_se(d)
     return {
         "incumbent": str(cfg.ship.paired_with),

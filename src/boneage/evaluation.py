@@ -6,6 +6,7 @@ result table can be recomputed from a saved ``preds.csv`` without the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,33 @@ def read_predictions(csv: str | Path, column: str = "predicted") -> pd.DataFrame
     if missing:
         raise BoneAgeInputError(f"no {', '.join(sorted(missing))} column", csv)
     return t.set_index("id")[["boneage", column]].rename(columns={column: "predicted"})
+
+
+def align_predictions(
+    tables: Sequence[tuple[str, pd.DataFrame]], *, same_ids: bool = False
+) -> tuple[pd.Series, pd.DataFrame]:
+    """The reference ages and every table's ``predicted`` column (column k for the k-th table) over the ids
+    all tables share, once each shared id is found to carry the same reference age in every table. Why one
+    check: two files that agree on ids but not on ages hold other images or other labels, and pairing them
+    would compare nothing; the ship rule and every benchmark that pairs files must refuse the same things.
+    ``same_ids`` also refuses tables whose id sets differ (a ship rule pairs exactly one split). Each table
+    comes with a name for messages and is indexed by id with ``boneage`` and ``predicted`` columns, as
+    ``read_predictions`` gives it."""
+    if not tables:
+        raise BoneAgeInputError("no prediction tables to align")
+    name0, first = tables[0]
+    common = first.index
+    for name, t in tables[1:]:
+        if same_ids and set(t.index) != set(first.index):
+            raise BoneAgeInputError(f"its ids differ from {name0}'s ({len(t)} vs {len(first)})", name)
+        common = common.intersection(t.index)
+    ref = first.loc[common, "boneage"].astype(float)
+    for name, t in tables[1:]:
+        same = np.isclose(t.loc[common, "boneage"].to_numpy(float), ref.to_numpy())
+        if not same.all():
+            raise BoneAgeInputError(
+                f"{name} and {name0} disagree on the reference ages of {int((~same).sum())} shared ids: "
+                "not the same images"
+            )
+    preds = pd.concat([t.loc[common, "predicted"] for _, t in tables], axis=1, keys=range(len(tables)))
+    return ref, preds
