@@ -117,6 +117,8 @@ def test_prediction_tables_pair_on_shared_ids_and_refuse_other_images() -> None:
     relabelled = b.assign(boneage=[140, 132, 160])  # id 2 carries another age: another image
     with pytest.raises(BoneAgeInputError, match="c.csv and a.csv disagree on the reference ages of 1 shared"):
         align_predictions([("a.csv", a), ("c.csv", relabelled)])
+    with pytest.raises(BoneAgeInputError, match="twice.csv: id 2 appears more than once"):
+        align_predictions([("a.csv", a), ("twice.csv", pd.concat([b, b.loc[["2"]]]))])
     same, both = align_predictions([("a.csv", a), ("a.csv", a)], same_ids=True)  # a file with itself
     assert len(same) == 3 and (both[0] == both[1]).all()
 

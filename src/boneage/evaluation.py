@@ -177,6 +177,10 @@ def align_predictions(
     ``read_predictions`` gives it."""
     if not tables:
         raise BoneAgeInputError("no prediction tables to align")
+    for name, t in tables:
+        if not t.index.is_unique:  # one id, two rows: a concatenated file; pairing would multiply rows
+            dup = t.index[t.index.duplicated()][0]
+            raise BoneAgeInputError(f"id {dup} appears more than once", name)
     name0, first = tables[0]
     common = first.index
     for name, t in tables[1:]:
