@@ -1,0 +1,118 @@
+"""How a clinic's file reaches the bundled model's input: squash size and input size, inference only.
+
+    .venv/bin/python benchmarks/native_geometry.py --out docs/results/native-geometry
+
+Why: the bundled model squashes a clinic's radiograph to 299 x 299 before cropping the hand, as the training
+copies were made, so the detail a clinic's file has above those copies never reaches the network. This
+scores the same weights with a larger squash (``preprocess.squash_size``) and a larger input
+(``preprocess.size``) on the 1,001 held-out native PNGs, split by id parity into a half that chooses and a
+half that confirms, and on the validation split (299 px copies); the rule is in ``docs/results/native-
+geometry/RULE.md``, fixed before any figure. Every arm runs on the torch engine (the ONNX graph has a fixed
+input size), so arms differ only in the two settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from paired_runs import difference  # a sibling script: the same paired arithmetic
+
+INCUMBENT = (299, 299)
+CANDIDATES = [(384, 299), (512, 299), (299, 352), (384, 352), (512, 352)]
+
+
+def arm_name(arm: tuple[int, int]) -> str:
+    return f"squash{arm[0]}_in{arm[1]}"
+
+
+def abs_errors(preds: pd.DataFrame) -> pd.Series:
+    return (preds["predicted"] - preds["boneage"]).abs().set_axis(preds["id"].astype(str))
+
+
+def halves(ids: pd.Index) -> tuple[pd.Index, pd.Index]:
+    """Half A (even ids) chooses, half B (odd ids) confirms: fixed in the rule before any figure."""
+    even = pd.Index([i for i in ids if int(i) % 2 == 0])
+    return even, ids.difference(even)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path("src/boneage/assets/model.safetensors"))
+    ap.add_argument("--config", type=Path, default=Path("configs/bundled-v0.12.yaml"), help="gives the split")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=Path("~/.cache/boneage/native-geometry").expanduser())
+    args = ap.parse_args()
+
+    from boneage.bundle import holdout_tables, run_split
+    from boneage.config import load_config
+    from boneage.evaluation import evaluate
+    from boneage.inference import Predictor
+    from boneage.preprocess import Preprocess
+
+    cfg = load_config(args.config)
+    val = run_split(cfg)[1]
+    native = holdout_tables(cfg, None)[1]
+    if native is None:
+        raise SystemExit("error: no held-out native PNGs (../shared/data/rsna-bone-age-sample/images)")
+    predictor = Predictor.load(args.model, runtime="torch")
+    base = predictor.spec.preprocess
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    errors: dict[tuple[int, int], dict[str, pd.Series]] = {}
+    seconds: dict[str, float] = {}
+    for arm in [INCUMBENT, *CANDIDATES]:
+        spec = base.model_copy(update={"squash_size": arm[0], "size": arm[1]})
+        predictor.spec.preprocess = spec
+        predictor.preprocess = Preprocess.from_config(spec)
+        errors[arm] = {}
+        for split, table in (("native", native), ("val_split", val)):
+            t0 = time.perf_counter()
+            preds = evaluate(predictor, table, cache_dir=args.cache / split, progress=False).predictions
+            seconds[f"{arm_name(arm)}_{split}"] = round(time.perf_counter() - t0, 1)
+            preds.to_csv(args.out / f"preds_{split}_{arm_name(arm)}.csv", index=False)
+            errors[arm][split] = abs_errors(preds)
+            print(arm_name(arm), split, round(float(errors[arm][split].mean()), 3), flush=True)
+
+    half_a, half_b = halves(errors[INCUMBENT]["native"].index)
+    inc = errors[INCUMBENT]
+    arms = {}
+    for arm in CANDIDATES:
+        e = errors[arm]
+        arms[arm_name(arm)] = {
+            "half_a": difference(inc["native"][half_a], e["native"][half_a]),
+            "half_b": difference(inc["native"][half_b], e["native"][half_b]),
+            "all_native": difference(inc["native"], e["native"]),
+            "val_split": difference(inc["val_split"], e["val_split"]),
+        }
+    chosen = min(CANDIDATES, key=lambda a: float(errors[a]["native"][half_a].mean()))
+    c = arms[arm_name(chosen)]
+    b_ok = c["half_b"]["diff_b_minus_a"] < 0 and c["half_b"]["diff_b_minus_a"] <= -c["half_b"]["diff_se"]
+    v_ok = c["val_split"]["diff_b_minus_a"] <= c["val_split"]["diff_se"]
+    result = {
+        "model": str(args.model),
+        "engine": "torch, 6-view TTA",
+        "incumbent": arm_name(INCUMBENT),
+        "incumbent_mae": {
+            "half_a": round(float(inc["native"][half_a].mean()), 3),
+            "half_b": round(float(inc["native"][half_b].mean()), 3),
+            "all_native": round(float(inc["native"].mean()), 3),
+            "val_split": round(float(inc["val_split"].mean()), 3),
+        },
+        "n": {"half_a": len(half_a), "half_b": len(half_b), "val_split": len(inc["val_split"])},
+        "arms (paired: a = incumbent, b = arm)": arms,
+        "chosen_on_half_a": arm_name(chosen),
+        "half_b_confirms": bool(b_ok),
+        "val_split_not_worse_by_1se": bool(v_ok),
+        "decision": f"ship {arm_name(chosen)} as v0.12.1" if b_ok and v_ok else "v0.12.0 stays as it is",
+        "seconds": seconds,
+    }
+    (args.out / "native_geometry.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("chosen_on_half_a", "half_b_confirms", "decision")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
