@@ -26,6 +26,23 @@ import pandas as pd
 MARGIN_MONTHS = 0.10  # the rule: the ensemble must beat the better member by this much on the split
 
 
+def ensemble_table(by_member: dict[str, pd.DataFrame], split: str) -> pd.DataFrame:
+    """Every member's prediction and their mean on the ids all members answered, sorted by id. The members
+    must agree on each shared id's reference age (``align_predictions``, the ship rule's check): members
+    that answered other images under the same ids would otherwise be averaged silently."""
+    from boneage.evaluation import align_predictions
+
+    names = list(by_member)
+    ref, aligned = align_predictions([(f"{name} ({split})", p) for name, p in by_member.items()])
+    ids = sorted(ref.index)
+    first = by_member[names[0]].loc[ids]
+    table = pd.DataFrame({"id": ids, "boneage": ref.loc[ids].to_numpy(), "male": first["male"]})
+    for k, name in enumerate(names):
+        table[name] = aligned.loc[ids, k].to_numpy(float)
+    table["ensemble"] = table[names].mean(axis=1)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -42,6 +59,7 @@ def main() -> None:
 
     from boneage.bundle import holdout_tables, run_split
     from boneage.config import load_config
+    from boneage.errors import BoneAgeInputError
     from boneage.evaluation import evaluate, metrics
     from boneage.inference import Predictor
 
@@ -70,17 +88,15 @@ def main() -> None:
 
     result: dict[str, object] = {"members": [m[0] for m in args.member], "seconds_per_member": seconds}
     for split, by_member in preds.items():
-        ids = sorted(set.intersection(*(set(p.index) for p in by_member.values())))
-        first = next(iter(by_member.values())).loc[ids]
-        table = pd.DataFrame({"id": ids, "boneage": first["boneage"].to_numpy(), "male": first["male"]})
-        for name, p in by_member.items():
-            table[name] = p.loc[ids, "predicted"].to_numpy(float)
-        names = list(by_member)
-        table["ensemble"] = table[names].mean(axis=1)
+        try:
+            table = ensemble_table(by_member, split)
+        except BoneAgeInputError as exc:
+            raise SystemExit(f"error: {exc}") from None
         table.to_csv(args.out / f"preds_{split}.csv", index=False)
+        names = list(by_member)
         ref, male = table["boneage"].to_numpy(float), table["male"].to_numpy(bool)
         result[split] = {
-            "n": len(ids),
+            "n": len(table),
             **{name: round(float(np.mean(np.abs(table[name] - ref))), 3) for name in [*names, "ensemble"]},
             "mean_abs_member_difference": round(
                 float(np.mean(np.abs(table[names[0]] - table[names[-1]]))), 3

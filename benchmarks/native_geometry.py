@@ -6,9 +6,9 @@ Why: the bundled model squashes a clinic's radiograph to 299 x 299 before croppi
 copies were made, so the detail a clinic's file has above those copies never reaches the network. This
 scores the same weights with a larger squash (``preprocess.squash_size``) and a larger input
 (``preprocess.size``) on the 1,001 held-out native PNGs, split by id parity into a half that chooses and a
-half that confirms, and on the validation split (299 px copies); the rule is in ``docs/results/native-
-geometry/RULE.md``, fixed before any figure. Every arm runs on the torch engine (the ONNX graph has a fixed
-input size), so arms differ only in the two settings.
+half that confirms, and on the validation split (299 px copies); the rule is in
+``docs/results/native-geometry/RULE.md``, fixed before any figure. Every arm runs on the torch engine (the
+ONNX graph has a fixed input size), so arms differ only in the two settings.
 """
 
 from __future__ import annotations

@@ -230,3 +230,32 @@ def test_shared_error_separates_a_shared_error_from_each_model_s_own(tmp_path: P
     pd.DataFrame({"id": ids, "boneage": [0.0] * 4, "predicted": ref}).to_csv(other, index=False)
     with pytest.raises(SystemExit, match="disagree"):
         se.shared_error([shared, other])
+
+
+def test_ensemble_table_means_members_on_shared_ids_and_refuses_other_images() -> None:
+    ens = _load("ensemble_check")
+    from boneage.errors import BoneAgeInputError
+
+    a = pd.DataFrame(
+        {"boneage": [100.0, 50.0, 20.0], "male": [True, False, True], "predicted": [104.0, 47.0, 20.0]},
+        index=pd.Index(["3", "1", "2"], name="id"),
+    )
+    b = pd.DataFrame(  # answered id 1 and 3 only, in another order
+        {"boneage": [50.0, 100.0], "male": [False, True], "predicted": [53.0, 98.0]},
+        index=pd.Index(["1", "3"], name="id"),
+    )
+    table = ens.ensemble_table({"a": a, "b": b}, "val_split")
+    assert table["id"].tolist() == ["1", "3"]
+    assert table["boneage"].tolist() == [50.0, 100.0]
+    assert table["male"].tolist() == [False, True]
+    assert table["ensemble"].tolist() == [50.0, 101.0]
+    b.loc["3", "boneage"] = 112.0  # same id, another image: averaging it would compare nothing
+    with pytest.raises(BoneAgeInputError, match="disagree on the reference ages of 1 shared ids"):
+        ens.ensemble_table({"a": a, "b": b}, "val_split")
+
+
+def test_native_geometry_halves_split_by_id_parity() -> None:
+    geo = _load("native_geometry")
+    a, b = geo.halves(pd.Index(["1377", "1378", "2000", "15611"]))
+    assert sorted(a) == ["1378", "2000"] and sorted(b) == ["1377", "15611"]
+    assert geo.arm_name((512, 352)) == "squash512_in352"
