@@ -39,56 +39,16 @@ def halves(ids: pd.Index) -> tuple[pd.Index, pd.Index]:
     return even, ids.difference(even)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=Path("src/boneage/assets/model.safetensors"))
-    ap.add_argument("--config", type=Path, default=Path("configs/bundled-v0.12.yaml"), help="gives the split")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--cache", type=Path, default=Path("~/.cache/boneage/native-geometry").expanduser())
-    args = ap.parse_args()
-
-    from boneage.bundle import holdout_tables, run_split
-    from boneage.config import load_config
-    from boneage.evaluation import evaluate
-    from boneage.inference import Predictor, export_onnx
-    from boneage.preprocess import Preprocess
-
-    cfg = load_config(args.config)
-    val = run_split(cfg)[1]
-    native = holdout_tables(cfg, None)[1]
-    if native is None:
-        raise SystemExit("error: no held-out native PNGs (../shared/data/rsna-bone-age-sample/images)")
-    predictor = Predictor.load(args.model, runtime="torch")  # each arm then runs its own ONNX export
-    base = predictor.spec.preprocess
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    errors: dict[tuple[int, int], dict[str, pd.Series]] = {}
-    seconds: dict[str, float] = {}
-
-    def score(arm: tuple[int, int], split: str, table: pd.DataFrame) -> None:
-        spec = base.model_copy(update={"squash_size": arm[0], "size": arm[1]})
-        predictor.spec.preprocess = spec
-        predictor.preprocess = Preprocess.from_config(spec)
-        graph = args.cache / "onnx" / f"{arm_name(arm)}.onnx"  # the graph's input size is fixed: one per arm
-        if not graph.is_file():
-            export_onnx(predictor, graph)
-        predictor.use_onnx(graph)
-        t0 = time.perf_counter()
-        preds = evaluate(predictor, table, cache_dir=args.cache / split, progress=False).predictions
-        seconds[f"{arm_name(arm)}_{split}"] = round(time.perf_counter() - t0, 1)
-        preds.to_csv(args.out / f"preds_{split}_{arm_name(arm)}.csv", index=False)
-        errors.setdefault(arm, {})[split] = abs_errors(preds)
-        print(arm_name(arm), split, round(float(errors[arm][split].mean()), 3), flush=True)
-
-    # the validation split judges only the chosen arm (the rule): only it and the incumbent are scored there
-    for arm in [INCUMBENT, *CANDIDATES]:
-        score(arm, "native", native)
-    half_a, half_b = halves(errors[INCUMBENT]["native"].index)
-    chosen = min(CANDIDATES, key=lambda a: float(errors[a]["native"][half_a].mean()))
-    for arm in (INCUMBENT, chosen):
-        score(arm, "val_split", val)
+def decide(errors: dict[tuple[int, int], dict[str, pd.Series]]) -> dict:
+    """The rule applied to per-image absolute errors (``errors[arm][split]``, split ``native`` for every arm
+    and ``val_split`` for the incumbent and the chosen arm): choose on half A, confirm on half B and the
+    validation split. Decides on unrounded paired means and standard errors (``mean_and_se``, as the ship
+    rule does); the rounded ``difference`` figures are for the record."""
+    from boneage.evaluation import mean_and_se
 
     inc = errors[INCUMBENT]
+    half_a, half_b = halves(inc["native"].index)
+    chosen = choose(errors, half_a)
     arms = {}
     for arm in CANDIDATES:
         e = errors[arm]
@@ -98,12 +58,18 @@ def main() -> None:
             "all_native": difference(inc["native"], e["native"]),
         }
     arms[arm_name(chosen)]["val_split"] = difference(inc["val_split"], errors[chosen]["val_split"])
-    c = arms[arm_name(chosen)]
-    b_ok = c["half_b"]["diff_b_minus_a"] < 0 and c["half_b"]["diff_b_minus_a"] <= -c["half_b"]["diff_se"]
-    v_ok = c["val_split"]["diff_b_minus_a"] <= c["val_split"]["diff_se"]
-    result = {
-        "model": str(args.model),
-        "engine": "onnxruntime (the bundle's weights exported at each arm's input size), 6-view TTA",
+
+    def paired(split: str, ids: pd.Index | None = None) -> tuple[float, float]:
+        a, b = inc[split], errors[chosen][split]
+        if ids is not None:
+            a, b = a[ids], b[ids]
+        a, b = a.align(b, join="inner")
+        return mean_and_se((b - a).to_numpy(float))
+
+    b_diff, b_se = paired("native", half_b)
+    v_diff, v_se = paired("val_split")
+    b_ok, v_ok = b_diff < 0 and b_diff <= -b_se, v_diff <= v_se
+    return {
         "incumbent": arm_name(INCUMBENT),
         "incumbent_mae": {
             "half_a": round(float(inc["native"][half_a].mean()), 3),
@@ -117,6 +83,68 @@ def main() -> None:
         "half_b_confirms": bool(b_ok),
         "val_split_not_worse_by_1se": bool(v_ok),
         "decision": f"ship {arm_name(chosen)} as v0.12.1" if b_ok and v_ok else "v0.12.0 stays as it is",
+    }
+
+
+def choose(errors: dict[tuple[int, int], dict[str, pd.Series]], half_a: pd.Index) -> tuple[int, int]:
+    return min(CANDIDATES, key=lambda a: float(errors[a]["native"][half_a].mean()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path("src/boneage/assets/model.safetensors"))
+    ap.add_argument("--config", type=Path, default=Path("configs/bundled-v0.12.yaml"), help="gives the split")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=Path("~/.cache/boneage/native-geometry").expanduser())
+    args = ap.parse_args()
+
+    from boneage.bundle import holdout_tables, run_split
+    from boneage.config import load_config
+    from boneage.evaluation import evaluate
+    from boneage.inference import Predictor, export_onnx
+    from boneage.preprocess import Preprocess
+    from boneage.runtime import file_digest
+
+    cfg = load_config(args.config)
+    val = run_split(cfg)[1]
+    native = holdout_tables(cfg, None)[1]
+    if native is None:
+        raise SystemExit("error: no held-out native PNGs (../shared/data/rsna-bone-age-sample/images)")
+    predictor = Predictor.load(args.model, runtime="torch")  # each arm then runs its own ONNX export
+    base = predictor.spec.preprocess
+    digest = file_digest(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    errors: dict[tuple[int, int], dict[str, pd.Series]] = {}
+    seconds: dict[str, float] = {}
+
+    def score(arm: tuple[int, int], split: str, table: pd.DataFrame) -> None:
+        spec = base.model_copy(update={"squash_size": arm[0], "size": arm[1]})
+        predictor.spec.preprocess = spec
+        predictor.preprocess = Preprocess.from_config(spec)
+        # the graph's input size is fixed: one per arm, and per weights file (another --model never reuses it)
+        graph = args.cache / "onnx" / f"{digest[:16]}-{arm_name(arm)}.onnx"
+        if not graph.is_file():
+            export_onnx(predictor, graph)
+        predictor.use_onnx(graph)
+        t0 = time.perf_counter()
+        preds = evaluate(predictor, table, cache_dir=args.cache / split, progress=False).predictions
+        seconds[f"{arm_name(arm)}_{split}"] = round(time.perf_counter() - t0, 1)
+        preds.to_csv(args.out / f"preds_{split}_{arm_name(arm)}.csv", index=False)
+        errors.setdefault(arm, {})[split] = abs_errors(preds)
+        print(arm_name(arm), split, round(float(errors[arm][split].mean()), 3), flush=True)
+
+    # the validation split judges only the chosen arm (the rule): only it and the incumbent are scored there
+    for arm in [INCUMBENT, *CANDIDATES]:
+        score(arm, "native", native)
+    chosen = choose(errors, halves(errors[INCUMBENT]["native"].index)[0])
+    for arm in (INCUMBENT, chosen):
+        score(arm, "val_split", val)
+
+    result = {
+        "model": str(args.model),
+        "engine": "onnxruntime (the bundle's weights exported at each arm's input size), 6-view TTA",
+        **decide(errors),
         "seconds": seconds,
     }
     (args.out / "native_geometry.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -259,3 +259,30 @@ def test_native_geometry_halves_split_by_id_parity() -> None:
     a, b = geo.halves(pd.Index(["1377", "1378", "2000", "15611"]))
     assert sorted(a) == ["1378", "2000"] and sorted(b) == ["1377", "15611"]
     assert geo.arm_name((512, 352)) == "squash512_in352"
+
+
+def test_native_geometry_rule_chooses_on_even_ids_and_confirms_on_odd_ones() -> None:
+    geo = _load("native_geometry")
+    rng = np.random.default_rng(0)
+    ids = pd.Index([str(i) for i in range(1000, 1400)])
+    even = np.array([int(i) % 2 == 0 for i in ids])
+    base = pd.Series(rng.uniform(2, 12, len(ids)), index=ids)
+    errors = {arm: {"native": base + 0.5} for arm in geo.CANDIDATES}
+    errors[geo.INCUMBENT] = {"native": base, "val_split": base.iloc[:100]}
+    best = (384, 352)  # better by 1 month on the even ids, by 0.5 on the odd ones
+    errors[best]["native"] = base - np.where(even, 1.0, 0.5)
+    wobble = np.tile([0.3, -0.3], 50)  # level with the incumbent on the split, with some noise
+    errors[best]["val_split"] = base.iloc[:100] + wobble
+    result = geo.decide(errors)
+    assert result["chosen_on_half_a"] == "squash384_in352"
+    assert result["n"]["half_a"] == result["n"]["half_b"] == 200
+    assert result["half_b_confirms"] and result["val_split_not_worse_by_1se"]
+    assert result["decision"] == "ship squash384_in352 as v0.12.1"
+    errors[best]["val_split"] = base.iloc[:100] + 1.0 + wobble  # a month worse on small files
+    assert not geo.decide(errors)["val_split_not_worse_by_1se"]
+    assert geo.decide(errors)["decision"] == "v0.12.0 stays as it is"
+    errors[best]["val_split"] = base.iloc[:100] + wobble
+    errors[best]["native"] = base - np.where(even, 1.0, -0.2)  # chosen on half A, worse on half B
+    result = geo.decide(errors)
+    assert result["chosen_on_half_a"] == "squash384_in352" and not result["half_b_confirms"]
+    assert result["decision"] == "v0.12.0 stays as it is"
