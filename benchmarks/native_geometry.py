@@ -30,7 +30,8 @@ def arm_name(arm: tuple[int, int]) -> str:
 
 
 def abs_errors(preds: pd.DataFrame) -> pd.Series:
-    return (preds["predicted"] - preds["boneage"]).abs().set_axis(preds["id"].astype(str))
+    """|error| by string id from ``evaluate``'s predictions (or their CSV)."""
+    return preds["error"].abs().set_axis(preds["id"].astype(str))
 
 
 def halves(ids: pd.Index) -> tuple[pd.Index, pd.Index]:
@@ -102,7 +103,6 @@ def main() -> None:
     from boneage.config import load_config
     from boneage.evaluation import evaluate
     from boneage.inference import Predictor, export_onnx
-    from boneage.preprocess import Preprocess
     from boneage.runtime import file_digest
 
     cfg = load_config(args.config)
@@ -110,8 +110,7 @@ def main() -> None:
     native = holdout_tables(cfg, None)[1]
     if native is None:
         raise SystemExit("error: no held-out native PNGs (../shared/data/rsna-bone-age-sample/images)")
-    predictor = Predictor.load(args.model, runtime="torch")  # each arm then runs its own ONNX export
-    base = predictor.spec.preprocess
+    loaded = Predictor.load(args.model, runtime="torch")  # each arm then runs its own ONNX export
     digest = file_digest(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -119,9 +118,9 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     def score(arm: tuple[int, int], split: str, table: pd.DataFrame) -> None:
-        spec = base.model_copy(update={"squash_size": arm[0], "size": arm[1]})
-        predictor.spec.preprocess = spec
-        predictor.preprocess = Preprocess.from_config(spec)
+        pre = loaded.spec.preprocess.model_copy(update={"squash_size": arm[0], "size": arm[1]})
+        # a predictor of the same network with this arm's spec: it derives its preprocessing from the spec
+        predictor = Predictor(loaded.model, loaded.spec.model_copy(update={"preprocess": pre}), loaded.meta)
         # the graph's input size is fixed: one per arm, and per weights file (another --model never reuses it)
         graph = args.cache / "onnx" / f"{digest[:16]}-{arm_name(arm)}.onnx"
         if not graph.is_file():
