@@ -31,9 +31,7 @@ def main() -> None:
     loaded = Predictor.load(args.model, runtime="torch")
     out = {}
     for fit in ("pad", "stretch"):
-        pre = loaded.spec.preprocess.model_copy(update={"fit": fit})
-        # a predictor of the same network with this spec: it derives its preprocessing from the spec
-        predictor = Predictor(loaded.model, loaded.spec.model_copy(update={"preprocess": pre}), loaded.meta)
+        predictor = loaded.with_preprocess(fit=fit)  # the same network, read with this fit
         t0 = time.perf_counter()
         rep = evaluate(predictor, table, cache_dir=cfg.data.cache_dir, progress=False)
         out[fit] = {

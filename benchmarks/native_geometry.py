@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from paired_runs import difference  # a sibling script: the same paired arithmetic
+from paired_runs import difference, paired  # a sibling script: the same paired arithmetic
 
 INCUMBENT = (299, 299)
 CANDIDATES = [(384, 299), (512, 299), (299, 352), (384, 352), (512, 352)]
@@ -45,8 +45,6 @@ def decide(errors: dict[tuple[int, int], dict[str, pd.Series]]) -> dict:
     and ``val_split`` for the incumbent and the chosen arm): choose on half A, confirm on half B and the
     validation split. Decides on unrounded paired means and standard errors (``mean_and_se``, as the ship
     rule does); the rounded ``difference`` figures are for the record."""
-    from boneage.evaluation import mean_and_se
-
     inc = errors[INCUMBENT]
     half_a, half_b = halves(inc["native"].index)
     chosen = choose(errors, half_a)
@@ -60,15 +58,8 @@ def decide(errors: dict[tuple[int, int], dict[str, pd.Series]]) -> dict:
         }
     arms[arm_name(chosen)]["val_split"] = difference(inc["val_split"], errors[chosen]["val_split"])
 
-    def paired(split: str, ids: pd.Index | None = None) -> tuple[float, float]:
-        a, b = inc[split], errors[chosen][split]
-        if ids is not None:
-            a, b = a[ids], b[ids]
-        a, b = a.align(b, join="inner")
-        return mean_and_se((b - a).to_numpy(float))
-
-    b_diff, b_se = paired("native", half_b)
-    v_diff, v_se = paired("val_split")
+    b_diff, b_se = paired(inc["native"][half_b], errors[chosen]["native"][half_b])
+    v_diff, v_se = paired(inc["val_split"], errors[chosen]["val_split"])
     b_ok, v_ok = b_diff < 0 and b_diff <= -b_se, v_diff <= v_se
     return {
         "incumbent": arm_name(INCUMBENT),
@@ -118,9 +109,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     def score(arm: tuple[int, int], split: str, table: pd.DataFrame) -> None:
-        pre = loaded.spec.preprocess.model_copy(update={"squash_size": arm[0], "size": arm[1]})
-        # a predictor of the same network with this arm's spec: it derives its preprocessing from the spec
-        predictor = Predictor(loaded.model, loaded.spec.model_copy(update={"preprocess": pre}), loaded.meta)
+        predictor = loaded.with_preprocess(squash_size=arm[0], size=arm[1])  # this arm's input, same network
         # the graph's input size is fixed: one per arm, and per weights file (another --model never reuses it)
         graph = args.cache / "onnx" / f"{digest[:16]}-{arm_name(arm)}.onnx"
         if not graph.is_file():

@@ -23,13 +23,19 @@ from fit_paired import abs_errors  # a sibling script: the same scoring
 from boneage.evaluation import mean_and_se  # the same paired arithmetic as the ship rule
 
 
+def paired(a: pd.Series, b: pd.Series) -> tuple[float, float]:
+    """The paired difference B - A over common ids and its standard error, unrounded: what a rule decides
+    on (``difference`` rounds the same figures for the record)."""
+    a, b = a.align(b, join="inner")
+    return mean_and_se((b - a).to_numpy(float))
+
+
 def difference(a: pd.Series, b: pd.Series) -> dict:
     """MAE of each run and the paired difference B - A (negative: B is better) over their common ids."""
     a, b = a.align(b, join="inner")
-    d = (b - a).to_numpy(float)
-    diff, se = mean_and_se(d)
+    diff, se = paired(a, b)
     return {
-        "n": len(d),
+        "n": len(a),
         "mae_a": round(float(a.mean()), 3),
         "mae_b": round(float(b.mean()), 3),
         "diff_b_minus_a": round(diff, 3),

@@ -240,3 +240,29 @@ def test_auto_runtime_uses_a_cached_onnx_export(tiny_bundle, tmp_path, monkeypat
 def test_unknown_runtime_is_a_user_error(tiny_bundle) -> None:
     with pytest.raises(BoneAgeInputError, match="runtime"):
         Predictor.load(tiny_bundle, runtime="tensorrt")
+
+
+def test_with_preprocess_reads_the_same_network_with_another_input(real_image: Path) -> None:
+    """The benchmarks that score a model under another geometry (fit_readout, native_geometry) rely on this:
+    the copy shares the weights, prepares the radiograph its own way, and leaves the original untouched."""
+    base = make_tiny_predictor(size=64)
+    stretched = base.with_preprocess(fit="stretch")
+    assert stretched.model is base.model
+    assert (base.spec.preprocess.fit, stretched.spec.preprocess.fit) == ("pad", "stretch")
+    assert stretched.spec.backbone == base.spec.backbone and stretched.meta == base.meta
+    a, b = base.prepare(real_image)[1], stretched.prepare(real_image)[1]
+    assert a.shape == b.shape == (64, 64) and not np.array_equal(a, b)
+    # the same answer as a predictor built by hand around that spec (what the benchmarks used to do)
+    by_hand = Predictor(base.model, stretched.spec, base.meta)
+    assert stretched.predict(real_image, "M").bone_age_months == pytest.approx(
+        by_hand.predict(real_image, "M").bone_age_months, abs=1e-6
+    )
+    assert base.with_preprocess(size=48).prepare(real_image)[1].shape == (48, 48)
+    one_view = Predictor(base.model, base.spec, tta=False).with_preprocess(fit="stretch")
+    assert len(one_view.views) == 1 and len(stretched.views) == len(TTA_VIEWS)
+
+
+@pytest.mark.parametrize(("changes", "field"), [({"fitt": "stretch"}, "fitt"), ({"size": 8}, "size")])
+def test_with_preprocess_rejects_a_bad_field(changes: dict, field: str) -> None:
+    with pytest.raises(BoneAgeInputError, match=rf"preprocess\.{field}"):
+        make_tiny_predictor(size=64).with_preprocess(**changes)

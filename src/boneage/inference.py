@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from boneage.errors import BoneAgeInputError
 from boneage.labels import parse_sex as normalize_sex
@@ -36,7 +37,7 @@ from boneage.runtime import (
     onnx_path_for,
     plain_run,
 )
-from boneage.spec import ModelSpec, spec_from_record
+from boneage.spec import ModelSpec, PreprocessSpec, spec_from_record
 
 __all__ = [
     "AVERAGE_RECORDS",
@@ -159,6 +160,23 @@ class Predictor(BasePredictor):
         if runtime == "onnx" or (runtime == "auto" and device == "cpu"):
             predictor.use_onnx(required=runtime == "onnx")
         return predictor
+
+    def with_preprocess(self, **changes: Any) -> Predictor:
+        """The same network behind another preprocessing, for measuring a model on an input it was not
+        trained with (``benchmarks/fit_readout.py``, ``benchmarks/native_geometry.py``). ``changes`` are
+        validated as a model file's spec is, so a misspelt field or an out-of-range size fails here rather
+        than silently scoring the unchanged input. The network is shared, not copied. The copy runs on
+        torch (call ``use_onnx`` for a graph of its input size; the original's cached export is keyed by the
+        weights file alone and would have the wrong size) and has no OOD density, which was fitted on the
+        original input."""
+        try:
+            pre = PreprocessSpec.model_validate({**self.spec.preprocess.model_dump(), **changes})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise BoneAgeInputError(f"preprocess.{where}: {first['msg']}") from None
+        spec = self.spec.model_copy(update={"preprocess": pre})
+        return Predictor(self.model, spec, self.meta, device=str(self.device), tta=len(self.views) > 1)
 
     def use_onnx(self, path: str | Path | None = None, *, required: bool = True) -> bool:
         """Switch the network to onnxruntime (exported on the fly unless ``path`` names an .onnx file)."""
