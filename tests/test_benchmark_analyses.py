@@ -286,3 +286,22 @@ def test_native_geometry_rule_chooses_on_even_ids_and_confirms_on_odd_ones() -> 
     result = geo.decide(errors)
     assert result["chosen_on_half_a"] == "squash384_in352" and not result["half_b_confirms"]
     assert result["decision"] == "v0.12.0 stays as it is"
+
+
+def test_label_noise_floor_recovers_a_known_noise_and_model_error() -> None:
+    floor = _load("label_noise_floor")
+    n, m, k = 5.0, 3.0, 6  # a reading's error, a model's error against the truth, readers in the reference
+    single, reference = float(np.hypot(m, n)), float(np.hypot(m, n / np.sqrt(k)))
+    assert floor.label_noise(single, reference, k) == pytest.approx(n)
+    assert floor.label_noise(float(np.hypot(m, n)), m, 0) == pytest.approx(n)  # an exact reference
+    est = floor.estimate(single, reference, k, ours=single, target=6.0, others={"same": reference})
+    assert est["single_report_noise"] == pytest.approx(n, abs=0.005)
+    assert est["winner_error_vs_truth"] == pytest.approx(m, abs=0.005)
+    assert est["ours_implied_error_vs_truth"] == pytest.approx(m, abs=0.005)
+    assert est["error_vs_truth_needed_for_target"] == pytest.approx(np.sqrt(36 - 25), abs=0.005)
+    assert est["other_models"]["same"]["expected_mad_vs_single_reports"] == pytest.approx(single, abs=0.005)
+    assert floor.truth_error(4.0, n) != floor.truth_error(4.0, n)  # NaN: the labels' noise exceeds the MAE
+    with pytest.raises(ValueError):
+        floor.label_noise(4.0, 5.0, k)
+    with pytest.raises(ValueError):
+        floor.label_noise(6.0, 5.0, 1)
