@@ -32,8 +32,8 @@ def label_noise(mad_single: float, mad_reference: float, readers: int) -> float:
     ``readers`` = 0 takes the reference as exact (n^2 = single^2 - reference^2)."""
     if mad_single <= mad_reference:
         raise ValueError("the single-reading MAE must exceed the reference MAE")
-    if readers == 1:
-        raise ValueError("a one-reader reference is a single reading: the two cannot be told apart")
+    if readers == 1 or readers < 0:
+        raise ValueError("readers must be 0 (an exact reference) or at least 2: one reading is a report")
     factor = 1.0 if readers == 0 else readers / (readers - 1)
     return math.sqrt((mad_single**2 - mad_reference**2) * factor)
 
