@@ -65,14 +65,14 @@ def estimate(
     n = label_noise(single, reference, readers)
     ref_noise = reference_noise(n, readers)
     winner = truth_error(reference, ref_noise)
-    rows = {
-        name: {
+    rows = {}
+    for name, mad in others.items():
+        truth = truth_error(mad, ref_noise)
+        rows[name] = {
             "mad_vs_reference": mad,
-            "implied_error_vs_truth": _r(truth_error(mad, ref_noise)),
-            "expected_mad_vs_single_reports": _r(against_labels(truth_error(mad, ref_noise), n)),
+            "implied_error_vs_truth": _r(truth),
+            "expected_mad_vs_single_reports": _r(against_labels(truth, n)),
         }
-        for name, mad in others.items()
-    }
     return {
         "readers_in_reference": readers,
         "single_report_noise": round(n, 2),
@@ -99,8 +99,7 @@ def main() -> None:
                     help="another model's MAE against the reference; default Deeplasia=3.87")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    others = dict(o.split("=", 1) for o in args.other) or {"Deeplasia": "3.87"}
-    mads = {name: float(mad) for name, mad in others.items()}
+    mads = {name: float(mad) for name, mad in (o.split("=", 1) for o in args.other)} or {"Deeplasia": 3.87}
     result = {
         "inputs": {"reference": args.reference, "ours": args.ours, "target": args.target, "others": mads},
         "note": "an estimate from published figures under the assumptions in this script's docstring",
