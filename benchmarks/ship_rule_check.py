@@ -10,8 +10,9 @@ the record. The bar is the incumbent's figure measured the same way
 ``ship.checkpoint``) before it trained; ``--bar`` may repeat it, never change it.
 Per-image predictions go to ``preds_val_split.csv`` beside the JSON, so the candidate can be compared with
 the incumbent image by image (a paired difference); a rule with ``ship.paired_with`` applies that
-difference itself (``boneage.bundle.paired_with_incumbent``). ``--record-only`` scores a model that has no
-ship rule (a stage that only gates a line, or an old bundle) the same way, and takes no decision.
+difference itself (``boneage.bundle.paired_with_incumbent``); with ``ship.paired_with`` and no bar it is a
+go/no-go gate for a line's first stage, decided by the paired difference alone. ``--record-only`` scores a
+model that has no ship rule (an old bundle) the same way, and takes no decision.
 """
 
 from __future__ import annotations

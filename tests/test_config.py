@@ -372,3 +372,30 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
     gone = config_from_dict({"ship": {**rule, "paired_with": str(tmp_path / "nowhere.csv")}})
     with pytest.raises(BoneAgeInputError, match="paired_with"):
         ship_bar(gone, "run/last.ckpt")
+
+
+def test_a_paired_only_rule_is_a_gate_decided_by_the_paired_difference(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from boneage.bundle import ship_bar, ship_decision
+
+    ids = list(range(100))
+    ref = [100.0] * len(ids)
+    pd.DataFrame({"id": ids, "boneage": ref, "predicted": [107.0] * len(ids)}).to_csv(
+        tmp_path / "control.csv", index=False
+    )
+    gate = config_from_dict({"ship": {"checkpoint": "last", "paired_with": str(tmp_path / "control.csv")}})
+    assert ship_bar(gate, "run/last.ckpt") is None  # no absolute figure to reach
+    # level with its control, as v0.17 stage 1 was (+0.047 ± 0.117 there): no go, whatever the MAE
+    level = pd.DataFrame({"id": ids, "boneage": ref, "predicted": [106.0 if i % 2 else 92.0 for i in ids]})
+    stop = ship_decision(gate, "run/last.ckpt", 7.0, predictions=level)
+    assert stop["bar"] is None and stop["ship"] is False and stop["paired"]["pass"] is False
+    # better image by image: go
+    better = pd.DataFrame({"id": ids, "boneage": ref, "predicted": [105.0 + (i % 3) * 0.2 for i in ids]})
+    go = ship_decision(gate, "run/last.ckpt", 5.2, predictions=better)
+    assert go["ship"] is True
+    assert go["paired"]["diff_candidate_minus_incumbent"] == pytest.approx(-1.8, abs=0.01)
+    # a bar given on the command line still joins the rule, and the epoch is still the one fixed
+    assert ship_decision(gate, "run/last.ckpt", 5.2, bar=5.0, predictions=better)["ship"] is False
+    with pytest.raises(BoneAgeInputError, match="last.ckpt, not best.ckpt"):
+        ship_bar(gate, "run/best.ckpt")

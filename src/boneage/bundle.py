@@ -235,13 +235,18 @@ def run_split(cfg: RunConfig) -> tuple[BoneAgeDataModule, pd.DataFrame]:
     return dm, dm.labels.iloc[dm.val_idx].reset_index(drop=True)
 
 
-def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> float:
+def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> float | None:
     """The bar of the ship rule written in the candidate's config (``ship``). A bar given on the command line
     must equal it, and the model must be the checkpoint the rule names, so a decision cannot quietly use
-    another bar or another epoch than the one fixed before training. Cheap: check it before scoring."""
+    another bar or another epoch than the one fixed before training. Cheap: check it before scoring.
+
+    None only for a paired-only rule (``ship.paired_with`` and no bar): a go/no-go gate on a line's first
+    stage, which asks to beat its control image by image and has no absolute figure to reach."""
     rule = cfg.ship
-    if rule.bar is None and bar is None:
-        raise BoneAgeInputError("no ship bar: the config's ship.bar is unset and none was given", model)
+    if rule.bar is None and bar is None and rule.paired_with is None:
+        raise BoneAgeInputError(
+            "no ship bar: the config's ship.bar and ship.paired_with are unset and no bar was given", model
+        )
     if rule.bar is not None and bar is not None and abs(bar - rule.bar) > 1e-9:
         raise BoneAgeInputError(f"bar {bar} differs from the config's ship.bar {rule.bar}", model)
     if rule.paired_with is not None and not Path(rule.paired_with).expanduser().is_file():
@@ -249,7 +254,9 @@ def ship_bar(cfg: RunConfig, model: str | Path, bar: float | None = None) -> flo
     name = Path(model).name
     if name.endswith(".ckpt") and name != f"{rule.checkpoint}.ckpt":
         raise BoneAgeInputError(f"the config's ship rule offers {rule.checkpoint}.ckpt, not {name}", model)
-    return rule.bar if rule.bar is not None else float(bar)  # type: ignore[arg-type]
+    if rule.bar is not None:
+        return rule.bar
+    return None if bar is None else float(bar)
 
 
 def ship_decision(
@@ -260,13 +267,14 @@ def ship_decision(
     predictions: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The ship rule applied to the candidate's measured MAE (see ``ship_bar``) and, when the rule names an
-    incumbent's per-image predictions (``ship.paired_with``), to the paired difference on the same ids."""
+    incumbent's per-image predictions (``ship.paired_with``), to the paired difference on the same ids.
+    A paired-only rule (no bar) decides by the paired difference alone."""
     chosen = ship_bar(cfg, model, bar)
     decision: dict[str, Any] = {
         "mae": round(float(mae), 3),
         "bar": chosen,
         "checkpoint": cfg.ship.checkpoint,
-        "ship": bool(mae <= chosen),
+        "ship": chosen is None or bool(mae <= chosen),  # no bar: the paired condition alone decides
     }
     if cfg.ship.paired_with is not None:
         paired = paired_with_incumbent(cfg, model, predictions)

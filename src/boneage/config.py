@@ -196,12 +196,14 @@ class ShipConfig(Section):
     the ``checkpoint`` it offers (``last``: the final epoch, fixed in advance; ``best``: the epoch the
     validation split picked; ``soup``: the weight average ``boneage average`` writes) ships only if its
     6-view TTA MAE on the validation split is at or below ``bar`` (the incumbent's figure measured the same
-    way). No bar: the run is not a candidate.
+    way). No bar and no ``paired_with``: the run is not a candidate.
 
     ``paired_with`` adds a second condition for a candidate close to the incumbent: the incumbent's
     per-image predictions on the same split (the ``preds_val_split.csv`` its own check wrote); the candidate
     ships only if its mean paired difference |error| − |error of the incumbent| is at most ``-paired_se``
-    standard errors, so a tie the split cannot resolve no longer passes as a win."""
+    standard errors, so a tie the split cannot resolve no longer passes as a win. With ``paired_with`` and
+    no ``bar`` the rule is a go/no-go gate (a line's first stage against its paired control): the paired
+    condition alone decides."""
 
     bar: float | None = Field(None, gt=0)
     checkpoint: Literal["last", "best", "soup"] = "best"
