@@ -153,6 +153,7 @@ def test_key_changes_with_every_setting() -> None:
         Preprocess(high_percentile=99.0),
         Preprocess(align="axis"),
         Preprocess(fit="stretch"),
+        Preprocess(background="remove"),
     ]
     keys = {v.key() for v in variants}
     assert base.key() not in keys
@@ -167,6 +168,7 @@ def test_key_changes_with_every_setting() -> None:
         "squash_size": 299,
         "align": "none",
         "fit": "pad",
+        "background": "keep",
     }
     # caches built before the geometry and align fields existed keep their key (letterbox was the only one)
     assert base.key() == "fc3441471458"
@@ -331,3 +333,75 @@ def test_stretch_fills_the_square_with_the_hand_region() -> None:
     # the same settings give the same pixels in training and inference; pad stays the default
     np.testing.assert_array_equal(stretch, Preprocess(size=64, fit="stretch")(img))
     assert Preprocess().fit == "pad"
+
+
+def _gloved_hand() -> np.ndarray:
+    """A palm of soft tissue with five thin fingers (bones brighter inside them), a wrist to the bottom edge,
+    and a bright lead marker apart from it: the case where a mask between soft tissue and bone would cut the
+    fingertips off."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(0.05, 0.01, (300, 260)).clip(0, 1).astype(np.float32)
+    img[150:300, 70:190] = 0.35  # palm and wrist: soft tissue
+    for left in (72, 96, 120, 144, 168):
+        img[40:150, left : left + 14] = 0.35  # a finger of soft tissue ...
+        img[50:260, left + 5 : left + 9] = 0.8  # ... with its bone
+    img[20:45, 215:245] = 1.0  # lead marker
+    return img
+
+
+def test_background_removal_blanks_markers_and_keeps_the_fingertips() -> None:
+    from boneage.preprocess import hand_silhouette
+
+    img = _gloved_hand()
+    mask = hand_silhouette(img)
+    assert mask is not None and mask.shape == img.shape
+    assert mask[45:150, 72:182].any(axis=0)[[2, 26, 50, 74, 98]].all()  # every finger's middle
+    assert mask[42, 78] and mask[42, 174]  # the fingertips' soft tissue, above the bones' ends
+    assert not mask[20:45, 215:245].any()  # the marker is another object
+    assert not mask[5:30, 5:60].any()  # nor the empty film
+    keep = Preprocess(size=64, crop=False)(img)
+    remove = Preprocess(size=64, crop=False, background="remove")(img)
+    marker = (slice(5, 9), slice(51, 55))  # where the marker lands on the letterboxed 64 px square
+    assert keep[marker].min() > 200 and remove[marker].max() == 0
+    hand = (slice(40, 60), slice(20, 44))
+    np.testing.assert_array_equal(keep[hand], remove[hand])  # inside the silhouette nothing changes
+    assert Preprocess().background == "keep"
+
+
+def test_background_removal_keeps_every_pixel_when_no_hand_is_found() -> None:
+    from boneage.preprocess import hand_silhouette
+
+    flat = np.full((120, 100), 0.4, dtype=np.float32)
+    assert hand_silhouette(flat) is None
+    np.testing.assert_array_equal(
+        Preprocess(size=48, background="remove")(flat), Preprocess(size=48)(flat)
+    )
+    with pytest.raises(ValueError, match="background"):
+        Preprocess(background="erase")
+
+
+@pytest.mark.integration
+def test_background_removal_on_real_radiographs(shared_299: Path) -> None:
+    """On the 299 px training copies the silhouette is most of the crop (soft tissue kept) yet not all of
+    it, the blanked pixels are dark or marker-bright (not hand), and the hand's bright centre survives."""
+    from boneage.preprocess import hand_box, hand_silhouette
+
+    paths = sorted((shared_299 / "images").glob("*.jpg"))[:12]
+    shares, blanked_any = [], 0
+    for path in paths:
+        frame = read_radiograph(path).pixels
+        top, bottom, left, right = hand_box(frame)
+        crop = np.asarray(frame[top:bottom, left:right], dtype=np.float32)
+        mask = hand_silhouette(crop)
+        assert mask is not None, path.name
+        shares.append(float(mask.mean()))
+        h, w = crop.shape
+        assert mask[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3].mean() > 0.7, path.name  # the hand's middle
+        outside = crop[~mask]
+        if outside.size:
+            blanked_any += 1
+            assert np.median(outside) < np.median(crop[mask]), path.name  # background is darker than hand
+        out = Preprocess(size=128, geometry="squash", background="remove")(frame)
+        assert out.shape == (128, 128) and out.dtype == np.uint8
+    assert 0.35 < float(np.median(shares)) < 0.95
+    assert blanked_any >= 10

@@ -119,6 +119,41 @@ def align_hand(pixels: np.ndarray) -> np.ndarray:
     return ndimage.rotate(pixels, tilt, reshape=True, order=1, mode="constant", cval=fill)
 
 
+def hand_silhouette(pixels: np.ndarray, min_area: float = 0.15) -> np.ndarray | None:
+    """The whole hand, soft tissue included, as a mask of ``pixels``' shape; None when no plausible one is
+    found (the caller then keeps every pixel). ``_hand_mask`` thresholds between the two brightest classes
+    and its opening cuts thin fingertips off, which is fine for a box but not for a mask that blanks what lies
+    outside it; this one thresholds between the background and soft tissue (Otsu's threshold within the
+    darker Otsu class), keeps the largest object, fills it and grows it by 2 working pixels. A label-free
+    stand-in for the segmentation network Iglovikov et al. used to remove the background: markers, labels
+    and collimator light are separate objects and fall outside it."""
+    h, w = pixels.shape
+    scale = min(1.0, _WORK_SIZE / max(h, w))
+    small = _resize(pixels, round(w * scale), round(h * scale)) if scale < 1 else pixels.astype(np.float32)
+    small = ndimage.uniform_filter(small, size=3)
+    lo, hi = np.percentile(small, [1, 99])
+    if hi - lo < 1e-3:
+        return None
+    norm = np.clip((small - lo) / (hi - lo), 0, 1)
+    upper = _otsu(norm)
+    darker = norm[norm <= upper]
+    if upper <= 0 or darker.size == 0:
+        return None
+    mask = norm > _otsu(darker / upper) * upper
+    mask = ndimage.binary_opening(mask, iterations=1)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    mask = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    if mask.mean() < min_area:
+        return None
+    mask = ndimage.binary_dilation(mask, iterations=2)
+    if scale < 1:
+        mask = _resize(mask.astype(np.float32), w, h) > 0.5
+    return mask
+
+
 def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     """Fit the long side to ``size`` and pad the short side with black, keeping the hand's proportions."""
     h, w = pixels.shape
@@ -147,6 +182,7 @@ def squash(pixels: np.ndarray, size: int) -> np.ndarray:
 GEOMETRIES = ("letterbox", "squash")
 ALIGNMENTS = ("none", "axis")
 FITS = ("pad", "stretch")
+BACKGROUNDS = ("keep", "remove")
 
 
 def training_copy(pixels: np.ndarray, size: int = 299, quality: int = 60) -> np.ndarray:
@@ -196,6 +232,7 @@ class Preprocess:
     squash_size: int = 299  # the side of the square frame when geometry is squash
     align: str = "none"  # none | axis (turn the hand's long axis upright before the crop)
     fit: str = "pad"  # pad | stretch (how the crop box becomes the square: black bars, or resized to fill it)
+    background: str = "keep"  # keep | remove (black outside the hand's silhouette: markers, labels, light)
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -210,6 +247,8 @@ class Preprocess:
             raise ValueError(f"unknown align {self.align!r} (none or axis)")
         if self.fit not in FITS:
             raise ValueError(f"unknown fit {self.fit!r} (pad or stretch)")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r} (keep or remove)")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.asarray(pixels, dtype=np.float32)
@@ -220,11 +259,14 @@ class Preprocess:
         if self.crop:
             top, bottom, left, right = hand_box(pixels)
             pixels = pixels[top:bottom, left:right]
+        silhouette = hand_silhouette(pixels) if self.background == "remove" else None
         if self.contrast == "percentile":
             lo, hi = np.percentile(pixels, [self.low_percentile, self.high_percentile])
             pixels = np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1)
         elif self.contrast == "clahe":
             pixels = _clahe(pixels)
+        if silhouette is not None:  # after the contrast stretch, so the blanked background is black
+            pixels = np.where(silhouette, pixels, 0.0).astype(np.float32)
         out = squash(pixels, self.size) if self.fit == "stretch" else letterbox(pixels, self.size)
         return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
@@ -251,6 +293,8 @@ class Preprocess:
             d.pop("align")
         if self.fit == "pad":  # likewise
             d.pop("fit")
+        if self.background == "keep":  # likewise
+            d.pop("background")
         if PREPROCESS_VERSION > 1:
             d["code_version"] = PREPROCESS_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

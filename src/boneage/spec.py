@@ -49,6 +49,9 @@ class PreprocessSpec(Strict):
     # input pixel is hand region (more pixels across the hand, its proportions changed the same way in
     # training and inference)
     fit: Literal["pad", "stretch"] = "pad"
+    # remove: black outside the hand's silhouette (soft tissue kept; markers, labels and collimator light
+    # blanked), a label-free form of Iglovikov et al.'s background removal | keep: every pixel of the crop
+    background: Literal["keep", "remove"] = "keep"
 
 
 class ModelSpec(Strict):
