@@ -353,3 +353,19 @@ def test_average_cli(tmp_path: Path, shared_sample: Path, two_bundles: tuple[Pat
     )
     assert bad.exit_code == 2 and "1 weights for 2 models" in bad.stderr
     assert len([line for line in bad.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_background_removal_travels_in_the_bundle(tmp_path: Path, shared_sample: Path) -> None:
+    """A model trained with ``preprocess.background: remove`` must see a clinic's file blanked the same way:
+    the setting is part of the spec the bundle carries, and the loaded predictor prepares the same pixels."""
+    from conftest import make_tiny_predictor
+
+    image = shared_sample / "images" / "1377.png"
+    removed = make_tiny_predictor(size=64).with_preprocess(background="remove")
+    loaded = Predictor.load(save_bundle(removed, tmp_path / "bg.safetensors"), runtime="torch")
+    assert loaded.spec.preprocess.background == "remove"
+    np.testing.assert_array_equal(loaded.prepare(image)[1], removed.prepare(image)[1])
+    kept = make_tiny_predictor(size=64).prepare(image)[1]
+    blanked = loaded.prepare(image)[1]
+    assert int((blanked == 0).sum()) > int((kept == 0).sum())  # more of the input is black ...
+    assert np.all(blanked <= kept)  # ... and blanking only darkens (edges averaged with black when resized)
