@@ -1,6 +1,6 @@
-"""The analyses behind grid 7c's paired comparison, the crop-geometry figures and the fit gap
-(benchmarks/fit_paired.py, benchmarks/crop_geometry.py, benchmarks/fit_gap.py): the numbers in the docs
-come from these functions, so their arithmetic is checked on inputs whose answer is known."""
+"""The analyses behind the paired comparisons, the crop-geometry figures, the fit gap and the later
+benchmarks (benchmarks/fit_paired.py, crop_geometry.py, fit_gap.py, ...): the numbers in the docs come from
+these functions, so their arithmetic is checked on inputs whose answer is known."""
 
 from __future__ import annotations
 
@@ -305,3 +305,19 @@ def test_label_noise_floor_recovers_a_known_noise_and_model_error() -> None:
         floor.label_noise(4.0, 5.0, k)
     with pytest.raises(ValueError):
         floor.label_noise(6.0, 5.0, 1)
+
+
+def test_silhouette_share_measures_a_known_hand_and_a_dim_one(tmp_path: Path) -> None:
+    """A soft-tissue palm with brighter bones fills a known share of its crop; a bright marker beside a dim
+    hand sets the contrast stretch's top and leaves the hand's 95th percentile low: the 'dim hands' count."""
+    sil = _load("silhouette_share")
+    img = np.full((299, 299), 10, dtype=np.uint8)
+    img[60:290, 100:200] = 90  # palm and forearm: soft tissue
+    img[80:280, 140:160] = 200  # a bone
+    Image.fromarray(img).save(tmp_path / "hand.jpg")
+    dim = img // 2
+    dim[62:82, 102:125] = 255  # a lead marker on the film beside the fingers, inside the crop box
+    Image.fromarray(dim).save(tmp_path / "dim.jpg")
+    (share, p95), (_, p95_dim) = sil.shares([tmp_path / "hand.jpg", tmp_path / "dim.jpg"])
+    assert 0.6 < share < 0.95  # the box's 4% margins are background, the grown mask takes back a little
+    assert p95 > 0.9 and p95_dim < 0.6
