@@ -374,7 +374,15 @@ def test_grid_resumes_an_interrupted_variant_with_holdout_validation_and_subsets
 
 
 # may change the bundled recipe: they choose on training ids (a 5% split, or 20% where the grid says why)
-RECIPE_GRIDS = {"cpu-align", "cpu-upsample", "cpu-preprocess", "cpu-fit-wide", "cpu-fit-split7", "cpu-head"}
+RECIPE_GRIDS = {
+    "cpu-align",
+    "cpu-upsample",
+    "cpu-preprocess",
+    "cpu-fit-wide",
+    "cpu-fit-split7",
+    "cpu-head",
+    "cpu-background",
+}
 # diagnostic grids: they choose nothing for the bundle but pick on a 5% split of the training ids, as grid 6
 TRAINING_SPLIT_GRIDS = RECIPE_GRIDS | {"cpu-detail"}
 # grid 7b re-asks grid 7 on a selection split four times larger; grid 7c once more on a fresh draw of it
