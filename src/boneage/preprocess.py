@@ -44,10 +44,9 @@ def _otsu(values: np.ndarray) -> float:
     return float(centers[int(np.argmax(between))])
 
 
-def _hand_mask(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
-    """The largest bright object on a copy at most ``_WORK_SIZE`` px (None if there is none), and that
-    copy's scale: on a hand film the largest object is the hand. Collimator bands, lead markers and labels
-    are separate, smaller objects once thin bridges are opened."""
+def _work_copy(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """A smoothed copy at most ``_WORK_SIZE`` px, stretched to [0, 1] by its 1st-99th percentiles (None for
+    a flat image), and its scale: the hand is located on this, fast and robust to noise."""
     h, w = pixels.shape
     scale = _WORK_SIZE / max(h, w)
     small = _resize(pixels, round(w * scale), round(h * scale)) if scale < 1 else pixels.astype(np.float32)
@@ -55,14 +54,26 @@ def _hand_mask(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
     lo, hi = np.percentile(small, [1, 99])
     if hi - lo < 1e-3:
         return None, scale
-    norm = np.clip((small - lo) / (hi - lo), 0, 1)
-    mask = norm > _otsu(norm)
-    mask = ndimage.binary_opening(mask, iterations=2)
+    return np.clip((small - lo) / (hi - lo), 0, 1), scale
+
+
+def _largest_object(mask: np.ndarray) -> np.ndarray | None:
+    """The largest connected object of a mask (None if it is empty)."""
     labels, count = ndimage.label(mask)
     if count == 0:
-        return None, scale
+        return None
     sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    return labels == int(np.argmax(sizes)) + 1, scale
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def _hand_mask(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """The largest bright object on the work copy (None if there is none), and that copy's scale: on a hand
+    film the largest object is the hand. Collimator bands, lead markers and labels are separate, smaller
+    objects once thin bridges are opened."""
+    norm, scale = _work_copy(pixels)
+    if norm is None:
+        return None, scale
+    return _largest_object(ndimage.binary_opening(norm > _otsu(norm), iterations=2)), scale
 
 
 def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -> tuple[int, int, int, int]:
@@ -127,29 +138,22 @@ def hand_silhouette(pixels: np.ndarray, min_area: float = 0.15) -> np.ndarray | 
     darker Otsu class), keeps the largest object, fills it and grows it by 2 working pixels. A label-free
     stand-in for the segmentation network Iglovikov et al. used to remove the background: markers, labels
     and collimator light are separate objects and fall outside it."""
-    h, w = pixels.shape
-    scale = min(1.0, _WORK_SIZE / max(h, w))
-    small = _resize(pixels, round(w * scale), round(h * scale)) if scale < 1 else pixels.astype(np.float32)
-    small = ndimage.uniform_filter(small, size=3)
-    lo, hi = np.percentile(small, [1, 99])
-    if hi - lo < 1e-3:
+    norm, scale = _work_copy(pixels)
+    if norm is None:
         return None
-    norm = np.clip((small - lo) / (hi - lo), 0, 1)
     upper = _otsu(norm)
     darker = norm[norm <= upper]
     if upper <= 0 or darker.size == 0:
         return None
-    mask = norm > _otsu(darker / upper) * upper
-    mask = ndimage.binary_opening(mask, iterations=1)
-    labels, count = ndimage.label(mask)
-    if count == 0:
+    hand = _largest_object(ndimage.binary_opening(norm > _otsu(darker / upper) * upper, iterations=1))
+    if hand is None:
         return None
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    mask = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)) + 1)
+    mask = ndimage.binary_fill_holes(hand)
     if mask.mean() < min_area:
         return None
     mask = ndimage.binary_dilation(mask, iterations=2)
     if scale < 1:
+        h, w = pixels.shape
         mask = _resize(mask.astype(np.float32), w, h) > 0.5
     return mask
 
