@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.io import read_radiograph
-from boneage.preprocess import hand_box, hand_silhouette
+from boneage.preprocess import Preprocess, hand_box, hand_silhouette, percentile_stretch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rsna-bone-age-299"
 
@@ -30,6 +30,7 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "rsna-bo
 def shares(paths: list[Path]) -> list[tuple[float, float] | None]:
     """Per image: the share of its crop box inside the silhouette, and the 95th percentile of the hand's
     pixels after the bundled contrast stretch (None: no silhouette found)."""
+    bundled = Preprocess()  # the contrast settings every model here uses (PreprocessSpec's defaults)
     out: list[tuple[float, float] | None] = []
     for path in paths:
         frame = read_radiograph(path).pixels
@@ -39,8 +40,7 @@ def shares(paths: list[Path]) -> list[tuple[float, float] | None]:
         if mask is None:
             out.append(None)
             continue
-        lo, hi = np.percentile(crop, [0.5, 99.5])  # PreprocessSpec's defaults, as the bundled model uses
-        stretched = np.clip((crop - lo) / max(float(hi - lo), 1e-6), 0, 1)
+        stretched = percentile_stretch(crop, bundled.low_percentile, bundled.high_percentile)
         out.append((float(mask.mean()), float(np.percentile(stretched[mask], 95))))
     return out
 

@@ -207,6 +207,13 @@ def training_copy(pixels: np.ndarray, size: int = 299, quality: int = 60) -> np.
         return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
+def percentile_stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Contrast from the ``low``-``high`` percentiles of ``pixels`` to [0, 1], clipped: robust to a few
+    saturated or empty pixels (the ``percentile`` contrast of ``Preprocess``)."""
+    lo, hi = np.percentile(pixels, [low, high])
+    return np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1)
+
+
 def _clahe(pixels: np.ndarray) -> np.ndarray:
     try:
         import kornia
@@ -265,8 +272,7 @@ class Preprocess:
             pixels = pixels[top:bottom, left:right]
         silhouette = hand_silhouette(pixels) if self.background == "remove" else None
         if self.contrast == "percentile":
-            lo, hi = np.percentile(pixels, [self.low_percentile, self.high_percentile])
-            pixels = np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1)
+            pixels = percentile_stretch(pixels, self.low_percentile, self.high_percentile)
         elif self.contrast == "clahe":
             pixels = _clahe(pixels)
         if silhouette is not None:  # after the contrast stretch, so the blanked background is black
