@@ -1,10 +1,9 @@
-"""CPU inference speed of the bundled model: ONNX Runtime vs PyTorch eager, and the wall time of one
-`boneage predict IMAGE --sex --age --json` call on the ONNX engine (torch-free) and the torch engine, in
-the same run (median of ``--predict-runs`` calls each, alternating engines).
+"""CPU inference speed of the bundled model on both engines (ONNX Runtime and torch, the same graph), and the
+wall time of one `boneage predict IMAGE --sex --age --json` process on each (median of ``--predict-runs``
+calls each, alternating engines).
 
-Usage: python benchmarks/inference_speed.py [--checkpoint CKPT] [--images N] [--threads 2] [--predict-runs 5]
-       python benchmarks/inference_speed.py --predict-only     # just the two CLI wall times
-Prints one JSON object; results go into benchmarks/RESULTS.md by hand with the date and command.
+    python benchmarks/inference_speed.py --out benchmarks/results/inference_speed.json
+    python benchmarks/inference_speed.py --predict-only     # just the two CLI wall times
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boneage.inference import Predictor
-from boneage.labels import read_labels
+from boneage.data.labels import read_labels
+from boneage.files import atomic_write
+from boneage.predict import Predictor, load_predictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-bone-age-sample"
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--predict-runs", type=int, default=5, help="CLI calls per engine (median reported)")
     ap.add_argument("--predict-only", action="store_true", help="skip the throughput part")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args()
     if args.predict_runs < 1:
         ap.error("--predict-runs must be at least 1 (the median of no calls is undefined)")
@@ -54,7 +55,7 @@ def main() -> None:
         return
 
     labels = read_labels(SHARED / "labels.csv", SHARED / "images").iloc[: args.images]
-    base = Predictor.load(args.checkpoint, tta=False)
+    base = load_predictor(args.checkpoint, tta=False)
     prepared = np.stack([base.prepare(p)[1] for p in labels["path"]])
     male = labels["male"].to_numpy(bool)
 
@@ -66,22 +67,25 @@ def main() -> None:
         "images": len(prepared),
     }
     for tta in (False, True):
-        torch_pred = Predictor.load(args.checkpoint, tta=tta)
-        onnx_pred = Predictor.load(args.checkpoint, tta=tta, runtime="onnx")
+        torch_pred = load_predictor(args.checkpoint, engine="torch", tta=tta, device="cpu")
+        onnx_pred = load_predictor(args.checkpoint, engine="onnx", tta=tta, threads=args.threads)
         t = images_per_second(torch_pred, prepared, male, args.repeats)
         o = images_per_second(onnx_pred, prepared, male, args.repeats)
         ref, got = torch_pred.predict_arrays(prepared, male)[0], onnx_pred.predict_arrays(prepared, male)[0]
         diff = np.abs(ref - got)
         key = "tta6" if tta else "single_view"
         results[key] = {
-            "torch_eager_images_per_s": round(t, 2),
+            "torch_engine_images_per_s": round(t, 2),
             "onnxruntime_images_per_s": round(o, 2),
             "onnx_over_torch": round(o / t, 2),
             "max_abs_diff_months": round(float(diff.max()), 4),
         }
 
     results.update(predict_wall_times(args))
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    if args.out is not None:
+        atomic_write(args.out, text + "\n")
+    print(text)
 
 
 def predict_wall_times(args: argparse.Namespace) -> dict[str, object]:

@@ -4,11 +4,10 @@ every response carries one).
 Starts the app with uvicorn on 127.0.0.1 (free port, background thread, the model of ``--checkpoint`` or the
 bundled one), sends a bounded number of requests within a hard time limit, and prints throughput, p50/p95
 latency and the error count. ``--engine`` runs one or more engines one after the other in the same process,
-side by side: ``torch`` is the pre-ONNX server (torch Predictor, Grad-CAM hooks, one global model lock),
-``onnx`` the torch-free one (one shared ONNX Runtime session, in-graph heatmap, no lock). Exit status 1 if
-any request failed, 2 if the server could not serve a model.
+side by side (both run the same hook-free graph, no model lock). Exit status 1 if any request failed, 2 if the
+server could not serve a model.
 
-    python benchmarks/load_test.py --engine torch --engine onnx     # old vs new, 16 clients, bundled model
+    python benchmarks/load_test.py --engine onnx --engine torch     # 16 clients, bundled model
     python benchmarks/load_test.py --checkpoint tiny.safetensors --requests 160 --clients 16
 """
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=120.0, help="hard stop in seconds (default 120)")
     parser.add_argument("--workers", type=int, default=2, help="server inference worker threads (default 2)")
     parser.add_argument("--images", type=int, default=32, help="distinct radiographs to cycle through")
-    parser.add_argument("--engine", action="append", choices=["torch", "onnx", "auto"],
+    parser.add_argument("--engine", action="append", choices=["torch", "onnx"],
                         help="engine(s) to measure, in order (repeatable; default: onnx)")
     args = parser.parse_args(argv)
 

@@ -1,7 +1,7 @@
 """The bundled model's out-of-distribution check against a battery of inputs that are not PA left-hand
 radiographs, and its false-refusal rate on real held-out hands.
 
-    python benchmarks/ood_battery.py --out docs/results/ood
+    python benchmarks/ood_battery.py --out benchmarks/results/ood_battery
 
 Every battery image is written to a PNG and sent through ``load_predictor().predict`` (the engine the CLI,
 batch and web use): "refused" means a one-line BoneAgeInputError, "warned" a warning on the prediction,
@@ -101,14 +101,14 @@ def rotated_hands(ids: list[str]) -> dict[str, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="bundle (default: the bundled model)")
-    ap.add_argument("--out", type=Path, default=Path("docs/results/ood"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ood_battery"))
     ap.add_argument("--hands", type=int, default=5, help="real hands to rotate")
     args = ap.parse_args()
 
     from boneage.errors import BoneAgeInputError
-    from boneage.labels import read_labels
+    from boneage.data.labels import read_labels
     from boneage.ood import rotation_ratios, turned
-    from boneage.runtime import load_predictor, oriented_pixels
+    from boneage.predict import load_predictor, oriented_pixels
 
     # the engine `boneage predict` and the web app use by default
     predictor = load_predictor(args.checkpoint)
@@ -148,7 +148,7 @@ def main() -> None:
             rows.append(row)
     table = pd.DataFrame(rows)
     # real held-out hands (never trained on): how many would be refused?
-    from boneage.io import read_radiograph
+    from boneage.data.io import read_radiograph
 
     prepared, pooled, texture = [], [], []
     for p in labels["path"]:  # one read per file: the inputs of every check, as predict makes them

@@ -16,7 +16,7 @@ Usage (GPU target: b/a >= 0.90 for tf_efficientnet_lite0 and inception_v3 at 512
 Small CPU check:
     python benchmarks/train_throughput.py --cache .cache/shards-128-q95 --size 128 --batch 16 --steps 5 \\
         --warmup 2 --workers 1 --device cpu
-Results go into benchmarks/RESULTS.md by hand, with the date, the machine and the command.
+Prints one JSON line (machine, settings, images/s per input path).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from boneage.augment import Augment
-from boneage.cache import ShardCache, decode_batch
+from boneage.data.augment import Augment
+from boneage.data.shards import ShardCache, decode_batch
 from boneage.config import AugmentConfig
-from boneage.data import to_float
-from boneage.labels import read_labels
-from boneage.models import BoneAgeNet
+from boneage.data.datamodule import to_float
+from boneage.data.labels import read_labels
+from boneage.models.net import BoneAgeNet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-bone-age-sample"
 

@@ -36,18 +36,25 @@ def shared_299() -> Path:
     return _shared(SHARED_299)
 
 
-def make_tiny_predictor(size: int = 64, seed: int = 0, **spec_fields):
-    """A randomly initialised tiny network with the real Predictor around it: fast, offline, deterministic.
-    ``spec_fields`` set other ModelSpec fields (e.g. ``age_bins``)."""
+TINY_FACTS = {"model_version": "test", "heldout_native": {"images": 10, "mae_months": 99.0}}
+
+
+def make_tiny_predictor(
+    size: int = 64, seed: int = 0, *, tta: bool = True, preprocess: dict | None = None, **spec_fields
+):
+    """A randomly initialised tiny network on the torch engine with the real policy around it: fast, offline,
+    deterministic. ``spec_fields`` set other ModelSpec fields (e.g. ``age_bins``)."""
     import torch
 
-    from boneage.inference import Predictor
+    from boneage.modelfile import ModelFacts
     from boneage.models import BoneAgeNet
+    from boneage.predict import Predictor
+    from boneage.predict.torch_engine import TorchEngine
     from boneage.spec import ModelSpec, PreprocessSpec
 
     torch.manual_seed(seed)
     spec = ModelSpec(
-        preprocess=PreprocessSpec(size=size),
+        preprocess=PreprocessSpec(size=size, **(preprocess or {})),
         backbone="test_efficientnet",
         head=[16],
         sex_units=8,
@@ -55,16 +62,17 @@ def make_tiny_predictor(size: int = 64, seed: int = 0, **spec_fields):
         **spec_fields,
     )
     model = BoneAgeNet.from_spec(spec)
-    return Predictor(model, spec, {"val_mae_months": 99.0, "version": "test"})
+    return Predictor(TorchEngine(model, "cpu"), spec, ModelFacts.parse(TINY_FACTS), tta=tta)
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model saved in the bundled-model format (fp16 safetensors + JSON metadata)."""
-    from boneage.bundle import save_bundle
+    """A tiny model saved as a model file (fp16 safetensors + facts) with its ONNX graph beside it."""
+    from boneage.release.bundle import save_model_file
 
+    predictor = make_tiny_predictor()
     path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
-    return save_bundle(make_tiny_predictor(), path)
+    return save_model_file(predictor, path, predictor.facts)
 
 
 def make_tiny_train_config(shared_sample: Path, cache_dir: Path, **sections: dict):
@@ -105,7 +113,7 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(shared_sample: Path, tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(run_dir, summary) of a 1-epoch tiny training run on 40 real radiographs at 32 px."""
-    from boneage.training import train
+    from boneage.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     summary = train(make_tiny_train_config(shared_sample, tiny_cache_dir), run_dir, progress=False)

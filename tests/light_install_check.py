@@ -31,7 +31,9 @@ def main(sample: Path) -> int:
     start = time.perf_counter()
     done = subprocess.run(
         [exe, "predict", str(image), "--sex", "male", "--age", "10y", "--json"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -47,16 +49,20 @@ def main(sample: Path) -> int:
 
     with background_server(create_app(workers=2)) as url:
         boundary = uuid.uuid4().hex
-        body = b"".join([
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"sex\"\r\n\r\nmale\r\n".encode(),
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"age\"\r\n\r\n10y\r\n".encode(),
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{image.name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n".encode(),
-            image.read_bytes(),
-            f"\r\n--{boundary}--\r\n".encode(),
-        ])
+        body = b"".join(
+            [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="sex"\r\n\r\nmale\r\n'.encode(),
+                f'--{boundary}\r\nContent-Disposition: form-data; name="age"\r\n\r\n10y\r\n'.encode(),
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{image.name}"\r\n'
+                "Content-Type: image/png\r\n\r\n".encode(),
+                image.read_bytes(),
+                f"\r\n--{boundary}--\r\n".encode(),
+            ]
+        )
         request = urllib.request.Request(
-            f"{url}/api/v1/predict", data=body, method="POST",
+            f"{url}/api/v1/predict",
+            data=body,
+            method="POST",
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         with urllib.request.urlopen(request, timeout=120) as response:

@@ -1,5 +1,5 @@
-"""The bundled model: present, small, self-describing, and as accurate as its model card says, on the
-1,001 held-out radiographs in their own aspect ratio (what a clinic sends)."""
+"""The bundled model: present, small, self-describing, and as accurate as its model file states (and the
+README and model card repeat), on the 1,001 held-out radiographs in their own aspect ratio."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import boneage
+from boneage.data.labels import read_labels
 from boneage.evaluation import evaluate
-from boneage.inference import Predictor, bundled_model_path
-from boneage.labels import read_labels
+from boneage.modelfile import ModelFile, bundled_model_path
+from boneage.predict import Predictor, load_predictor
 
 pytestmark = pytest.mark.integration
 
@@ -31,28 +31,18 @@ def test_bundled_model_is_shipped_small_and_fp16() -> None:
         assert "ood.orientation_weight" in f.keys()  # and the orientation probe
         assert "ood.texture.threshold" in f.keys()  # and the texture density
     assert dtypes == {"torch.float16"}
-    for key in (
-        "version",
-        "backbone",
-        "input_size",
-        "val_mae_months",
-        "native_mae_months",
-        "trained_on",
-        "spec",
-        "licence",
-        "training_range_months",
-        "tta_spread_p99_months",
-    ):
-        assert key in meta, key
     assert "config" not in meta  # a shipped model carries only what prediction needs
-    assert "non-commercial" in meta["licence"]
-    assert meta["version"] == boneage.__version__
+    facts = ModelFile.read(path).facts
+    assert facts.model_version == "0.12.0"  # the model's own version; the package moves on without it
+    assert facts.licence and "non-commercial" in facts.licence
+    assert facts.training_range_months and facts.tta_spread_p99_months and facts.trained_on
+    assert facts.heldout_native and facts.heldout_training_geometry and facts.validation_split
     assert meta["spec"]["preprocess"]["geometry"] == "squash"
 
 
 @pytest.fixture(scope="module")
 def bundled() -> Predictor:
-    return Predictor.load(tta=False)
+    return load_predictor(tta=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +54,10 @@ def native_report(bundled: Predictor, shared_sample):
 def test_bundled_model_reproduces_its_held_out_mae(bundled: Predictor, native_report) -> None:
     """Recompute the model card's held-out MAE on all 1,001 native-aspect radiographs (single view, to keep
     it quick; the card's TTA figure comes from the same code with six views)."""
-    meta = bundled.meta
+    stated = bundled.facts.heldout_native
     m = native_report.metrics
-    assert m["n"] == meta["native_images"] == 1001
-    assert m["mae_months"] == pytest.approx(meta["native_mae_no_tta_months"], abs=0.05)
+    assert m["n"] == stated.images == 1001
+    assert m["mae_months"] == pytest.approx(stated.mae_no_tta_months, abs=0.05)
     assert m["mae_months"] < 0.3 * m["mae_baseline_mean_months"]
 
 
@@ -82,7 +72,7 @@ def test_native_and_squashed_copies_agree(bundled: Predictor, native_report, sha
     square_report = evaluate(bundled, labels, progress=False)
     assert square_report.metrics["n"] == 1001
     square_mae, native_mae = square_report.metrics["mae_months"], native_report.metrics["mae_months"]
-    assert square_mae == pytest.approx(bundled.meta["val_mae_no_tta_months"], abs=0.05)
+    assert square_mae == pytest.approx(bundled.facts.heldout_training_geometry.mae_no_tta_months, abs=0.05)
     assert abs(square_mae - native_mae) <= 0.5
     square = square_report.predictions.set_index("id")["predicted"]
     native = native_report.predictions.set_index("id").loc[square.index, "predicted"]
@@ -93,6 +83,6 @@ def test_native_and_squashed_copies_agree(bundled: Predictor, native_report, sha
 def test_bundled_model_predicts_a_real_radiograph(shared_sample) -> None:
     labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
     row = labels.iloc[0]
-    pred = Predictor.load().predict(row["path"], "male" if row["male"] else "female")
+    pred = load_predictor().predict(row["path"], "male" if row["male"] else "female")
     assert np.isfinite(pred.bone_age_months) and 0 < pred.bone_age_months < 260
     assert len(pred.views_months) == 6 and pred.uncertainty_months >= 0

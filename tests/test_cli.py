@@ -109,7 +109,7 @@ def test_missing_checkpoint_exit_2(runner: CliRunner, tmp_path: Path) -> None:
         app, ["predict", str(image), "--sex", "f", "--checkpoint", str(tmp_path / "no.ckpt")]
     )
     assert result.exit_code == 2
-    assert "checkpoint not found" in result.stderr and "no.ckpt" in result.stderr
+    assert "model file not found" in result.stderr and "no.ckpt" in result.stderr
 
 
 @pytest.mark.integration

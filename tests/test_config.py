@@ -294,10 +294,10 @@ def test_every_shipped_config_validates() -> None:
 
 
 def test_run_config_makes_the_model_spec() -> None:
-    cfg = load_config(REPO / "configs" / "bundled-v0.2.yaml")
+    cfg = load_config(REPO / "configs" / "release" / "v0.12.0-stage1.yaml")
     spec = cfg.model_spec(100.0, 30.0)
     assert spec.preprocess.geometry == "squash" and spec.preprocess.size == 256
-    assert (spec.backbone, spec.head) == ("tf_efficientnet_lite0", [512])
+    assert (spec.backbone, spec.head, spec.age_bins) == ("tf_efficientnet_lite2", [512], 121)
     assert (spec.target_mean, spec.target_std) == (100, 30)
     assert "pretrained" not in spec.model_dump()  # how it was initialised is training history, not the model
     assert cfg.train.size_schedule == {} and cfg.train.ema_decay == pytest.approx(0.998)
@@ -305,7 +305,7 @@ def test_run_config_makes_the_model_spec() -> None:
 
 
 def test_ship_rule_is_read_checked_and_applied() -> None:
-    from boneage.bundle import ship_decision
+    from boneage.release.ship import ship_decision
 
     cfg = config_from_dict({"ship": {"bar": 6.902, "checkpoint": "last"}})
     assert cfg.ship.bar == 6.902 and cfg.ship.checkpoint == "last"
@@ -335,7 +335,7 @@ def test_ship_rule_is_read_checked_and_applied() -> None:
 def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) -> None:
     import pandas as pd
 
-    from boneage.bundle import ship_bar, ship_decision
+    from boneage.release.ship import ship_bar, ship_decision
 
     ids = list(range(100))
     ref = [100.0] * len(ids)
@@ -377,7 +377,7 @@ def test_a_paired_ship_rule_needs_a_win_the_split_can_resolve(tmp_path: Path) ->
 def test_a_paired_only_rule_is_a_gate_decided_by_the_paired_difference(tmp_path: Path) -> None:
     import pandas as pd
 
-    from boneage.bundle import ship_bar, ship_decision
+    from boneage.release.ship import ship_bar, ship_decision
 
     ids = list(range(100))
     ref = [100.0] * len(ids)

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_tiny_predictor
 from PIL import Image
 
+from boneage.data.labels import read_labels
 from boneage.errors import BoneAgeInputError
 from boneage.evaluation import (
     EvaluationReport,
@@ -20,7 +21,6 @@ from boneage.evaluation import (
     metrics,
     plot_predictions,
 )
-from boneage.labels import read_labels
 
 PRED = np.array([10.0, 36.0, 95.0, 210.0, 120.0])
 REF = np.array([12.0, 30.0, 100.0, 200.0, 120.0])  # errors: -2, +6, -5, +10, 0
@@ -139,3 +139,41 @@ def test_evaluate_folder_with_and_without_cache(shared_sample: Path, tmp_path: P
     np.testing.assert_allclose(direct.predictions["error"], errors)
     assert direct.metrics["mae_months"] == pytest.approx(np.abs(errors).mean(), abs=1e-2)
     assert (direct.predictions["uncertainty"] >= 0).all()
+
+
+def test_the_one_paired_difference_aligns_ids() -> None:
+    """Two models' absolute errors paired by id, whatever their order, before differencing; its mean and
+    standard error are ``mean_and_se``'s, the arithmetic every ship rule uses."""
+    from boneage.evaluation import mean_and_se, paired_difference
+
+    a = pd.Series([1.0, 2.0, 3.0, 4.0], index=["a", "b", "c", "d"])
+    b = pd.Series([3.5, 2.5, 1.5, 0.5, 9.0], index=["d", "c", "b", "a", "e"])  # "e" is not in a: left out
+    out = paired_difference(a, b)
+    assert out["n"] == 4 and out["mae_a"] == 2.5 and out["mae_b"] == 2.0
+    assert out["diff_b_minus_a"] == -0.5 and out["diff_se"] == 0.0 and out["corr_abs_errors"] == 1.0
+    d = np.array([0.5, -1.0, 2.0, 0.25, -0.75])
+    mean, se = mean_and_se(d)
+    assert mean == pytest.approx(0.2) and se == pytest.approx(np.std(d, ddof=1) / np.sqrt(5))
+    x = pd.Series([3.0, 4.0, 1.0, 2.0, 5.0], index=list("abcde"))
+    out = paired_difference(x, x + d)
+    assert out["diff_b_minus_a"] == round(mean, 3) and out["diff_se"] == round(se, 3)
+
+
+def test_compare_prediction_files_pairs_by_id_and_refuses_other_images(tmp_path: Path) -> None:
+    from boneage.evaluation import compare_prediction_files
+
+    a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    pd.DataFrame({"id": ["1", "2", "3"], "boneage": [100, 120, 140], "predicted": [104, 118, 140]}).to_csv(
+        a, index=False
+    )
+    pd.DataFrame({"id": ["3", "2", "1"], "boneage": [140, 120, 100], "predicted": [141, 121, 101]}).to_csv(
+        b, index=False
+    )
+    out = compare_prediction_files(a, b)
+    assert out["n"] == 3 and out["mae_a"] == 2.0 and out["mae_b"] == 1.0
+    assert out["diff_b_minus_a"] == -1.0  # errors 4, 2, 0 against 1, 1, 1
+    pd.DataFrame({"id": ["1"], "boneage": [99], "predicted": [99]}).to_csv(c, index=False)
+    with pytest.raises(BoneAgeInputError, match="disagree"):
+        compare_prediction_files(a, c)
+    with pytest.raises(BoneAgeInputError, match="no m2 column"):
+        compare_prediction_files(a, b, "m2")

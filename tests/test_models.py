@@ -11,15 +11,9 @@ import torch
 
 from boneage.config import PRESETS, ModelConfig, RunConfig, build_config
 from boneage.errors import BoneAgeInputError
-from boneage.models import (
-    BoneAgeNet,
-    _offline_imagenet_state,
-    build_model,
-    freeze_all_but,
-    load_matching,
-    parameterised_layers,
-    read_state_dict,
-)
+from boneage.models.init import _offline_imagenet_state, build_model, load_matching
+from boneage.models.net import BoneAgeNet
+from boneage.models.surgery import freeze_all_but, parameterised_layers
 
 
 def _build(cfg: ModelConfig, age_mean: float = 127.0, age_std: float = 41.0) -> BoneAgeNet:
@@ -101,7 +95,7 @@ def test_head_names_do_not_depend_on_dropout(tmp_path: Path) -> None:
 
 def test_v01_head_names_are_renamed() -> None:
     """v0.1 checkpoints and bundles (head.0 / head.3 with dropout) load into today's head."""
-    from boneage.models import rename_legacy_head
+    from boneage.modelfile.format import rename_legacy_head
 
     model = BoneAgeNet("test_efficientnet", [32, 16], sex_units=8, dropout=0.2)
     legacy = {}
@@ -222,7 +216,7 @@ def test_mobilenetv2_without_the_package_or_with_another_file(
     """No package: ``None`` (load_imagenet then asks timm's hub); a file of another hash is refused."""
     import sys
 
-    from boneage import models
+    from boneage.models import init as models
 
     module, locate, _ = models.OFFLINE_IMAGENET["mobilenetv2_100"]
     monkeypatch.setitem(models.OFFLINE_IMAGENET, "mobilenetv2_100", (module, locate, "00000000"))
@@ -325,17 +319,22 @@ def test_load_matching_returns_skipped() -> None:
     assert len(load_matching(target, {"foo": torch.zeros(1)})) == len(target.state_dict())
 
 
-def test_read_state_dict_lightning_layout_and_bundle(tmp_path: Path, tiny_bundle: Path) -> None:
+def test_model_file_weights_from_a_lightning_checkpoint_and_a_bundle(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    from boneage.modelfile import ModelFile
+
     source = BoneAgeNet("test_efficientnet", [16], sex_units=8)
     ckpt = tmp_path / "fake.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, ckpt)
-    state = read_state_dict(ckpt)
-    assert set(state) == set(source.state_dict())
-    bundle = read_state_dict(tiny_bundle)
+    spec = {"backbone": "test_efficientnet", "head": [16], "sex_units": 8}
+    blob = {"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "boneage_spec": spec}
+    torch.save(blob, ckpt)
+    assert set(ModelFile.read(ckpt).network_state()) == set(source.state_dict())
+    bundle = ModelFile.read(tiny_bundle).network_state()
     assert set(bundle) == set(source.state_dict())
     assert all(v.dtype != torch.float16 for v in bundle.values())
-    with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
-        read_state_dict(tmp_path / "missing.ckpt")
+    with pytest.raises(BoneAgeInputError, match="model file not found"):
+        ModelFile.read(tmp_path / "missing.ckpt")
 
 
 def test_pretrained_none_is_random() -> None:
@@ -395,7 +394,7 @@ def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
     """timm builds MobileNetV2 with its EfficientNet class, so the OOD texture tap (stage 2, stride 8) and
     the closed-form Grad-CAM of the ONNX graph work for it as for EfficientNet-Lite: choosing it for a
     bundled model would lose neither."""
-    from boneage.inference import _ExportGraph, cam_supported
+    from boneage.models.export import ExportGraph, cam_supported
     from boneage.ood import TEXTURE_STAGE
 
     torch.manual_seed(0)
@@ -405,7 +404,7 @@ def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
     with torch.no_grad():
         feats, texture = net.features_with_texture(x, TEXTURE_STAGE)
         assert texture.shape == (2, 2 * 32)  # blocks[2]: 32 channels at stride 8
-        months, graph_feats, cam, graph_texture = _ExportGraph(net, cam=True)(x, male)
+        months, graph_feats, cam, graph_texture = ExportGraph(net, cam=True)(x, male)
     torch.testing.assert_close(months, net(x, male), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(graph_feats, feats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graph_texture, texture, rtol=1e-5, atol=1e-5)
@@ -461,14 +460,14 @@ def test_regression_checkpoint_initialises_a_label_distribution_model_but_its_ou
 def test_in_graph_grad_cam_is_the_gradient_of_the_answer(age_bins: int) -> None:
     """The export graph's closed-form Grad-CAM equals autograd's: channel weights d months / d A averaged
     over the map, for the plain head and for the label-distribution head's expected age."""
-    from boneage.inference import _ExportGraph
+    from boneage.models.export import ExportGraph
 
     torch.manual_seed(0)
     net = BoneAgeNet("test_efficientnet", [16], sex_units=4, age_bins=age_bins, age_mean=120.0, age_std=40.0)
     net.eval()
     x, male = torch.rand(2, 1, 64, 64), torch.tensor([0.0, 1.0])
     with torch.no_grad():
-        months, _, cam = _ExportGraph(net, cam=True)(x, male)[:3]
+        months, _, cam = ExportGraph(net, cam=True)(x, male)[:3]
     a = list(net.block_outputs(x))[-1][1].detach().requires_grad_(True)  # the last block's output
     b = net.backbone
     feats = b.forward_head(b.bn2(b.conv_head(a)))

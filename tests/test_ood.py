@@ -58,7 +58,8 @@ def test_orientation_probe_tells_upright_from_turned_and_survives_the_bundle_rou
     again = FeatureDensity.from_tensors(density.to_tensors())
     assert again is not None and again.orientation is not None
     np.testing.assert_allclose(
-        again.orientation.upright_probability(test_turned[:20]), probe.upright_probability(test_turned[:20]),
+        again.orientation.upright_probability(test_turned[:20]),
+        probe.upright_probability(test_turned[:20]),
         atol=1e-4,
     )
     assert again.orientation.limit == pytest.approx(probe.limit)
@@ -103,8 +104,8 @@ def test_bundled_model_refuses_non_hands_warns_on_turned_hands_and_accepts_real_
     """Noise, a stripe pattern and a chest-like drawing are refused with one line; a real hand turned upside
     down or by 180 degrees gets a bone age only with the orientation warning; real held-out hands pass
     silently."""
-    from boneage.labels import read_labels
-    from boneage.runtime import load_predictor
+    from boneage.data.labels import read_labels
+    from boneage.predict import load_predictor
 
     predictor = load_predictor()
     assert predictor.ood is not None, "the bundled model ships its OOD density"
@@ -165,15 +166,15 @@ def test_texture_density_and_its_copy_recipe_survive_the_bundle_round_trip() -> 
 def test_texture_density_refuses_in_predict(tiny_bundle: Path, tmp_path: Path) -> None:
     """An input whose texture statistics are far from the texture density's training cloud is refused with
     one line naming the texture; the same input passes when the density's limit is loose."""
-    from boneage.inference import Predictor
     from boneage.ood import TEXTURE_STAGE
+    from boneage.predict import load_predictor
 
-    predictor = Predictor.load(tiny_bundle, runtime="torch")
+    predictor = load_predictor(tiny_bundle, engine="torch")
     rng = np.random.default_rng(4)
     train = rng.integers(0, 256, (40, 64, 64), dtype=np.uint8)
     stats = predictor.texture_statistics(train)
     assert stats is not None and stats.shape[0] == 40
-    assert predictor.model.supports_texture(TEXTURE_STAGE)
+    assert predictor.engine.model.supports_texture(TEXTURE_STAGE)
     texture = FeatureDensity.fit(stats, components=8)
     texture.threshold = 0.0  # every input is "unusual"
     feats = predictor.predict_arrays(train[:20], np.zeros(20, bool), features=True)[3]
@@ -191,10 +192,12 @@ def test_texture_density_refuses_in_predict(tiny_bundle: Path, tmp_path: Path) -
 def test_onnx_graph_gives_the_same_texture_statistics_as_torch(tiny_bundle: Path) -> None:
     """The exported graph taps the texture stage in the same pass (output ``texture``); its statistics are
     the torch network's partial pass, so a density fitted with one engine scores with the other."""
-    from boneage.inference import Predictor
-    from boneage.runtime import OnnxPredictor
+    from boneage.predict import load_predictor
 
-    onnx, torch_engine = OnnxPredictor.load(tiny_bundle), Predictor.load(tiny_bundle, runtime="torch")
+    onnx, torch_engine = (
+        load_predictor(tiny_bundle, engine="onnx"),
+        load_predictor(tiny_bundle, engine="torch"),
+    )
     images = np.random.default_rng(5).integers(0, 256, (3, 64, 64), dtype=np.uint8)
     a, b = onnx.texture_statistics(images), torch_engine.texture_statistics(images)
     assert a is not None and b is not None and a.shape == b.shape
@@ -203,37 +206,29 @@ def test_onnx_graph_gives_the_same_texture_statistics_as_torch(tiny_bundle: Path
 
 def test_features_and_texture_come_from_one_pass_equal_to_the_separate_ones(tiny_bundle: Path) -> None:
     """``features_with_texture`` walks the blocks once; its answer is the network's pooled features and the
-    partial pass's texture statistics, and the ONNX graph's plain run gives the same pair."""
+    partial pass's texture statistics, and both engines' plain run gives the same pair from one run."""
     import torch
 
-    from boneage.inference import Predictor
     from boneage.ood import TEXTURE_STAGE
-    from boneage.runtime import OnnxPredictor
+    from boneage.predict import load_predictor
 
-    torch_engine = Predictor.load(tiny_bundle, runtime="torch")
-    net = torch_engine.model
+    torch_engine = load_predictor(tiny_bundle, engine="torch")
+    net = torch_engine.engine.model
     x = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         feats, texture = net.features_with_texture(x, TEXTURE_STAGE)
         torch.testing.assert_close(feats, net.features(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(texture, net.texture_statistics(x, TEXTURE_STAGE), rtol=1e-5, atol=1e-5)
     images = np.random.default_rng(6).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    onnx = load_predictor(tiny_bundle, engine="onnx")
+    runs: list[int] = []
+    onnx.engine.session = _CountingSession(onnx.engine.session, runs)
     f_torch, t_torch = torch_engine.plain_outputs(images)
-    f_onnx, t_onnx = OnnxPredictor.load(tiny_bundle).plain_outputs(images)
+    f_onnx, t_onnx = onnx.plain_outputs(images)
+    assert len(runs) == 1  # features and texture from one run of the graph
     assert t_torch is not None and t_onnx is not None
     np.testing.assert_allclose(f_onnx, f_torch, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(t_onnx, t_torch, rtol=1e-3, atol=1e-3)
-    # the torch engine with an ONNX session takes both from one run of its graph, not a second torch pass
-    with_session = Predictor.load(tiny_bundle, runtime="torch")
-    assert with_session.use_onnx() is True
-    runs = []
-    with_session.onnx_session = _CountingSession(with_session.onnx_session, runs)
-    with_session.texture_statistics = lambda _: pytest.fail("texture came from a second torch pass")
-    f_s, t_s = with_session.plain_outputs(images)
-    assert len(runs) == 1
-    assert t_s is not None
-    np.testing.assert_allclose(f_s, f_torch, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(t_s, t_torch, rtol=1e-3, atol=1e-3)
 
 
 class _CountingSession:
@@ -253,11 +248,10 @@ class _CountingSession:
 def test_refusal_judges_the_input_remade_as_a_training_copy(tiny_bundle: Path, tmp_path: Path) -> None:
     """With a copy recipe the pooled score that refuses (and that a prediction reports) is that of the
     radiograph squashed and JPEG-compressed like the training copies; without one it is the input's own."""
-    from boneage.inference import Predictor
-    from boneage.preprocess import training_copy
-    from boneage.runtime import oriented_pixels
+    from boneage.data.preprocess import training_copy
+    from boneage.predict import load_predictor, oriented_pixels
 
-    predictor = Predictor.load(tiny_bundle, runtime="torch")
+    predictor = load_predictor(tiny_bundle, engine="torch")
     rng = np.random.default_rng(7)
     train = rng.integers(0, 256, (40, 64, 64), dtype=np.uint8)
     feats, stats = predictor.plain_outputs(train)
@@ -295,8 +289,8 @@ def test_bundled_model_judges_a_native_file_like_its_training_copy(
 ) -> None:
     """The pooled density was fitted on the 299 px JPEG copies. A clinic's native PNG, remade as such a copy
     before scoring, lands nearer its own shared copy's score than the PNG does as the model's input."""
-    from boneage.labels import read_labels
-    from boneage.runtime import load_predictor, oriented_pixels
+    from boneage.data.labels import read_labels
+    from boneage.predict import load_predictor, oriented_pixels
 
     plain = load_predictor(tta=False)
     assert plain.ood is not None and plain.ood.copy_recipe == (299, 60)

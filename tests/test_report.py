@@ -78,7 +78,12 @@ def test_html_report_contents(tmp_path: Path, radiograph: bytes, heatmap: bytes)
         heatmap,
         tmp_path / "out",
         "patient-001",
-        model_info={"backbone": "efficientnet_b0", "val_mae_months": 7.25},
+        model_info={
+            "model_version": "1.2.3",
+            "backbone": "efficientnet_b0",
+            "input_size": 299,
+            "headline": {"mae_months": 7.25, "images": 1001, "on": "held-out radiographs"},
+        },
     )
     assert path == tmp_path / "out" / "patient-001.html"
     text = path.read_text(encoding="utf-8")
@@ -140,7 +145,7 @@ def test_html_report_escapes_everything(tmp_path: Path, radiograph: bytes) -> No
         None,
         tmp_path,
         f"a{evil}",
-        model_info={"backbone": evil, "note": '"><img src=x onerror=alert(1)>'},
+        model_info={"backbone": evil, "trained_on": '"><img src=x onerror=alert(1)>'},
     )
     text = path.read_text(encoding="utf-8")
     assert "<script" not in text.lower()

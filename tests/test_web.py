@@ -40,8 +40,13 @@ def radiographs(shared_sample: Path) -> list[tuple[Path, str]]:
     girls = [r for r in rows if r["male"].strip().lower() in ("false", "0")]
     boys = [r for r in rows if r["male"].strip().lower() in ("true", "1")]
     picked = (girls[:1] + boys[:2]) if girls and len(boys) >= 2 else rows[:3]
-    return [(shared_sample / "images" / f"{r['id']}.png",
-             "male" if r["male"].strip().lower() in ("true", "1") else "female") for r in picked]
+    return [
+        (
+            shared_sample / "images" / f"{r['id']}.png",
+            "male" if r["male"].strip().lower() in ("true", "1") else "female",
+        )
+        for r in picked
+    ]
 
 
 def _png(size: tuple[int, int] = (96, 128)) -> bytes:
@@ -78,7 +83,7 @@ def test_health_and_model(client: TestClient) -> None:
     assert health["max_upload_mb"] == 20
     model = client.get("/api/v1/model").json()
     assert model["backbone"] == "test_efficientnet" and model["input_size"] == 64
-    assert model["val_mae_months"] == 99.0 and model["version"] == "test"
+    assert model["headline"]["mae_months"] == 99.0 and model["model_version"] == "test"
     assert "RSNA" in model["training_data"] and "not a medical device" in model["disclaimer"]
     assert "config" not in model and "source" not in model
 
@@ -111,9 +116,20 @@ def test_page_is_offline_and_has_the_form(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
-    for needle in ('id="predict-form"', 'name="image"', 'type="file"', 'name="sex"', 'name="age"',
-                   'id="bone-age"', 'id="heatmap"', 'id="sd-chart"', 'id="error"', "Research use only",
-                   "not a medical device", "non-commercial research licence"):
+    for needle in (
+        'id="predict-form"',
+        'name="image"',
+        'type="file"',
+        'name="sex"',
+        'name="age"',
+        'id="bone-age"',
+        'id="heatmap"',
+        'id="sd-chart"',
+        'id="error"',
+        "Research use only",
+        "not a medical device",
+        "non-commercial research licence",
+    ):
         assert needle in html
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assets = {"/static/app.js": "javascript", "/static/style.css": "text/css"}
@@ -132,8 +148,15 @@ def test_predict_real_radiographs(client: TestClient, radiographs: list[tuple[Pa
         assert response.status_code == 200, response.text
         r = response.json()
         assert r["sex"] == sex and r["file"] == path.name
-        numbers = ["bone_age_months", "bone_age_years", "uncertainty_months", "chronological_age_months",
-                   "difference_months", "sd_months", "sd_score"]
+        numbers = [
+            "bone_age_months",
+            "bone_age_years",
+            "uncertainty_months",
+            "chronological_age_months",
+            "difference_months",
+            "sd_months",
+            "sd_score",
+        ]
         for key in numbers:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
         assert r["chronological_age_months"] == pytest.approx(90.0)
@@ -150,8 +173,9 @@ def test_dicom_header_supplies_sex_and_age(
     client: TestClient, radiographs: list[tuple[Path, str]], tmp_path: Path
 ) -> None:
     pixels = np.asarray(Image.open(radiographs[0][0]).convert("L"))
-    path = write_dicom(tmp_path / "hand.dcm", pixels, PatientSex="F", PatientBirthDate="20100115",
-                       StudyDate="20170715")
+    path = write_dicom(
+        tmp_path / "hand.dcm", pixels, PatientSex="F", PatientBirthDate="20100115", StudyDate="20170715"
+    )
     dicom = path.read_bytes()
     response = _post(client, dicom, name="hand.dcm")  # no sex, no age in the form
     assert response.status_code == 200, response.text
@@ -188,11 +212,23 @@ def _truncated_png() -> bytes:
         (_png(), "hand.png", {"sex": "male", "age": "7"}, 422, "unit"),
         (_png((8, 8)), "tiny.png", {"sex": "male"}, 422, "too small"),
     ],
-    ids=["text-as-png", "truncated-png", "corrupt-png", "empty", "missing-sex", "bad-sex", "absurd-age",
-         "negative-age", "unreadable-age", "unitless-age", "too-small"],
+    ids=[
+        "text-as-png",
+        "truncated-png",
+        "corrupt-png",
+        "empty",
+        "missing-sex",
+        "bad-sex",
+        "absurd-age",
+        "negative-age",
+        "unreadable-age",
+        "unitless-age",
+        "too-small",
+    ],
 )
-def test_bad_input_is_a_one_line_4xx(client: TestClient, content: bytes, name: str, form: dict[str, str],
-                                     status: int, needle: str) -> None:
+def test_bad_input_is_a_one_line_4xx(
+    client: TestClient, content: bytes, name: str, form: dict[str, str], status: int, needle: str
+) -> None:
     detail = _assert_one_line_error(_post(client, content, name=name, **form), status)
     assert needle in detail
 
@@ -211,19 +247,25 @@ def test_oversize_upload_is_413(tiny_bundle: Path, radiographs: list[tuple[Path,
     _assert_one_line_error(_post(small, PNG_MAGIC + b"\x00" * 60_000, sex="male"), 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: bytes are counted as they arrive
-        yield (b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
-               b"Content-Type: image/png\r\n\r\n" + PNG_MAGIC)
+        yield (
+            b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + PNG_MAGIC
+        )
         for _ in range(20):
             yield b"\x00" * 16384
         yield b"\r\n--BOUNDARY--\r\n"
 
-    response = small.post("/api/v1/predict", content=chunks(),
-                          headers={"content-type": "multipart/form-data; boundary=BOUNDARY"})
+    response = small.post(
+        "/api/v1/predict",
+        content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=BOUNDARY"},
+    )
     _assert_one_line_error(response, 413)
 
 
-def test_unexpected_error_is_generic_500(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_unexpected_error_is_generic_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail /srv/model")
 
@@ -268,8 +310,9 @@ def test_concurrent_predictions_all_succeed(client: TestClient, radiographs: lis
     assert results == [200] * 8
 
 
-def test_event_loop_stays_responsive_during_inference(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                                      radiographs: list[tuple[Path, str]]) -> None:
+def test_event_loop_stays_responsive_during_inference(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, radiographs: list[tuple[Path, str]]
+) -> None:
     """Predictions that block their worker thread must not delay /health on the event loop."""
     real_assess = web.assess_image
     entered = threading.Semaphore(0)
@@ -283,8 +326,14 @@ def test_event_loop_stays_responsive_during_inference(client: TestClient, monkey
     monkeypatch.setattr(web, "assess_image", slow_assess)
     path, sex = radiographs[0]
     statuses: list[int] = []
-    workers = [threading.Thread(target=lambda: statuses.append(
-        _post(client, path.read_bytes(), name=path.name, sex=sex).status_code)) for _ in range(2)]
+    workers = [
+        threading.Thread(
+            target=lambda: statuses.append(
+                _post(client, path.read_bytes(), name=path.name, sex=sex).status_code
+            )
+        )
+        for _ in range(2)
+    ]
     try:
         for worker in workers:
             worker.start()
@@ -338,7 +387,7 @@ def test_serve_loads_first_then_runs_uvicorn(
 
     calls: list[dict] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
-    with pytest.raises(BoneAgeInputError, match="checkpoint not found"):
+    with pytest.raises(BoneAgeInputError, match="model file not found"):
         web.serve(checkpoint=tmp_path / "absent.safetensors")  # fails before binding a port
     assert calls == []
     web.serve(host="127.0.0.1", port=8123, checkpoint=tiny_bundle)
@@ -425,14 +474,10 @@ def test_docs_work_offline(client: TestClient) -> None:
     assert "fonts.googleapis" not in redoc.text
 
 
-def test_onnx_engine_serves_without_a_model_lock(tiny_bundle: Path) -> None:
-    """The default engine is thread-safe: no lock around the model (the torch engine keeps one)."""
-    from boneage.runtime import OnnxPredictor
-
-    app = create_app(tiny_bundle, workers=2)
-    service = app.state.service
-    assert isinstance(service.load(), OnnxPredictor)
-    assert not isinstance(service._model_lock, type(threading.Lock()))
-    torch_service = create_app(tiny_bundle, workers=2, engine="torch").state.service
-    torch_service.load()
-    assert isinstance(torch_service._model_lock, type(threading.Lock()))
+def test_both_engines_serve_without_a_model_lock(tiny_bundle: Path) -> None:
+    """Both engines run the same hook-free graph: requests share one predictor with no lock around it."""
+    for engine in ("onnx", "torch"):
+        service = create_app(tiny_bundle, workers=2, engine=engine).state.service
+        predictor = service.load()
+        assert predictor.engine.name == engine and predictor.thread_safe
+        assert not hasattr(service, "_model_lock")

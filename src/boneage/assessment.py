@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from boneage.clinical import Assessment, assess, format_months, parse_age
-from boneage.io import Radiograph
-from boneage.runtime import BasePredictor, Prediction
+from boneage.data.io import Radiograph
+from boneage.predict import Prediction, Predictor
 
 AGE_CONFLICT_MONTHS = 1.0
 
@@ -81,7 +81,7 @@ def resolve_age(given: str | float | None, radiograph: Radiograph | None) -> tup
 
 
 def assess_image(
-    predictor: BasePredictor,
+    predictor: Predictor,
     image: str | Path | bytes | Radiograph,
     sex: str | None = None,
     age: str | float | None = None,
@@ -107,9 +107,7 @@ def assess_image(
     return Result(pred, result, heat)
 
 
-def write_report(
-    result: Result, predictor: BasePredictor, out_dir: str | Path, name: str | None = None
-) -> Path:
+def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name: str | None = None) -> Path:
     """The one-page HTML report for a result (radiograph, heatmap, SD chart, numbers, caveats)."""
     from boneage.report import write_html_report  # matplotlib: only when a report is written
 

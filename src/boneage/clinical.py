@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from boneage.data.labels import Sex, parse_sex
 from boneage.errors import BoneAgeInputError
-from boneage.labels import Sex, parse_sex
 
 __all__ = [
     "MAX_AGE_MONTHS",

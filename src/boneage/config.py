@@ -68,11 +68,15 @@ class DataConfig(Section):
     # images drawn per training epoch (0: one pass over the training set); more than the set repeats it,
     # reshuffled each pass, so runs on subsets of different sizes get the same steps and validations
     epoch_images: int = Field(0, ge=0)
+    # data.images are copies of the original radiographs saved as JPEG at this quality (0: originals, or
+    # lossless). The shared 299 px set: 60 (its README). A bundle's OOD texture check remakes a clinic's
+    # file the same way (squashed to preprocess.squash_size, this JPEG quality) before judging it
+    copy_jpeg_quality: int = Field(0, ge=0, le=100)
     cache_dir: str = ".cache/boneage"  # preprocessed images are stored here, keyed by the preprocess settings
     num_workers: int = Field(2, ge=0)
-    # shard cache (boneage.cache): compact checksummed shards that hold the labels too
+    # shard cache (boneage.data.shards): compact checksummed shards that hold the labels too
     cache: str = ""  # PATH of a shard cache to train from alone (built there from images/labels if missing)
-    # one cache: shards (boneage.cache). "npy" (the removed per-image .npy cache) is read as "shards", raw
+    # one cache: shards (boneage.data.shards). "npy" (the removed per-image .npy cache) reads as "shards", raw
     cache_format: Literal["shards"] = "shards"
     shard_format: Literal["jpeg", "png", "raw"] = "raw"  # for caches built here (raw: lossless, fastest)
     shard_quality: int = Field(95, ge=1, le=100)

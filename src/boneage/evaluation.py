@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boneage.cache import cached_images
+from boneage.data.labels import read_labels
+from boneage.data.shards import cached_images
 from boneage.errors import BoneAgeInputError
-from boneage.inference import Predictor
-from boneage.labels import read_labels
+from boneage.predict import Predictor
 
 
 def age_band(months: np.ndarray, width_years: int = 2) -> np.ndarray:
@@ -152,6 +152,35 @@ def mean_and_se(d: np.ndarray) -> tuple[float, float]:
     arithmetic every paired comparison here uses (a ship rule, and each benchmark's committed results)."""
     d = np.asarray(d, dtype=np.float64)
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def paired_difference(a: pd.Series, b: pd.Series) -> dict[str, Any]:
+    """Two models' absolute errors on the same ids (Series by id) → each MAE and the paired difference B − A
+    (negative: B is better) with its standard error and the errors' correlation, over their common ids."""
+    a, b = a.align(b, join="inner")
+    diff, se = mean_and_se((b - a).to_numpy(float))
+    return {
+        "n": len(a),
+        "mae_a": round(float(a.mean()), 3),
+        "mae_b": round(float(b.mean()), 3),
+        "diff_b_minus_a": round(diff, 3),
+        "diff_se": round(se, 3),
+        "corr_abs_errors": round(float(np.corrcoef(a, b)[0, 1]), 3),
+    }
+
+
+def compare_prediction_files(
+    a: str | Path, b: str | Path, column_a: str = "predicted", column_b: str = "predicted"
+) -> dict[str, Any]:
+    """The paired difference B − A of two per-image prediction CSVs over the ids both answered; the files
+    must agree on the reference age of every shared id."""
+    ref, preds = align_predictions(
+        [(str(a), read_predictions(a, column_a)), (str(b), read_predictions(b, column_b))]
+    )
+    errors = [preds[k].sub(ref).abs().dropna() for k in (0, 1)]
+    names = {"a": str(a) if column_a == "predicted" else f"{a}:{column_a}"}
+    names["b"] = str(b) if column_b == "predicted" else f"{b}:{column_b}"
+    return {**names, **paired_difference(*errors)}
 
 
 def read_predictions(csv: str | Path, column: str = "predicted") -> pd.DataFrame:

@@ -12,7 +12,6 @@ import base64
 import functools
 import hashlib
 import io
-import math
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -257,25 +256,27 @@ def _result_rows(a: Assessment) -> list[tuple[str, str]]:
 
 
 def _model_rows(model_info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The model's identity and its headline accuracy, as its file states them (``Predictor.info``)."""
     if not model_info:
         return []
     info = dict(model_info)
     rows: list[tuple[str, str]] = []
-    if "backbone" in info:
-        rows.append(("Backbone", str(info.pop("backbone"))))
-    for key in ("val_mae_months", "validation_mae_months", "val_mae", "validation_mae", "mae"):
-        if key in info:
-            value = info.pop(key)
-            text = (
-                f"{value:.2f} months"
-                if isinstance(value, (int, float)) and math.isfinite(value)
-                else str(value)
+    if info.get("model_version"):
+        rows.append(("Model version", str(info["model_version"])))
+    if info.get("backbone"):
+        size = f", {info['input_size']} px input" if info.get("input_size") else ""
+        rows.append(("Network", f"{info['backbone']}{size}"))
+    headline = info.get("headline")
+    if isinstance(headline, Mapping) and isinstance(headline.get("mae_months"), (int, float)):
+        rows.append(
+            (
+                "Mean absolute error",
+                f"{headline['mae_months']:.2f} months on {headline['images']} {headline['on']}",
             )
-            rows.append(("Validation MAE", text))
-            break
-    for key, value in info.items():
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            rows.append((str(key), str(value)))
+        )
+    for key, label in (("trained_on", "Trained on"), ("licence", "Licence"), ("engine", "Engine")):
+        if info.get(key):
+            rows.append((label, str(info[key])))
     return rows
 
 

@@ -1,11 +1,11 @@
 """What a model *is*: everything needed to turn a radiograph into the network's input and its output
 into months.
 
-A ``ModelSpec`` is the only record a checkpoint or a bundle carries about its model, and the only thing
-``Predictor``, export and the web app read. How the model was trained (data paths, optimiser, epochs) lives
-in the run config (``boneage.config``) and never travels with the weights, so renaming a training option
-can never break loading a model. It plays the part timm's ``PretrainedCfg`` plays for timm: small and
-inference-facing.
+A ``ModelSpec`` is the only record a checkpoint or a bundle carries about its model, and the only thing the
+predictor, export and the web app read (``boneage.modelfile`` reads it from a file, older layouts too). How
+the model was trained (data paths, optimiser, epochs) lives in the run config (``boneage.config``) and never
+travels with the weights, so renaming a training option can never break loading a model. It plays the part
+timm's ``PretrainedCfg`` plays for timm: small and inference-facing.
 """
 
 from __future__ import annotations
@@ -115,37 +115,3 @@ def one_line(exc: ValidationError) -> str:
         msg = f"{key}={given!r}: " + (f"expected {allowed}" if allowed else err["msg"])
         parts.append(msg)
     return "; ".join(parts)
-
-
-def legacy_spec(config: dict[str, Any], state: dict[str, Any] | None = None) -> ModelSpec:
-    """The spec of a v0.1-layout checkpoint or bundle, which carried the whole training config: only its
-    ``preprocess`` and ``model`` sections matter; target statistics come from the weights' buffers."""
-    pre = {k: v for k, v in (config.get("preprocess") or {}).items() if k in PreprocessSpec.model_fields}
-    m = config.get("model") or {}
-    fields = {k: m[k] for k in ("backbone", "in_chans", "sex_units", "head", "dropout", "task") if k in m}
-    spec = ModelSpec(preprocess=PreprocessSpec(**pre), **fields)
-    if state is not None:
-        for name, buffer in (("target_mean", "age_mean"), ("target_std", "age_std")):
-            if buffer in state:
-                setattr(spec, name, float(state[buffer]))
-    return spec
-
-
-def spec_from_record(
-    record: dict[str, Any], state: dict[str, Any] | None = None, source: object = None
-) -> ModelSpec:
-    """A spec from a checkpoint's hyper-parameters or a bundle's metadata, in either layout."""
-    if "spec" in record:
-        return ModelSpec.parse(record["spec"], source)
-    if "config" in record:  # v0.1 layout: the whole training config
-        try:
-            return legacy_spec(record["config"], state)
-        except ValidationError as exc:
-            raise BoneAgeInputError(
-                f"cannot convert this v0.1 model ({one_line(exc)}); re-bundle it with "
-                "`boneage bundle --convert OLD --out NEW` from boneage 0.1",
-                source,
-            ) from None
-    raise BoneAgeInputError(
-        "no boneage model spec in this file (not made by boneage train or bundle?)", source
-    )

@@ -35,11 +35,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from boneage import __version__
 from boneage.assessment import assess_image
 from boneage.clinical import parse_age
+from boneage.data.io import read_radiograph, sniff_format
+from boneage.data.labels import parse_sex
 from boneage.errors import BoneAgeInputError
-from boneage.io import read_radiograph, sniff_format
-from boneage.labels import parse_sex
+from boneage.predict import Predictor, load_predictor
 from boneage.report import DISCLAIMER, sd_chart_png
-from boneage.runtime import BasePredictor, load_predictor
 
 __all__ = ["API_PREFIX", "background_server", "create_app", "serve"]
 
@@ -222,24 +222,21 @@ class _RequestLogMiddleware:
 class _Service:
     """The one predictor of this app, loaded once and shared by the worker threads.
 
-    The ONNX engine is thread-safe (one ONNX Runtime session, the heatmap computed inside the graph), so
-    requests run side by side, each worker on its own core. The torch engine's Grad-CAM hooks the network's
-    modules while it runs, so two overlapping calls would read each other's activations: for it a lock
-    serialises model use, while decoding and chart drawing still run in parallel in the pool.
+    Both engines are thread-safe (the heatmap is computed inside the graph, nothing hooks the network), so
+    requests run side by side in the worker pool, each worker on its own core.
     """
 
-    def __init__(self, checkpoint: str | Path | None, workers: int, engine: str = "auto") -> None:
+    def __init__(self, checkpoint: str | Path | None, workers: int, engine: str | None = None) -> None:
         self.checkpoint = checkpoint
         self.workers = max(1, int(workers))
         self.engine = engine
-        self.predictor: BasePredictor | None = None
+        self.predictor: Predictor | None = None
         self.load_error: str | None = None
         self._load_lock = threading.Lock()
-        self._model_lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         # one limiter per event loop (a limiter must not outlive its loop, e.g. across TestClient calls)
         self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"boneage-web-limiter-{id(self)}")
 
-    def load(self) -> BasePredictor:
+    def load(self) -> Predictor:
         """Load the model once (thread-safe); a failure is remembered for /health and retried next time."""
         with self._load_lock:
             if self.predictor is None:
@@ -256,12 +253,15 @@ class _Service:
                     self.load_error = f"cannot load the model ({type(exc).__name__})"
                     raise BoneAgeInputError(self.load_error) from exc
                 self.load_error = None
-                if not self.predictor.thread_safe:
-                    self._model_lock = threading.Lock()
+                info = self.predictor.info
+                headline = info.get("headline") or {}
                 log.info(
-                    "model loaded (%s engine): %s",
-                    type(self.predictor).__name__,
-                    _public_facts(self.predictor.info),
+                    "model %s loaded (%s, %s px, %s engine; held-out MAE %s months)",
+                    info.get("model_version"),
+                    info.get("backbone"),
+                    info.get("input_size"),
+                    info.get("engine"),
+                    headline.get("mae_months", "unknown"),
                 )
             return self.predictor
 
@@ -273,7 +273,7 @@ class _Service:
             self._limiter.set(limiter)
         return await anyio.to_thread.run_sync(partial(func, *args), limiter=limiter)
 
-    async def get_predictor(self) -> BasePredictor:
+    async def get_predictor(self) -> Predictor:
         if self.predictor is not None:
             return self.predictor
         try:
@@ -282,14 +282,13 @@ class _Service:
             raise HTTPException(503, f"model not available: {_one_line(exc.problem)}") from None
 
     def assess(
-        self, predictor: BasePredictor, data: bytes, label: str, sex: str | None, age: str | None
+        self, predictor: Predictor, data: bytes, label: str, sex: str | None, age: str | None
     ) -> dict[str, Any]:
-        """Decode, predict (under the model lock for the torch engine), then draw the SD chart."""
+        """Decode, predict, then draw the SD chart."""
         radiograph = read_radiograph(data, name=label)
         if sex is None and radiograph.sex is None:
             raise BoneAgeInputError("sex is required (female or male): the file does not state it", label)
-        with self._model_lock:
-            result = assess_image(predictor, radiograph, sex, age, name=label, heatmap=True)
+        result = assess_image(predictor, radiograph, sex, age, name=label, heatmap=True)
         body = result.to_dict(images=True)
         body["sd_chart_png_base64"] = _b64(sd_chart_png(result.assessment))
         body["model"] = _public_facts(predictor.info)
@@ -312,12 +311,12 @@ def create_app(
     max_upload_mb: float = 20,
     workers: int | None = None,
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
-    engine: str = "auto",
+    engine: str | None = None,
 ) -> FastAPI:
     """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use.
 
-    ``workers`` inference threads (default one per CPU core) share one predictor; ``engine`` is ``auto``
-    (ONNX Runtime when installed), ``onnx`` or ``torch`` (serialised by a lock, see ``_Service``). A request
+    ``workers`` inference threads (default one per CPU core) share one predictor; ``engine`` is ``onnx``,
+    ``torch`` or None (onnx when onnxruntime is installed). A request
     body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
     """
     if max_upload_mb <= 0:
@@ -380,6 +379,7 @@ def create_app(
             "model_loaded": service.predictor is not None,
             "model_error": service.load_error,
             "version": __version__,
+            "model_version": service.predictor.facts.model_version if service.predictor else None,
             "max_upload_mb": max_upload_mb,
         }
 
@@ -522,7 +522,7 @@ def serve(
     port: int = 8000,
     checkpoint: str | Path | None = None,
     *,
-    engine: str = "auto",
+    engine: str | None = None,
     workers: int | None = None,
 ) -> None:
     """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once."""

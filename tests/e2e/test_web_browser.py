@@ -17,9 +17,17 @@ import pytest
 CHROMIUM = os.environ.get("BONEAGE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("BONEAGE_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--disable-extensions", "--window-size=1366,1000",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--window-size=1366,1000",
 ]
 
 pytestmark = pytest.mark.e2e
@@ -93,8 +101,10 @@ def test_upload_and_see_bone_age(browser, server: str, shared_sample: Path, tmp_
     assert 0 <= months < 1000
     assert browser.find_element(By.ID, "sd-score").text.endswith(")")
     WebDriverWait(browser, 30).until(
-        lambda d: d.execute_script("return document.getElementById('sd-chart').naturalWidth") > 0
-        and d.execute_script("return document.getElementById('heatmap').naturalWidth") > 0
+        lambda d: (
+            d.execute_script("return document.getElementById('sd-chart').naturalWidth") > 0
+            and d.execute_script("return document.getElementById('heatmap').naturalWidth") > 0
+        )
     )
 
     height = browser.execute_script("return document.documentElement.scrollHeight")

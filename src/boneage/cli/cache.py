@@ -1,4 +1,4 @@
-"""``boneage cache build`` and ``boneage cache verify``: the command line over :mod:`boneage.cache`."""
+"""``boneage cache build`` and ``boneage cache verify``: the command line over :mod:`boneage.data.shards`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from boneage.cache import DEFAULT_SHARD_MB, ShardCache, build_cache
 from boneage.cli._common import exit_on_user_error
+from boneage.data.shards import DEFAULT_SHARD_MB, ShardCache, build_cache
 from boneage.errors import BoneAgeInputError
 
 cache_app = typer.Typer(
@@ -40,7 +40,7 @@ def build_command(
 ) -> None:
     """Preprocess a labelled dataset (crop, contrast, letterbox) into compact, checksummed shards."""
     from boneage.config import load_config
-    from boneage.preprocess import Preprocess
+    from boneage.data.preprocess import Preprocess
 
     cfg = load_config(config)
     p = cfg.preprocess

@@ -10,8 +10,8 @@ import typer
 
 from boneage.cli._common import exit_on_user_error
 from boneage.errors import BoneAgeInputError
-from boneage.experiments import EXPERIMENTS_DIR, list_experiments, load_experiment, report, run_grid
-from boneage.tuning import TUNE_LAYERS, TUNE_LR, TUNE_SIZES, tune
+from boneage.train.experiments import EXPERIMENTS_DIR, list_experiments, load_experiment, report, run_grid
+from boneage.train.tuning import TUNE_LAYERS, TUNE_LR, TUNE_SIZES, tune
 
 experiments_app = typer.Typer(
     no_args_is_help=True,
@@ -20,7 +20,7 @@ experiments_app = typer.Typer(
 
 
 def _quiet() -> None:
-    from boneage.training import quiet_lightning  # here, not at the top: the CLI starts fast
+    from boneage.train.loop import quiet_lightning  # here, not at the top: the CLI starts fast
 
     quiet_lightning()
 
@@ -90,7 +90,7 @@ def report_command(
     experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
     test: Annotated[bool, typer.Option(help="evaluate best.ckpt on the experiment's test set")] = True,
     out: Annotated[
-        Path | None, typer.Option(help="write the report here (default RUNS_DIR/NAME), e.g. docs/results/X")
+        Path | None, typer.Option(help="write the report here (default RUNS_DIR/NAME)")
     ] = None,
 ) -> None:
     """Write report.md, report.csv and report.png (into RUNS_DIR/NAME, or --out) from the variants' runs."""

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from boneage import __version__
 from boneage.cli._common import err, exit_on_user_error, out
 from boneage.errors import BoneAgeInputError
 
@@ -29,17 +28,20 @@ app = typer.Typer(
 )
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
-ENGINE_HELP = "onnx (ONNX Runtime, no torch), torch (the research Predictor), or auto (onnx when installed)"
-RUNTIME_HELP = "torch engine only: where its network runs (torch, onnx or auto); implies --engine torch"
+ENGINE_HELP = "onnx (ONNX Runtime, no torch) or torch; default: onnx when onnxruntime is installed"
+RUNTIME_GONE = (
+    "--runtime is gone: each engine runs its own runtime now; use --engine onnx (ONNX Runtime) or "
+    "--engine torch (torch)"
+)
 
 
-def _load_predictor(checkpoint: Path | None, engine: str, runtime: str | None, *, tta: bool) -> Any:
-    """The predictor of ``--engine`` (``--runtime``, the torch engine's older option, implies torch)."""
-    from boneage.runtime import load_predictor
+def _load_predictor(checkpoint: Path | None, engine: str | None, runtime: str | None, *, tta: bool) -> Any:
+    """The predictor of ``--engine``; the removed ``--runtime`` gets one line naming its replacement."""
+    from boneage.predict import load_predictor
 
-    if runtime is not None and engine == "auto":
-        engine = "torch"
-    return load_predictor(checkpoint, engine=engine, tta=tta, runtime=runtime or "auto")
+    if runtime is not None:
+        raise BoneAgeInputError(RUNTIME_GONE)
+    return load_predictor(checkpoint, engine=engine, tta=tta)
 
 
 @app.command()
@@ -52,8 +54,8 @@ def train(
 ) -> None:
     """Train a model; writes config.yaml, metrics.csv, best.ckpt and last.ckpt to the run folder."""
     from boneage.config import load_config
-    from boneage.training import quiet_lightning
-    from boneage.training import train as run_training
+    from boneage.train.loop import quiet_lightning
+    from boneage.train.loop import train as run_training
 
     quiet_lightning()
     cfg = load_config(config, set_)
@@ -73,8 +75,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print exactly one JSON object")] = False,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="reuse/keep preprocessed images here")] = None,
-    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
-    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
+    runtime: Annotated[str | None, typer.Option(hidden=True, help="removed: use --engine")] = None,
 ) -> None:
     """MAE, RMSE, median AE, MAE by sex and 2-year age band of a model on a labelled folder."""
     from boneage.evaluation import evaluate_folder, plot_predictions
@@ -109,7 +111,7 @@ def _collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def _sex_table(path: Path) -> dict[str, str]:
-    from boneage.labels import read_labels
+    from boneage.data.labels import read_labels
 
     table = read_labels(path, require_age=False)
     return {str(i): ("male" if m else "female") for i, m in zip(table["id"], table["male"], strict=True)}
@@ -282,15 +284,15 @@ def predict(
     sex_from: Annotated[Path | None, typer.Option(help="batch: CSV giving each image id's sex")] = None,
     heatmap: Annotated[bool, typer.Option(help="compute the Grad-CAM heatmap (for --report)")] = True,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
-    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
-    runtime: Annotated[str | None, typer.Option(help=RUNTIME_HELP)] = None,
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
+    runtime: Annotated[str | None, typer.Option(hidden=True, help="removed: use --engine")] = None,
 ) -> None:
     """Bone age (months, years), SD score against Greulich & Pyle, uncertainty, heatmap and report."""
     from rich.progress import Progress
 
     from boneage.assessment import assess_image, write_report
     from boneage.clinical import parse_age
-    from boneage.labels import parse_sex
+    from boneage.data.labels import parse_sex
 
     # Everything a user can get wrong is checked before the model loads and before any image is decoded.
     given_sex = parse_sex(sex, "--sex")  # the documented spellings only: `--sex 1` is not an answer
@@ -405,17 +407,14 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
 ) -> None:
-    """Export the network to ONNX for onnxruntime (dynamic batch; TTA stays in the caller)."""
-    from boneage.inference import Predictor, export_bundle_onnx, export_onnx
-    from boneage.runtime import bundled_model_path
+    """Export the network to ONNX for onnxruntime (dynamic batch; TTA stays in the caller), stamped with
+    the digest of the weights it came from, so the onnx engine can use it beside them."""
+    from boneage.modelfile import bundled_model_path
+    from boneage.models.export import export_model_file_onnx
 
     if fmt != "onnx":
         raise BoneAgeInputError(f"unknown export format {fmt!r} (onnx)")
-    source = checkpoint or bundled_model_path()
-    if source.suffix == ".safetensors":  # stamped with the bundle's digest: the onnx engine can use it
-        export_bundle_onnx(source, out_path)
-    else:
-        export_onnx(Predictor.load(checkpoint), out_path)
+    export_model_file_onnx(checkpoint or bundled_model_path(), out_path)
     out.print(f"wrote {out_path}")
 
 
@@ -424,7 +423,9 @@ def export(
 def bundle(
     checkpoint: Annotated[Path | None, typer.Option(help="best.ckpt of a training run")] = None,
     out_path: Annotated[Path, typer.Option("--out", help="output .safetensors")] = Path("model.safetensors"),
-    version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = __version__,
+    model_version: Annotated[
+        str | None, typer.Option("--model-version", "--version", help="the model's own version, e.g. 0.13.0")
+    ] = None,
     convert: Annotated[
         Path | None, typer.Option(help="rewrite a v0.1 bundle (whole training config inside) as a model spec")
     ] = None,
@@ -435,7 +436,7 @@ def bundle(
     """Turn a training checkpoint into the bundled-model format (fp16 safetensors + model spec + measured
     facts: held-out MAE in both geometries, TTA-spread threshold, training range) plus the ONNX graph of
     the same weights beside it (same name, .onnx)."""
-    from boneage.bundle import convert_bundle, make_bundle
+    from boneage.release.bundle import convert_bundle, make_bundle
 
     if convert is not None:
         path = convert_bundle(convert, out_path)
@@ -443,15 +444,16 @@ def bundle(
         return
     if checkpoint is None:
         raise BoneAgeInputError("pass --checkpoint CKPT (or --convert OLD_BUNDLE)")
-    path, meta = make_bundle(
+    if not model_version:
+        raise BoneAgeInputError("pass --model-version (the model's own version, e.g. 0.13.0)")
+    path, facts, _predictions = make_bundle(
         checkpoint,
         out_path,
-        version=version,
+        model_version=model_version,
         native_images=native_images,
         on_step=lambda msg: err.print(f"measuring: {msg}", highlight=False),
     )
-    meta.pop("_predictions", None)
-    print(json.dumps(meta, indent=2))
+    print(json.dumps(facts.public(), indent=2))
     out.print(f"wrote {path} and {path.with_suffix('.onnx').name} ({_sizes(path)})")
 
 
@@ -474,7 +476,7 @@ def average(
 ) -> None:
     """Average the weights of models fine-tuned from one start (a model soup) into one checkpoint, with
     config.yaml beside it: score it with `evaluate`, judge it with a ship rule, bundle it with `bundle`."""
-    from boneage.bundle import average_checkpoints
+    from boneage.release.average import average_checkpoints
 
     path = average_checkpoints(
         list(models), out_path, weights=weight or None, config=config, bn_images=bn_images, bn_seed=bn_seed
@@ -494,7 +496,7 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
-    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     workers: Annotated[int, typer.Option(help="inference worker threads (default: one per CPU core)")] = 0,
 ) -> None:
     """Start the web page and REST API (FastAPI + uvicorn)."""

@@ -202,8 +202,11 @@
       const m = await response.json();
       const parts = ["Model: " + m.backbone];
       if (m.input_size) parts.push(m.input_size + " px input");
-      if (m.val_mae_months != null) parts.push("validation MAE " + Number(m.val_mae_months).toFixed(1) + " months");
-      if (m.version) parts.push("version " + m.version);
+      if (m.headline && m.headline.mae_months != null) {
+        parts.push("mean absolute error " + Number(m.headline.mae_months).toFixed(2) + " months on " +
+          m.headline.images + " " + m.headline.on);
+      }
+      if (m.model_version) parts.push("model version " + m.model_version);
       if (m.training_data) parts.push("trained on " + m.training_data);
       $("model-facts").textContent = parts.join(" · ");
     } catch (err) {
