@@ -112,7 +112,8 @@ BAYLEY_PINNEAU_LIMITS = (
 FOLLOW_UP_METHOD = (
     "Bone age velocity = change in bone age (months) / change in chronological age (years) between visits; "
     "its uncertainty = sqrt(u1^2 + u2^2) / years, from the two predictions' stated uncertainties (spread "
-    "over test-time views), which do not include the model's systematic error."
+    "over test-time views), which do not include the model's systematic error. A child maturing at the "
+    "average tempo gains 12 bone-age months per year."
 )
 CALIBRATION_METHOD = (
     "Per-sex least-squares line from the model's bone age to the site's readings (corrected = a + b x "
@@ -570,7 +571,7 @@ def read_history(data: str | Path | bytes, name: str | None = None) -> History:
     sexes: list[tuple[Sex, str]] = []
     skipped = 0
     for number, record in enumerate(records, start=1):
-        label = str(record.get("file") or record.get("label") or f"visit {number}")
+        label = Path(str(record.get("file") or "")).name or str(record.get("label") or f"visit {number}")
         where = f"visit {number} ({label})" if label != f"visit {number}" else label
         if str(record.get("error") or "").strip() or record.get("bone_age_months") in (None, ""):
             skipped += 1  # a failed batch row or a row without a result: nothing to follow

@@ -5,7 +5,8 @@ Every user mistake arrives as a ``BoneAgeInputError`` and leaves as one line on 
 typer or rich; the library reports progress through :mod:`boneage.progress` callbacks.
 
 ``main``: train, evaluate, predict, export, bundle, serve; ``cache``: ``boneage cache ...``;
-``experiments``: ``boneage experiments ...`` and ``boneage tune``.
+``experiments``: ``boneage experiments ...`` and ``boneage tune``; ``growth``: ``boneage calibrate`` and
+``boneage growth-schema`` (issue #45).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import sys
 
 from boneage.cli.cache import cache_app
 from boneage.cli.experiments import experiments_app, tune_command
+from boneage.cli.growth import calibrate_command, growth_schema_command
 from boneage.cli.main import app
 
 app.add_typer(cache_app, name="cache")
 app.add_typer(experiments_app, name="experiments")
 app.command("tune")(tune_command)
+app.command("calibrate")(calibrate_command)
+app.command("growth-schema")(growth_schema_command)
 
 __all__ = ["app", "main"]
 
