@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import logging
 import math
 import re
@@ -40,8 +41,13 @@ def radiographs(shared_sample: Path) -> list[tuple[Path, str]]:
     girls = [r for r in rows if r["male"].strip().lower() in ("false", "0")]
     boys = [r for r in rows if r["male"].strip().lower() in ("true", "1")]
     picked = (girls[:1] + boys[:2]) if girls and len(boys) >= 2 else rows[:3]
-    return [(shared_sample / "images" / f"{r['id']}.png",
-             "male" if r["male"].strip().lower() in ("true", "1") else "female") for r in picked]
+    return [
+        (
+            shared_sample / "images" / f"{r['id']}.png",
+            "male" if r["male"].strip().lower() in ("true", "1") else "female",
+        )
+        for r in picked
+    ]
 
 
 def _png(size: tuple[int, int] = (96, 128)) -> bytes:
@@ -111,9 +117,20 @@ def test_page_is_offline_and_has_the_form(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     html = page.text
-    for needle in ('id="predict-form"', 'name="image"', 'type="file"', 'name="sex"', 'name="age"',
-                   'id="bone-age"', 'id="heatmap"', 'id="sd-chart"', 'id="error"', "Research use only",
-                   "not a medical device", "non-commercial research licence"):
+    for needle in (
+        'id="predict-form"',
+        'name="image"',
+        'type="file"',
+        'name="sex"',
+        'name="age"',
+        'id="bone-age"',
+        'id="heatmap"',
+        'id="sd-chart"',
+        'id="error"',
+        "Research use only",
+        "not a medical device",
+        "non-commercial research licence",
+    ):
         assert needle in html
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assets = {"/static/app.js": "javascript", "/static/style.css": "text/css"}
@@ -132,8 +149,15 @@ def test_predict_real_radiographs(client: TestClient, radiographs: list[tuple[Pa
         assert response.status_code == 200, response.text
         r = response.json()
         assert r["sex"] == sex and r["file"] == path.name
-        numbers = ["bone_age_months", "bone_age_years", "uncertainty_months", "chronological_age_months",
-                   "difference_months", "sd_months", "sd_score"]
+        numbers = [
+            "bone_age_months",
+            "bone_age_years",
+            "uncertainty_months",
+            "chronological_age_months",
+            "difference_months",
+            "sd_months",
+            "sd_score",
+        ]
         for key in numbers:
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
         assert r["chronological_age_months"] == pytest.approx(90.0)
@@ -150,8 +174,9 @@ def test_dicom_header_supplies_sex_and_age(
     client: TestClient, radiographs: list[tuple[Path, str]], tmp_path: Path
 ) -> None:
     pixels = np.asarray(Image.open(radiographs[0][0]).convert("L"))
-    path = write_dicom(tmp_path / "hand.dcm", pixels, PatientSex="F", PatientBirthDate="20100115",
-                       StudyDate="20170715")
+    path = write_dicom(
+        tmp_path / "hand.dcm", pixels, PatientSex="F", PatientBirthDate="20100115", StudyDate="20170715"
+    )
     dicom = path.read_bytes()
     response = _post(client, dicom, name="hand.dcm")  # no sex, no age in the form
     assert response.status_code == 200, response.text
@@ -188,11 +213,23 @@ def _truncated_png() -> bytes:
         (_png(), "hand.png", {"sex": "male", "age": "7"}, 422, "unit"),
         (_png((8, 8)), "tiny.png", {"sex": "male"}, 422, "too small"),
     ],
-    ids=["text-as-png", "truncated-png", "corrupt-png", "empty", "missing-sex", "bad-sex", "absurd-age",
-         "negative-age", "unreadable-age", "unitless-age", "too-small"],
+    ids=[
+        "text-as-png",
+        "truncated-png",
+        "corrupt-png",
+        "empty",
+        "missing-sex",
+        "bad-sex",
+        "absurd-age",
+        "negative-age",
+        "unreadable-age",
+        "unitless-age",
+        "too-small",
+    ],
 )
-def test_bad_input_is_a_one_line_4xx(client: TestClient, content: bytes, name: str, form: dict[str, str],
-                                     status: int, needle: str) -> None:
+def test_bad_input_is_a_one_line_4xx(
+    client: TestClient, content: bytes, name: str, form: dict[str, str], status: int, needle: str
+) -> None:
     detail = _assert_one_line_error(_post(client, content, name=name, **form), status)
     assert needle in detail
 
@@ -211,19 +248,25 @@ def test_oversize_upload_is_413(tiny_bundle: Path, radiographs: list[tuple[Path,
     _assert_one_line_error(_post(small, PNG_MAGIC + b"\x00" * 60_000, sex="male"), 413)
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: bytes are counted as they arrive
-        yield (b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
-               b"Content-Type: image/png\r\n\r\n" + PNG_MAGIC)
+        yield (
+            b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + PNG_MAGIC
+        )
         for _ in range(20):
             yield b"\x00" * 16384
         yield b"\r\n--BOUNDARY--\r\n"
 
-    response = small.post("/api/v1/predict", content=chunks(),
-                          headers={"content-type": "multipart/form-data; boundary=BOUNDARY"})
+    response = small.post(
+        "/api/v1/predict",
+        content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=BOUNDARY"},
+    )
     _assert_one_line_error(response, 413)
 
 
-def test_unexpected_error_is_generic_500(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_unexpected_error_is_generic_500(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail /srv/model")
 
@@ -268,8 +311,9 @@ def test_concurrent_predictions_all_succeed(client: TestClient, radiographs: lis
     assert results == [200] * 8
 
 
-def test_event_loop_stays_responsive_during_inference(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                                      radiographs: list[tuple[Path, str]]) -> None:
+def test_event_loop_stays_responsive_during_inference(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, radiographs: list[tuple[Path, str]]
+) -> None:
     """Predictions that block their worker thread must not delay /health on the event loop."""
     real_assess = web.assess_image
     entered = threading.Semaphore(0)
@@ -283,8 +327,14 @@ def test_event_loop_stays_responsive_during_inference(client: TestClient, monkey
     monkeypatch.setattr(web, "assess_image", slow_assess)
     path, sex = radiographs[0]
     statuses: list[int] = []
-    workers = [threading.Thread(target=lambda: statuses.append(
-        _post(client, path.read_bytes(), name=path.name, sex=sex).status_code)) for _ in range(2)]
+    workers = [
+        threading.Thread(
+            target=lambda: statuses.append(
+                _post(client, path.read_bytes(), name=path.name, sex=sex).status_code
+            )
+        )
+        for _ in range(2)
+    ]
     try:
         for worker in workers:
             worker.start()
@@ -436,3 +486,101 @@ def test_onnx_engine_serves_without_a_model_lock(tiny_bundle: Path) -> None:
     torch_service = create_app(tiny_bundle, workers=2, engine="torch").state.service
     torch_service.load()
     assert isinstance(torch_service._model_lock, type(threading.Lock()))
+
+
+# ---- issue #45: the growth work-up through the API and page --------------------------------------------
+@pytest.fixture(scope="module")
+def growth_client(site_calibration: Path) -> Iterator[TestClient]:
+    """The bundled model served with a site calibration (as ``boneage serve --calibration site.json``)."""
+    with TestClient(create_app(None, workers=1, calibration=site_calibration)) as test_client:
+        yield test_client
+
+
+def _history_json(age: float, bone: float, sex: str) -> bytes:
+    return json.dumps(
+        {
+            "visits": [
+                {
+                    "label": "last year",
+                    "chronological_age_months": age,
+                    "bone_age_months": bone,
+                    "uncertainty_months": 2.0,
+                    "sex": sex,
+                }
+            ]
+        }
+    ).encode()
+
+
+@pytest.mark.integration
+def test_predict_with_heights_history_and_calibration(
+    growth_client: TestClient, radiographs: list[tuple[Path, str]]
+) -> None:
+    health = growth_client.get("/api/v1/health").json()
+    assert health["model_loaded"] and health["calibration"] == "calibrated with site.json (110 cases)"
+    path, sex = radiographs[0]
+    files = {
+        "image": (path.name, path.read_bytes(), "application/octet-stream"),
+        "history": ("child.json", _history_json(156.0, 150.0, sex), "application/json"),
+    }
+    form = {
+        "sex": sex,
+        "age": "14y",
+        "height_cm": "152.5",
+        "mother_height_cm": "160",
+        "father_height_cm": "175",
+    }
+    response = growth_client.post("/api/v1/predict", files=files, data=form)
+    assert response.status_code == 200, response.text
+    r = response.json()
+    assert r["calibration"]["file"] == "site.json" and r["growth"]["bone_age_calibrated"]
+    assert r["bone_age_uncalibrated_months"] == pytest.approx(
+        r["calibration"]["bone_age_uncalibrated_months"], abs=0.01
+    )
+    assert any("fitted without test-time augmentation" in w for w in r["warnings"])  # served with TTA
+    assert r["adult_height"]["height_cm"] == 152.5 and r["adult_height"]["method"] == "bayley-pinneau"
+    assert r["target_height"]["target_height_cm"] == pytest.approx(
+        (160 + 175 + (13 if sex == "male" else -13)) / 2
+    )
+    follow = r["follow_up"]
+    assert follow["history"] == "child.json" and len(follow["visits"]) == 2
+    assert follow["intervals"][0]["years"] == pytest.approx(1.0)
+    assert r["growth"]["bone_age_velocity"] == follow["intervals"][0]["velocity_months_per_year"]
+    assert _is_png(r["sd_chart_png_base64"])
+
+
+@pytest.mark.parametrize(
+    ("form", "history", "needle"),
+    [
+        ({"mother_height_cm": "160"}, None, "needs both mother_height_cm and father_height_cm"),
+        ({"height_cm": "5000"}, None, "height_cm: height must be in cm"),
+        ({"height_cm": "tall"}, None, "height must be a number"),
+        ({}, b"{broken", "child.json: not valid JSON"),
+        ({}, _history_json(100, 98, "male"), "the history is for a male child, the form says female"),
+    ],
+    ids=["one-parent", "absurd-height", "text-height", "bad-history", "history-other-sex"],
+)
+def test_growth_form_errors_are_one_line_422(
+    client: TestClient, form: dict[str, str], history: bytes | None, needle: str
+) -> None:
+    files = {"image": ("hand.png", _png(), "application/octet-stream")}
+    if history is not None:
+        files["history"] = ("child.json", history, "application/json")
+    response = client.post("/api/v1/predict", files=files, data={"sex": "female", **form})
+    assert needle in _assert_one_line_error(response, 422)
+
+
+def test_calibration_for_another_model_is_a_load_error(tiny_bundle: Path, site_calibration: Path) -> None:
+    with TestClient(create_app(tiny_bundle, calibration=site_calibration)) as test_client:
+        health = test_client.get("/api/v1/health").json()
+        assert not health["model_loaded"] and "fitted for another model" in health["model_error"]
+        response = _post(test_client, _png(), sex="female")
+        assert "model not available" in _assert_one_line_error(response, 503)
+
+
+def test_page_has_the_growth_fields(client: TestClient) -> None:
+    html = client.get("/").text
+    for name in ("height_cm", "mother_height_cm", "father_height_cm", "history"):
+        assert f'name="{name}"' in html, name
+    script = client.get("/static/app.js").text
+    assert "adult_height" in script and "follow_up" in script and "textContent" in script

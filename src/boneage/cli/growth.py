@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from boneage.cli._common import err, exit_on_user_error, out
+from boneage.cli._common import exit_on_user_error, out
 from boneage.errors import BoneAgeInputError
 
 ENGINE_HELP = "onnx (ONNX Runtime, no torch), torch (the research Predictor), or auto (onnx when installed)"
@@ -62,8 +62,6 @@ def calibrate_command(
     table = read_labels(labels, images)
     check_calibration_counts(table["male"].to_numpy(bool), labels)  # before the model loads
     predictor = load_predictor(checkpoint, engine=engine, tta=tta)
-    if not as_json:
-        err.print(f"predicting {len(table)} radiographs...", highlight=False)
     predicted = predict_labelled(predictor, table["path"], table["male"].to_numpy(bool))
     calibration = fit_calibration(
         predicted,
@@ -78,16 +76,17 @@ def calibrate_command(
         print(json.dumps({"written": calibration.helps, **calibration.model_dump(mode="json")}))
     else:
         for line in _table(calibration):
-            out.print(line, highlight=False)
+            out.print(line, highlight=False, soft_wrap=True)
     if not calibration.helps:
         raise BoneAgeInputError(
             "no calibration written: the correction does not help for either sex in "
-            f"{calibration.folds}-fold cross-validation (the model already agrees with these readings)",
+            f"{calibration.folds}-fold cross-validation on these radiographs (no difference from these "
+            "readings that a per-sex line corrects beyond chance)",
             labels,
         )
     calibration.save(out_path)
     if not as_json:
-        out.print(f"wrote {out_path} ({calibration.cases} cases)", highlight=False)
+        out.print(f"wrote {out_path} ({calibration.cases} cases)", highlight=False, soft_wrap=True)
 
 
 def growth_schema_command() -> None:
