@@ -351,35 +351,27 @@ def predict_adult_height(
         "chronological_age_months": _round(chron),
     }
     notes: list[str] = []
-    if chron is None:
-        # The column needs the chronological age, unless all three tables give the same per cent here.
-        found = {c: percent_of_mature_height(sex_norm, bone, c) for c in MaturityColumn}
-        values = {round(v, 4) for v in found.values() if v is not None}
-        if None in found.values() or len(values) != 1:
-            return AdultHeightPrediction(
-                **base,
-                not_available=(
-                    "no adult height prediction: Bayley-Pinneau needs the chronological age to choose the "
-                    "average, accelerated or retarded table"
-                ),
-            )
-        column, pct = MaturityColumn.AVERAGE, values.pop()
-        notes.append("all three Bayley-Pinneau tables give the same per cent at this bone age")
-    else:
-        column = bayley_pinneau_column(bone, chron)
-        diff = bone - chron
-        unc = bone_age_uncertainty_months or 0.0
-        if unc > 0 and min(abs(diff - 12.0), abs(diff + 12.0)) < unc:
-            notes.append(
-                f"table choice is borderline: bone age - chronological age = {diff:+.1f} months, within the "
-                f"bone age's uncertainty (+/- {unc:.1f}) of the one-year limit"
-            )
-        found_pct = percent_of_mature_height(sex_norm, bone, column)
-        if found_pct is None:
-            return AdultHeightPrediction(
-                **base, bayley_pinneau_column=column, not_available=_out_of_table(sex_norm, column, bone)
-            )
-        pct = found_pct
+    if chron is None:  # the three tables never give the same per cent at one bone age: the column matters
+        return AdultHeightPrediction(
+            **base,
+            not_available=(
+                "no adult height prediction: Bayley-Pinneau needs the chronological age to choose the "
+                "average, accelerated or retarded table"
+            ),
+        )
+    column = bayley_pinneau_column(bone, chron)
+    diff = bone - chron
+    unc = bone_age_uncertainty_months or 0.0
+    if unc > 0 and min(abs(diff - 12.0), abs(diff + 12.0)) < unc:
+        notes.append(
+            f"table choice is borderline: bone age - chronological age = {diff:+.1f} months, within the "
+            f"bone age's uncertainty (+/- {unc:.1f}) of the one-year limit"
+        )
+    pct = percent_of_mature_height(sex_norm, bone, column)
+    if pct is None:
+        return AdultHeightPrediction(
+            **base, bayley_pinneau_column=column, not_available=_out_of_table(sex_norm, column, bone)
+        )
     predicted = height / (pct / 100.0)
     lo_in, hi_in = _PRINTED_MATURE_IN[sex_norm]
     if not lo_in * INCH_CM <= predicted <= hi_in * INCH_CM:
@@ -387,13 +379,12 @@ def predict_adult_height(
             f"predicted height lies outside the mature heights printed in the tables "
             f"({lo_in * INCH_CM:.0f}-{hi_in * INCH_CM:.0f} cm): an extrapolation"
         )
-    error_age = chron if chron is not None else bone
-    sd = prediction_error_sd_cm(sex_norm, error_age)
+    sd = prediction_error_sd_cm(sex_norm, chron)  # Tables IV/V are by age at prediction
     if sd is None:
         notes.append(
             "no published error at this age: Bayley & Pinneau's Tables IV/V cover ages 8 to 18 years only"
         )
-    months, _, tables = _bp_arrays(sex_norm.value, column.value)
+    tables = list(_bp_arrays(sex_norm.value, column.value)[2])
     return AdultHeightPrediction(
         **base,
         bayley_pinneau_column=column,
@@ -1145,16 +1136,16 @@ def growth_workup(
                 bone_age_months=bone_age_months,
                 uncertainty_months=uncertainty_months or 0.0,
                 sd_score=sd_score,
-                calibration=calibration.file if calibration is not None and calibration.applied else None,
+                calibration=calibration.file if calibration is not None else None,
                 current=True,
             )
         )
         follow = follow_up(history, current, sex_norm)
     latest = follow.latest if follow is not None else None
     text = f"{format_months(bone_age_months)} (Greulich & Pyle scale; boneage model"
-    text += (
-        f", {calibration.notes[0].split(':')[0]})" if calibration is not None and calibration.applied else ")"
-    )
+    if calibration is not None and calibration.applied:
+        text += f", calibrated with {calibration.file} ({calibration.cases} cases)"
+    text += ")"
     export = GrowthExport(
         sex=sex_norm,
         chronological_age=_round(
