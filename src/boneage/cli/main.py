@@ -96,15 +96,26 @@ def evaluate(
     if as_json:
         data = dict(report.metrics)
         if site is not None:
-            data["calibration"] = {"file": site.name, "cases": site.cases, "uncalibrated": raw_metrics}
+            data["calibration"] = {
+                "file": site.name,
+                "cases": site.cases,
+                "fitted_with_tta": site.tta,
+                "uncalibrated": raw_metrics,
+            }
         print(json.dumps(data))
         return
     m = report.metrics
     if site is not None and raw_metrics is not None:
+        note = (
+            ""
+            if site.tta == tta
+            else f" (fitted {'with' if site.tta else 'without'} TTA, evaluated otherwise)"
+        )
         out.print(
-            f"{site.describe()}; without it: MAE {raw_metrics['mae_months']:.2f}, "
+            f"{site.describe()}{note}; without it: MAE {raw_metrics['mae_months']:.2f}, "
             f"bias {raw_metrics['bias_months']:+.2f} months",
             highlight=False,
+            soft_wrap=True,
         )
     out.print(
         f"n={m['n']}  MAE {m['mae_months']:.2f}  RMSE {m['rmse_months']:.2f}  "
