@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from boneage.cli import app
+from boneage.cli.main import BATCH_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = ["1377", "1402", "10009"]
@@ -494,3 +495,291 @@ def test_invalid_dicom_date_is_a_warning_the_user_sees(
     data = json.loads(_lines(result.stdout)[0])
     assert data["chronological_age_months"] is None
     assert any("StudyDate '20231345' is not a valid date" in w for w in data["warnings"]), data["warnings"]
+
+
+# ---- issue #45: the growth work-up, follow-up and a site's calibration -------------------------------------
+@pytest.fixture(scope="module")
+def earlier_visit(
+    runner: CliRunner, real_images: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A real earlier result of the bundled model (predict --json) for a girl of 14 y: the history."""
+    result = runner.invoke(
+        app, ["predict", str(real_images[0]), "--sex", "female", "--age", "14y", "--no-tta", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    path = tmp_path_factory.mktemp("history") / "child.json"
+    path.write_text(result.stdout)
+    return path
+
+
+@pytest.mark.integration
+def test_predict_growth_work_up_json(
+    runner: CliRunner, real_images: list[Path], earlier_visit: Path, site_calibration: Path
+) -> None:
+    args = [
+        "predict",
+        str(real_images[0]),
+        "--sex",
+        "female",
+        "--age",
+        "15y",
+        "--no-tta",
+        "--json",
+        "--height",
+        "158.5",
+        "--mother-height",
+        "162",
+        "--father-height",
+        "178",
+        "--history",
+        str(earlier_visit),
+        "--calibration",
+        str(site_calibration),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    calibration = data["calibration"]
+    assert calibration["file"] == "site.json" and calibration["cases"] == 110 and calibration["applied"]
+    raw = calibration["bone_age_uncalibrated_months"]
+    assert data["bone_age_uncalibrated_months"] == pytest.approx(raw, abs=0.01)
+    assert data["bone_age_months"] == pytest.approx(calibration["intercept"] + calibration["slope"] * raw)
+    assert any(w.startswith("calibrated with site.json (110 cases)") for w in data["warnings"])
+    adult = data["adult_height"]
+    assert adult["method"] == "bayley-pinneau" and "J Pediatr 1952" in adult["source"] and adult["limits"]
+    assert (adult["predicted_adult_height_cm"] is None) == (adult["not_available"] is not None)
+    assert data["target_height"]["target_height_cm"] == pytest.approx((162 + 178 - 13) / 2)
+    follow = data["follow_up"]
+    assert [v["current"] for v in follow["visits"]] == [False, True]
+    step = follow["intervals"][0]
+    assert step["years"] == pytest.approx(1.0)
+    # the earlier visit was uncalibrated, this one is: the follow-up says so
+    assert any("different calibrations" in w for w in follow["warnings"])
+    growth = data["growth"]
+    assert growth["schema_version"] == "1.0" and growth["bone_age_type"] == "greulich-pyle"
+    assert growth["bone_age"] == pytest.approx(data["bone_age_months"] / 12, abs=0.001)
+    assert growth["bone_age_calibrated"] and growth["calibration_file"] == "site.json"
+    assert growth["target_height_cm"] == data["target_height"]["target_height_cm"]
+    assert growth["bone_age_velocity"] == step["velocity_months_per_year"]
+
+
+@pytest.mark.integration
+def test_predict_growth_work_up_plain_text_and_report(
+    runner: CliRunner, real_images: list[Path], tmp_path: Path
+) -> None:
+    reports = tmp_path / "reports"
+    args = [
+        "predict",
+        str(real_images[0]),
+        "--sex",
+        "female",
+        "--age",
+        "14y",
+        "--no-tta",
+        "--height",
+        "158",
+        "--report",
+        str(reports),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "predicted adult height (Bayley-Pinneau" in result.stdout
+    html = next(reports.glob("*.html")).read_text()
+    assert "Bayley–Pinneau method" in html and "J Pediatr 1952;40:423-441" in html and "Limits" in html
+
+
+@pytest.mark.integration
+def test_batch_csv_gains_the_growth_columns_only_when_given(
+    runner: CliRunner, real_images: list[Path], site_calibration: Path, tmp_path: Path
+) -> None:
+    plain, calibrated = tmp_path / "plain.csv", tmp_path / "calibrated.csv"
+    base = ["predict", *map(str, real_images[:2]), "--sex", "female", "--no-tta"]
+    assert runner.invoke(app, [*base, "--out", str(plain)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, [*base, "--out", str(calibrated), "--calibration", str(site_calibration)]
+        ).exit_code
+        == 0
+    )
+    with plain.open() as f:
+        assert csv.DictReader(f).fieldnames == BATCH_FIELDS
+    rows = _rows(calibrated)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["calibration"] == "site.json"
+        assert float(row["bone_age_uncalibrated_months"]) != pytest.approx(float(row["bone_age_months"]))
+        assert "calibrated with site.json" in row["warnings"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--mother-height", "160"], "needs both parents' heights: add --father-height"),
+        (["--height", "1450"], "error: --height: height must be in cm"),
+        (["--father-height", "70", "--mother-height", "160"], "error: --father-height: father's height"),
+        (["--calibration", "MISSING"], "cannot read the calibration"),
+        (["--history", "MISSING"], "cannot read the history"),
+    ],
+)
+def test_growth_options_fail_before_the_model_loads(
+    runner: CliRunner, tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    image = tmp_path / "hand.png"
+    Image.new("L", (64, 64), 128).save(image)
+    extra = [str(tmp_path / "nope.json") if x == "MISSING" else x for x in extra]
+    result = runner.invoke(
+        app, _predict_args(str(image), "--sex", "female", *extra, checkpoint=tmp_path / "no.ckpt")
+    )
+    line = _one_error_line(result, needle)
+    assert "checkpoint" not in line
+
+
+def test_history_out_of_order_or_of_the_other_sex_fails_before_the_model_loads(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    image = tmp_path / "hand.png"
+    Image.new("L", (64, 64), 128).save(image)
+    history = tmp_path / "child.json"
+    history.write_text(
+        '{"file": "b.png", "sex": "male", "chronological_age_months": 120, "bone_age_months": 118}\n'
+        '{"file": "a.png", "sex": "male", "chronological_age_months": 108, "bone_age_months": 100}\n'
+    )
+    args = _predict_args(
+        str(image), "--sex", "male", "--history", str(history), checkpoint=tmp_path / "no.ckpt"
+    )
+    line = _one_error_line(runner.invoke(app, args), "visits out of order")
+    assert str(history) in line
+    history.write_text(
+        '{"file": "a.png", "sex": "male", "chronological_age_months": 108, "bone_age_months": 100}'
+    )
+    args = _predict_args(
+        str(image), "--sex", "female", "--history", str(history), checkpoint=tmp_path / "no.ckpt"
+    )
+    _one_error_line(runner.invoke(app, args), "the history is for a male child, --sex says female")
+    second = tmp_path / "other.png"
+    Image.new("L", (64, 64), 128).save(second)
+    args = _predict_args(
+        str(image), str(second), "--sex", "male", "--height", "140", checkpoint=tmp_path / "no.ckpt"
+    )
+    _one_error_line(runner.invoke(app, args), "--height describe one child: give one radiograph, not 2")
+
+
+def _site_labels(table, readings, path: Path) -> Path:
+    path.write_text(
+        "id,boneage,male\n"
+        + "".join(f"{i},{r:.2f},{m}\n" for i, r, m in zip(table["id"], readings, table["male"], strict=True))
+    )
+    return path
+
+
+def test_calibrate_with_too_few_radiographs_says_how_many_are_missing(
+    runner: CliRunner, shared_sample: Path, ten_labels: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "site.json"
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "--images",
+            str(shared_sample / "images"),
+            "--labels",
+            str(ten_labels),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tmp_path / "no.ckpt"),
+        ],
+    )
+    line = _one_error_line(result, "at least 50 labelled radiographs per sex")
+    assert "missing" in line and "checkpoint" not in line and not out.exists()
+
+
+@pytest.mark.integration
+def test_calibrate_writes_a_calibration_that_helps_and_refuses_one_that_does_not(
+    runner: CliRunner,
+    shared_sample: Path,
+    sample_predictions,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The command end to end on 110 real radiographs; the model's predictions are the session's (the same
+    bundled model, no TTA), so the radiographs are not predicted a second time."""
+    from conftest import shifted_readings
+
+    import boneage.growth
+
+    by_path = dict(zip(map(str, sample_predictions["path"]), sample_predictions["predicted"], strict=True))
+    monkeypatch.setattr(
+        boneage.growth,
+        "predict_labelled",
+        lambda predictor, paths, male: np.array([by_path[str(p)] for p in paths]),
+    )
+    images = str(shared_sample / "images")
+    shifted = _site_labels(sample_predictions, shifted_readings(sample_predictions), tmp_path / "site.csv")
+    out = tmp_path / "site.json"
+    result = runner.invoke(
+        app, ["calibrate", "--images", images, "--labels", str(shifted), "--out", str(out), "--no-tta"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "kept:" in result.stdout and f"wrote {out} (110 cases)" in result.stdout
+    saved = json.loads(out.read_text())
+    assert saved["kind"] == "boneage-calibration" and saved["female"]["applied"] and saved["male"]["applied"]
+    assert not list(tmp_path.glob(".site.json.*"))  # no temporary file left behind
+
+    plain = _site_labels(sample_predictions, sample_predictions["boneage"], tmp_path / "plain.csv")
+    refused = tmp_path / "refused.json"
+    result = runner.invoke(
+        app, ["calibrate", "--images", images, "--labels", str(plain), "--out", str(refused), "--no-tta"]
+    )
+    _one_error_line(result, "no calibration written")
+    assert "not kept" in result.stdout and not refused.exists()
+
+
+@pytest.mark.integration
+def test_evaluate_with_calibration_scores_the_corrected_bone_ages(
+    runner: CliRunner, shared_sample: Path, ten_labels: Path, site_calibration: Path
+) -> None:
+    args = [
+        "evaluate",
+        "--images",
+        str(shared_sample / "images"),
+        "--labels",
+        str(ten_labels),
+        "--no-tta",
+        "--json",
+        "--calibration",
+        str(site_calibration),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["calibration"]["file"] == "site.json" and data["calibration"]["cases"] == 110
+    assert data["n"] == 10 and data["mae_months"] != pytest.approx(
+        data["calibration"]["uncalibrated"]["mae_months"]
+    )
+
+
+def test_calibration_for_another_model_is_refused(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], site_calibration: Path
+) -> None:
+    args = [
+        "predict",
+        str(real_images[0]),
+        "--sex",
+        "female",
+        "--checkpoint",
+        str(tiny_bundle),
+        "--calibration",
+        str(site_calibration),
+    ]
+    _one_error_line(runner.invoke(app, args), "was fitted for another model")
+
+
+def test_growth_schema_command(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["growth-schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["properties"]["schema_version"]["const"] == "1.0"
+    assert {"bone_age", "bone_age_sds", "bone_age_centile", "predicted_adult_height_cm"} <= set(
+        schema["properties"]
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -254,3 +255,62 @@ def test_chart_is_drawn_per_patient_and_safe_across_threads() -> None:
     assert (first == again).all()  # a previous patient's point never stays on the cached background
     other = np.asarray(_open_png(serial[2]).convert("RGB"))
     assert first.shape == other.shape and (first != other).any()
+
+
+# ---- issue #45: adult height, target height, follow-up and calibration in the report --------------------
+def _workup(tmp_path: Path, label: str = "2024 visit"):
+    from boneage.growth import growth_workup, read_history
+
+    history = tmp_path / "child.json"
+    visit = {
+        "label": label,
+        "chronological_age_months": 108,
+        "bone_age_months": 100,
+        "uncertainty_months": 3,
+        "sex": "female",
+    }
+    history.write_text(json.dumps({"visits": [visit]}))
+    return growth_workup(
+        sex="female",
+        bone_age_months=126.0,
+        chronological_age_months=120.0,
+        uncertainty_months=2.0,
+        sd_score=0.5,
+        source="/x/now.png",
+        height_cm=140.0,
+        mother_height_cm=165.0,
+        father_height_cm=178.0,
+        history=read_history(history),
+    )
+
+
+def test_html_report_has_the_growth_work_up_with_methods_sources_and_limits(
+    tmp_path: Path, radiograph: bytes
+) -> None:
+    workup = _workup(tmp_path)
+    result = assess(126.0, "female", 120.0, uncertainty_months=2.0)
+    path = write_html_report(result, radiograph, None, tmp_path, "child", workup=workup)
+    text = html.unescape(path.read_text())
+    assert "Adult height prediction — Bayley–Pinneau method" in text
+    assert f"{workup.adult_height.predicted_adult_height_cm:.1f} cm" in text
+    assert "J Pediatr 1952;40:423-441" in text and "Limits:" in text and "Tarim" in text
+    assert "Target height — Tanner mid-parental method" in text and "165.0 cm (range 156.5–173.5 cm)" in text
+    assert "Follow-up across visits" in text and "2024 visit" in text and "now.png (this visit)" in text
+    assert "26.0 ± 3.6" in text  # 26 bone-age months in a year, hypot(3, 2) / 1 y
+
+
+def test_chart_draws_the_trajectory_of_earlier_visits(tmp_path: Path) -> None:
+    result = assess(126.0, "female", 120.0, uncertainty_months=2.0)
+    alone = sd_chart_png(result)
+    with_visits = sd_chart_png(result, trajectory=[(96.0, 90.0, 3.0), (108.0, 100.0, 3.0)])
+    assert with_visits != alone
+    a = np.asarray(_open_png(alone).convert("RGB"), dtype=np.int16)
+    b = np.asarray(_open_png(with_visits).convert("RGB"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).sum() > 1000
+
+
+def test_growth_sections_escape_history_labels(tmp_path: Path, radiograph: bytes) -> None:
+    workup = _workup(tmp_path, label="<script>alert(1)</script>")
+    result = assess(126.0, "female", 120.0, uncertainty_months=2.0)
+    text = write_html_report(result, radiograph, None, tmp_path, "child", workup=workup).read_text()
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text

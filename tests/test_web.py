@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import logging
 import math
 import re
@@ -481,3 +482,101 @@ def test_both_engines_serve_without_a_model_lock(tiny_bundle: Path) -> None:
         predictor = service.load()
         assert predictor.engine.name == engine and predictor.thread_safe
         assert not hasattr(service, "_model_lock")
+
+
+# ---- issue #45: the growth work-up through the API and page --------------------------------------------
+@pytest.fixture(scope="module")
+def growth_client(site_calibration: Path) -> Iterator[TestClient]:
+    """The bundled model served with a site calibration (as ``boneage serve --calibration site.json``)."""
+    with TestClient(create_app(None, workers=1, calibration=site_calibration)) as test_client:
+        yield test_client
+
+
+def _history_json(age: float, bone: float, sex: str) -> bytes:
+    return json.dumps(
+        {
+            "visits": [
+                {
+                    "label": "last year",
+                    "chronological_age_months": age,
+                    "bone_age_months": bone,
+                    "uncertainty_months": 2.0,
+                    "sex": sex,
+                }
+            ]
+        }
+    ).encode()
+
+
+@pytest.mark.integration
+def test_predict_with_heights_history_and_calibration(
+    growth_client: TestClient, radiographs: list[tuple[Path, str]]
+) -> None:
+    health = growth_client.get("/api/v1/health").json()
+    assert health["model_loaded"] and health["calibration"] == "calibrated with site.json (110 cases)"
+    path, sex = radiographs[0]
+    files = {
+        "image": (path.name, path.read_bytes(), "application/octet-stream"),
+        "history": ("child.json", _history_json(156.0, 150.0, sex), "application/json"),
+    }
+    form = {
+        "sex": sex,
+        "age": "14y",
+        "height_cm": "152.5",
+        "mother_height_cm": "160",
+        "father_height_cm": "175",
+    }
+    response = growth_client.post("/api/v1/predict", files=files, data=form)
+    assert response.status_code == 200, response.text
+    r = response.json()
+    assert r["calibration"]["file"] == "site.json" and r["growth"]["bone_age_calibrated"]
+    assert r["bone_age_uncalibrated_months"] == pytest.approx(
+        r["calibration"]["bone_age_uncalibrated_months"], abs=0.01
+    )
+    assert any("fitted without test-time augmentation" in w for w in r["warnings"])  # served with TTA
+    assert r["adult_height"]["height_cm"] == 152.5 and r["adult_height"]["method"] == "bayley-pinneau"
+    assert r["target_height"]["target_height_cm"] == pytest.approx(
+        (160 + 175 + (13 if sex == "male" else -13)) / 2
+    )
+    follow = r["follow_up"]
+    assert follow["history"] == "child.json" and len(follow["visits"]) == 2
+    assert follow["intervals"][0]["years"] == pytest.approx(1.0)
+    assert r["growth"]["bone_age_velocity"] == follow["intervals"][0]["velocity_months_per_year"]
+    assert _is_png(r["sd_chart_png_base64"])
+
+
+@pytest.mark.parametrize(
+    ("form", "history", "needle"),
+    [
+        ({"mother_height_cm": "160"}, None, "needs both mother_height_cm and father_height_cm"),
+        ({"height_cm": "5000"}, None, "height_cm: height must be in cm"),
+        ({"height_cm": "tall"}, None, "height must be a number"),
+        ({}, b"{broken", "child.json: not valid JSON"),
+        ({}, _history_json(100, 98, "male"), "the history is for a male child, the form says female"),
+    ],
+    ids=["one-parent", "absurd-height", "text-height", "bad-history", "history-other-sex"],
+)
+def test_growth_form_errors_are_one_line_422(
+    client: TestClient, form: dict[str, str], history: bytes | None, needle: str
+) -> None:
+    files = {"image": ("hand.png", _png(), "application/octet-stream")}
+    if history is not None:
+        files["history"] = ("child.json", history, "application/json")
+    response = client.post("/api/v1/predict", files=files, data={"sex": "female", **form})
+    assert needle in _assert_one_line_error(response, 422)
+
+
+def test_calibration_for_another_model_is_a_load_error(tiny_bundle: Path, site_calibration: Path) -> None:
+    with TestClient(create_app(tiny_bundle, calibration=site_calibration)) as test_client:
+        health = test_client.get("/api/v1/health").json()
+        assert not health["model_loaded"] and "fitted for another model" in health["model_error"]
+        response = _post(test_client, _png(), sex="female")
+        assert "model not available" in _assert_one_line_error(response, 503)
+
+
+def test_page_has_the_growth_fields(client: TestClient) -> None:
+    html = client.get("/").text
+    for name in ("height_cm", "mother_height_cm", "father_height_cm", "history"):
+        assert f'name="{name}"' in html, name
+    script = client.get("/static/app.js").text
+    assert "adult_height" in script and "follow_up" in script and "textContent" in script

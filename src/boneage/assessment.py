@@ -17,6 +17,8 @@ from PIL import Image
 
 from boneage.clinical import Assessment, assess, format_months, parse_age
 from boneage.data.io import Radiograph
+from boneage.errors import BoneAgeInputError
+from boneage.growth import Calibration, GrowthWorkup, History, check_height_cm, growth_workup, read_history
 from boneage.predict import Prediction, Predictor
 
 AGE_CONFLICT_MONTHS = 1.0
@@ -27,6 +29,7 @@ class Result:
     prediction: Prediction
     assessment: Assessment
     heatmap_png: bytes | None = None
+    workup: GrowthWorkup | None = None  # issue #45: adult/target height, follow-up, calibration, export
 
     @property
     def radiograph_png(self) -> bytes:
@@ -39,6 +42,8 @@ class Result:
             **self.assessment.to_dict(),
             "tta_views_months": [round(v, 2) for v in self.prediction.views_months],
         }
+        if self.workup is not None:
+            data.update(self.workup.to_dict())
         if images:
             data["heatmap_png_base64"] = (
                 base64.b64encode(self.heatmap_png).decode() if self.heatmap_png else None
@@ -88,23 +93,63 @@ def assess_image(
     *,
     name: str | None = None,
     heatmap: bool = True,
+    height_cm: float | None = None,
+    mother_height_cm: float | None = None,
+    father_height_cm: float | None = None,
+    history: History | str | Path | bytes | None = None,
+    calibration: Calibration | None = None,
 ) -> Result:
-    """Predict, compare with the Greulich & Pyle reference, and draw the heatmap for one radiograph."""
+    """Predict, compare with the Greulich & Pyle reference, and draw the heatmap for one radiograph.
+
+    The growth work-up (``boneage.growth``) rides along: ``height_cm`` gives the Bayley-Pinneau adult height,
+    both parents' heights the Tanner target height, ``history`` (earlier results, or a path to them) the
+    follow-up, and ``calibration`` corrects the bone age for a site here, so every caller reports the same
+    corrected value and says so."""
+    # the child's numbers are checked before the model runs (a typo costs nothing)
+    check_height_cm(height_cm, "height")
+    mothers = check_height_cm(mother_height_cm, "mother's height", parent=True)
+    fathers = check_height_cm(father_height_cm, "father's height", parent=True)
+    if (mothers is None) != (fathers is None):
+        raise BoneAgeInputError("the target height needs both the mother's and the father's height")
+    if history is not None and not isinstance(history, History):
+        history = read_history(history)
+    if calibration is not None:
+        calibration.check_model(predictor.info)
     pred = predictor.predict(image, sex, name=name)
     chron, notes = resolve_age(age, pred.radiograph)
+    bone, uncertainty, use = pred.bone_age_months, pred.uncertainty_months, None
+    if calibration is not None:
+        views = getattr(predictor, "views", None)
+        use = calibration.use(pred.sex, bone, uncertainty, tta=None if views is None else len(views) > 1)
+        bone, uncertainty = use.bone_age_months, use.uncertainty_months
+        notes += use.notes
     result = assess(
-        pred.bone_age_months,
+        bone,
         pred.sex,
         chron,
-        uncertainty_months=pred.uncertainty_months,
+        uncertainty_months=uncertainty,
         warnings=[*pred.warnings, *notes],
         training_range=predictor.training_range,
     )
+    workup = growth_workup(
+        sex=result.sex,
+        bone_age_months=result.bone_age_months,
+        chronological_age_months=result.chronological_age_months,
+        uncertainty_months=result.uncertainty_months,
+        sd_score=result.sd_score,
+        source=pred.source,
+        height_cm=height_cm,
+        mother_height_cm=mothers,
+        father_height_cm=fathers,
+        history=history,
+        calibration=use,
+    )
+    result.warnings.extend(workup.warnings())
     heat = None
     if heatmap and pred.image is not None:
         cam = predictor.heatmap(pred)  # None: this model's graph has no heatmap
         heat = heatmap_overlay_png(pred.image, cam) if cam is not None else None
-    return Result(pred, result, heat)
+    return Result(pred, result, heat, workup)
 
 
 def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name: str | None = None) -> Path:
@@ -113,5 +158,11 @@ def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name
 
     stem = name or Path(result.prediction.source).stem or "report"
     return write_html_report(
-        result.assessment, result.radiograph_png, result.heatmap_png, out_dir, stem, model_info=predictor.info
+        result.assessment,
+        result.radiograph_png,
+        result.heatmap_png,
+        out_dir,
+        stem,
+        model_info=predictor.info,
+        workup=result.workup,
     )

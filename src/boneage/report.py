@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from boneage import __version__
 from boneage.clinical import REFERENCE_CITATION, Assessment, format_months, reference_sd, sd_table
+from boneage.growth import GrowthWorkup
 
 __all__ = ["DISCLAIMER", "report_names", "safe_stem", "sd_chart_png", "write_html_report"]
 
@@ -111,20 +112,28 @@ def _static_chart(sex: str) -> tuple[Any, Any, Any, list[Any]]:
     return cache[sex]
 
 
-def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> bytes:
+def sd_chart_png(
+    assessment: Assessment,
+    path: str | Path | None = None,
+    *,
+    trajectory: Sequence[tuple[float, float, float]] = (),
+) -> bytes:
     """Plot the patient against the ±2 SD band so the z-score can be seen, not just read.
 
     The band is chronological age ± 2·SD(age) around the identity line, the same definition the SD score
     uses; the Brush Foundation mean is drawn for context. Uses the object-oriented Agg API (no pyplot
     state), so it is safe to call from a web server thread. A patient with a chronological age inside the
     chart's range is blitted onto a cached rendering of the reference part; anything else is drawn in full.
+    ``trajectory``: earlier visits as (chronological age, bone age, uncertainty) in months, drawn as points
+    joined to this one (issue #45 follow-up).
     """
     sex = assessment.sex
     bone_y = assessment.bone_age_months / 12.0
     unc_y = (assessment.uncertainty_months or 0.0) / 12.0
     chron = assessment.chronological_age_months
     inside = bone_y - unc_y - 0.5 >= _STATIC_YLIM[0] and bone_y + unc_y + 0.5 <= _STATIC_YLIM[1]
-    if chron is not None and inside and 0.0 <= chron / 12.0 <= _CHART_MAX_YEARS:
+    visits = [(c / 12.0, b / 12.0, u / 12.0) for c, b, u in trajectory] if chron is not None else []
+    if chron is not None and inside and 0.0 <= chron / 12.0 <= _CHART_MAX_YEARS and not visits:
         canvas, ax, background, (bar, caps, point) = _static_chart(sex)
         chron_y = chron / 12.0
         canvas.restore_region(background)
@@ -140,10 +149,12 @@ def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> byte
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
         data = buffer.getvalue()
     else:
-        top = max(_CHART_MAX_YEARS, bone_y + unc_y + 0.5)
-        bottom = min(0.0, bone_y - unc_y - 0.5)
+        top = max(_CHART_MAX_YEARS, bone_y + unc_y + 0.5, *(b + u + 0.5 for _, b, u in visits))
+        bottom = min(0.0, bone_y - unc_y - 0.5, *(b - u - 0.5 for _, b, u in visits))
         label = None if chron is None else "patient"
         fig, ax = _chart_axes(sex, (bottom, top), label)
+        if visits:
+            _draw_trajectory(ax, visits, (chron / 12.0, bone_y))
         if chron is not None:
             ax.errorbar(
                 [chron / 12.0],
@@ -171,6 +182,25 @@ def sd_chart_png(assessment: Assessment, path: str | Path | None = None) -> byte
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+def _draw_trajectory(ax: Any, visits: list[tuple[float, float, float]], now: tuple[float, float]) -> None:
+    """Earlier visits as open points with their uncertainty, joined in order to this visit."""
+    xs, ys, us = (np.array(col) for col in zip(*visits, strict=True))
+    ax.plot([*xs, now[0]], [*ys, now[1]], color=_PATIENT, lw=1.0, alpha=0.6, zorder=4)
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=us if np.any(us > 0) else None,
+        fmt="o",
+        mfc="white",
+        color=_PATIENT,
+        ms=6,
+        capsize=3,
+        zorder=5,
+        label="earlier visits",
+    )
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def safe_stem(name: str) -> str:
@@ -280,6 +310,87 @@ def _model_rows(model_info: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _velocity(step: Any) -> str:
+    if step is None:
+        return "—"
+    return f"{step.velocity_months_per_year:.1f} ± {step.velocity_uncertainty_months_per_year:.1f}"
+
+
+def _growth_sections(workup: GrowthWorkup | None) -> dict[str, Any]:
+    """Plain-text rows of the issue #45 sections (adult height, target height, follow-up, calibration);
+    each section None when its input was not given."""
+    out: dict[str, Any] = {"adult": None, "target": None, "follow": None, "calibration": None}
+    if workup is None:
+        return out
+    if workup.calibration is not None:
+        c = workup.calibration
+        rows = [
+            ("File", f"{c.file or '(unnamed)'} ({c.cases} cases, {c.sex_cases} of this sex)"),
+            ("Bone age without calibration", f"{c.bone_age_uncalibrated_months:.1f} months"),
+        ]
+        rows.append(
+            ("Correction", f"{c.intercept:+.2f} + {c.slope:.3f} × model bone age")
+            if c.applied
+            else ("Correction", "none for this sex (it did not help in cross-validation)")
+        )
+        out["calibration"] = {"rows": rows}
+    if workup.adult_height is not None:
+        a = workup.adult_height
+        rows = [("Current height", f"{a.height_cm:.1f} cm")]
+        if a.bayley_pinneau_column is not None:
+            rows.append(("Table", f"{a.bayley_pinneau_column.value} ({', '.join(a.bayley_pinneau_tables)})"))
+        if a.predicted_adult_height_cm is not None:
+            rows.append(("Per cent of adult height reached", f"{a.percent_of_mature_height:.1f}%"))
+            rows.append(("Predicted adult height", f"{a.predicted_adult_height_cm:.1f} cm"))
+            if a.predicted_adult_height_range_cm is not None:
+                lo, hi = a.predicted_adult_height_range_cm
+                rows.append(
+                    (
+                        "Published error (SD, validating sample)",
+                        f"{a.predicted_adult_height_error_sd_cm:.1f} cm; ± 2 SD: {lo:.1f}–{hi:.1f} cm",
+                    )
+                )
+        out["adult"] = {
+            "rows": rows,
+            "reason": a.not_available,
+            "notes": list(a.notes),
+            "source": a.source,
+            "limits": list(a.limits),
+        }
+    if workup.target_height is not None:
+        t = workup.target_height
+        lo, hi = t.target_height_range_cm
+        out["target"] = {
+            "rows": [
+                ("Mother / father", f"{t.mother_height_cm:.1f} cm / {t.father_height_cm:.1f} cm"),
+                ("Target height", f"{t.target_height_cm:.1f} cm (range {lo:.1f}–{hi:.1f} cm)"),
+            ],
+            "source": t.source,
+            "limits": list(t.limits),
+        }
+    if workup.follow_up is not None:
+        f = workup.follow_up
+        steps: list[Any] = [None, *f.intervals] if f.intervals else [None] * len(f.visits)
+        visits = []
+        for v, step in zip(f.visits, steps, strict=True):
+            visits.append(
+                (
+                    v.label + (" (this visit)" if v.current else ""),
+                    f"{v.chronological_age_months:.1f}",
+                    f"{v.bone_age_months:.1f} ± {v.uncertainty_months:.1f}",
+                    _velocity(step),
+                )
+            )
+        out["follow"] = {
+            "visits": visits,
+            "reason": f.not_available,
+            "warnings": list(f.warnings),
+            "method": f.method_text,
+            "history": f.history,
+        }
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     # autoescape=True unconditionally (select_autoescape would not match the ``.j2`` suffix): every value
@@ -300,6 +411,7 @@ def write_html_report(
     name: str,
     *,
     model_info: dict | None = None,
+    workup: GrowthWorkup | None = None,
 ) -> Path:
     """Write ``out_dir/<safe name>.html``: one offline file a clinician can open, archive or forward."""
     out = Path(out_dir)
@@ -320,7 +432,9 @@ def write_html_report(
     figures.append(
         {
             "alt": "SD chart",
-            "src": _data_uri(sd_chart_png(assessment), "chart"),
+            "src": _data_uri(
+                sd_chart_png(assessment, trajectory=workup.trajectory if workup else ()), "chart"
+            ),
             "caption": "Bone age against the Greulich & Pyle ±2 SD band",
         }
     )
@@ -338,6 +452,7 @@ def write_html_report(
             result_rows=_result_rows(assessment),
             warnings=[str(w) for w in assessment.warnings or ()],
             model_rows=_model_rows(model_info),
+            growth=_growth_sections(workup),
             citation=REFERENCE_CITATION,
             disclaimer=DISCLAIMER,
             version=__version__,

@@ -38,6 +38,7 @@ from boneage.clinical import parse_age
 from boneage.data.io import read_radiograph, sniff_format
 from boneage.data.labels import parse_sex
 from boneage.errors import BoneAgeInputError
+from boneage.growth import HISTORY_MAX_BYTES, Calibration, check_height_cm, read_history
 from boneage.predict import Predictor, load_predictor
 from boneage.report import DISCLAIMER, sd_chart_png
 
@@ -226,8 +227,15 @@ class _Service:
     requests run side by side in the worker pool, each worker on its own core.
     """
 
-    def __init__(self, checkpoint: str | Path | None, workers: int, engine: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | Path | None,
+        workers: int,
+        engine: str | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.checkpoint = checkpoint
+        self.calibration = calibration  # issue #45: applied inside assess_image to every prediction
         self.workers = max(1, int(workers))
         self.engine = engine
         self.predictor: Predictor | None = None
@@ -243,7 +251,10 @@ class _Service:
                 # ONNX Runtime threads per request: the cores divided among the workers that run at once
                 threads = max(1, (os.cpu_count() or 1) // self.workers)
                 try:
-                    self.predictor = load_predictor(self.checkpoint, engine=self.engine, threads=threads)
+                    predictor = load_predictor(self.checkpoint, engine=self.engine, threads=threads)
+                    if self.calibration is not None:  # a calibration for another model must not be used
+                        self.calibration.check_model(predictor.info)
+                    self.predictor = predictor
                 except BoneAgeInputError as exc:
                     self.load_error = exc.problem
                     log.error("model not loaded: %s", exc)
@@ -282,15 +293,32 @@ class _Service:
             raise HTTPException(503, f"model not available: {_one_line(exc.problem)}") from None
 
     def assess(
-        self, predictor: Predictor, data: bytes, label: str, sex: str | None, age: str | None
+        self,
+        predictor: Predictor,
+        data: bytes,
+        label: str,
+        sex: str | None,
+        age: str | None,
+        growth: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Decode, predict, then draw the SD chart."""
+        """Decode, predict, then draw the SD chart; ``growth``: the heights and history for
+        ``assess_image``."""
         radiograph = read_radiograph(data, name=label)
         if sex is None and radiograph.sex is None:
             raise BoneAgeInputError("sex is required (female or male): the file does not state it", label)
-        result = assess_image(predictor, radiograph, sex, age, name=label, heatmap=True)
+        result = assess_image(
+            predictor,
+            radiograph,
+            sex,
+            age,
+            name=label,
+            heatmap=True,
+            calibration=self.calibration,
+            **(growth or {}),
+        )
+        trajectory = result.workup.trajectory if result.workup is not None else []
         body = result.to_dict(images=True)
-        body["sd_chart_png_base64"] = _b64(sd_chart_png(result.assessment))
+        body["sd_chart_png_base64"] = _b64(sd_chart_png(result.assessment, trajectory=trajectory))
         body["model"] = _public_facts(predictor.info)
         body["disclaimer"] = DISCLAIMER
         return body
@@ -312,12 +340,15 @@ def create_app(
     workers: int | None = None,
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
     engine: str | None = None,
+    calibration: Calibration | str | Path | None = None,
 ) -> FastAPI:
     """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use.
 
     ``workers`` inference threads (default one per CPU core) share one predictor; ``engine`` is ``onnx``,
     ``torch`` or None (onnx when onnxruntime is installed). A request
     body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
+    ``calibration`` (a ``Calibration`` or its file) corrects every bone age for a site, and the answers say
+    so.
     """
     if max_upload_mb <= 0:
         raise ValueError("max_upload_mb must be positive")
@@ -325,7 +356,9 @@ def create_app(
         raise ValueError("upload_timeout_s must be positive")
     max_bytes = int(max_upload_mb * 1024 * 1024)
     too_large = f"upload larger than the {max_upload_mb:g} MB limit"
-    service = _Service(checkpoint, workers or os.cpu_count() or 1, engine)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = Calibration.load(calibration)
+    service = _Service(checkpoint, workers or os.cpu_count() or 1, engine, calibration)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -381,13 +414,17 @@ def create_app(
             "version": __version__,
             "model_version": service.predictor.facts.model_version if service.predictor else None,
             "max_upload_mb": max_upload_mb,
+            "calibration": service.calibration.describe() if service.calibration is not None else None,
         }
 
     @app.get(f"{API_PREFIX}/model", tags=["service"])
     async def model() -> dict[str, Any]:
         """Backbone, input size, training data, validation MAE and version of the served model."""
         predictor = await service.get_predictor()
-        return {**_public_facts(predictor.info), "disclaimer": DISCLAIMER}
+        facts = {**_public_facts(predictor.info), "disclaimer": DISCLAIMER}
+        if service.calibration is not None:
+            facts["calibration"] = {"file": service.calibration.name, "cases": service.calibration.cases}
+        return facts
 
     @app.post(
         f"{API_PREFIX}/predict",
@@ -409,12 +446,32 @@ def create_app(
             str | None,
             Form(description="chronological age like 7.5y, 7y6m or 90m; DICOM dates are used when empty"),
         ] = None,
+        height_cm: Annotated[
+            str | None, Form(description="the child's height in cm: Bayley-Pinneau adult height prediction")
+        ] = None,
+        mother_height_cm: Annotated[
+            str | None, Form(description="mother's height in cm (with the father's: Tanner target height)")
+        ] = None,
+        father_height_cm: Annotated[str | None, Form(description="father's height in cm")] = None,
+        history: Annotated[
+            UploadFile | None,
+            File(
+                description="earlier results of this child: predict --json output, batch CSV or history file"
+            ),
+        ] = None,
     ) -> JSONResponse:
-        """Bone age, SD score (Greulich & Pyle), uncertainty, heatmap and SD chart for one radiograph."""
+        """Bone age, SD score (Greulich & Pyle), uncertainty, heatmap and SD chart for one radiograph; with
+        heights or earlier results, the Bayley-Pinneau adult height, Tanner target height and follow-up."""
         label = _safe_label(image.filename)
         sex_norm = parse_sex(sex, label)  # cheap checks first, documented spellings only: `1` is refused
         age_text = age.strip() if age and age.strip() else None
         parse_age(age_text)
+        growth = await _growth_form(height_cm, mother_height_cm, father_height_cm, history)
+        if growth["history"] is not None and sex_norm is not None and growth["history"].sex is not sex_norm:
+            raise BoneAgeInputError(
+                f"the history is for a {growth['history'].sex.value} child, the form says {sex_norm.value}",
+                growth["history"].source,
+            )
         data = await image.read(max_bytes + 1)  # bounded even if the cap above were bypassed
         await image.close()
         if len(data) > max_bytes:
@@ -428,7 +485,7 @@ def create_app(
                 raise HTTPException(415, _one_line(str(exc))) from None
         predictor = await service.get_predictor()
         try:
-            body = await service.run(service.assess, predictor, data, label, sex_norm, age_text)
+            body = await service.run(service.assess, predictor, data, label, sex_norm, age_text, growth)
         except BoneAgeInputError:
             raise
         except Exception:  # the client gets one generic line, the log gets the traceback
@@ -437,6 +494,28 @@ def create_app(
         return JSONResponse(body)
 
     return app
+
+
+async def _growth_form(
+    height: str | None, mother: str | None, father: str | None, history: UploadFile | None
+) -> dict[str, Any]:
+    """The issue #45 form fields, checked before the image is read: heights in cm, both parents or neither,
+    and a history upload that is bounded and readable."""
+    growth: dict[str, Any] = {
+        "height_cm": check_height_cm(height, "height", "height_cm"),
+        "mother_height_cm": check_height_cm(mother, "mother's height", "mother_height_cm", parent=True),
+        "father_height_cm": check_height_cm(father, "father's height", "father_height_cm", parent=True),
+        "history": None,
+    }
+    if (growth["mother_height_cm"] is None) != (growth["father_height_cm"] is None):
+        raise BoneAgeInputError("the Tanner target height needs both mother_height_cm and father_height_cm")
+    if history is not None and history.filename:
+        name = _safe_label(history.filename)
+        raw = await history.read(HISTORY_MAX_BYTES + 1)
+        await history.close()
+        if raw:
+            growth["history"] = read_history(raw, name=name)
+    return growth
 
 
 def _docs_assets() -> Path | None:
@@ -524,13 +603,14 @@ def serve(
     *,
     engine: str | None = None,
     workers: int | None = None,
+    calibration: Calibration | str | Path | None = None,
 ) -> None:
     """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("boneage").setLevel(logging.INFO)
-    app = create_app(checkpoint, engine=engine, workers=workers)
+    app = create_app(checkpoint, engine=engine, workers=workers, calibration=calibration)
     app.state.service.load()  # BoneAgeInputError here: the CLI reports it and exits 2
     shown = f"[{host}]" if ":" in host else host
     print(f"boneage web app on http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)")

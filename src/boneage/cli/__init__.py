@@ -5,7 +5,8 @@ Every user mistake arrives as a ``BoneAgeInputError`` and leaves as one line on 
 typer or rich; the library reports progress through :mod:`boneage.progress` callbacks.
 
 ``main``: train, evaluate, predict, export, bundle, serve; ``cache``: ``boneage cache ...``;
-``experiments``: ``boneage experiments ...`` and ``boneage tune``; ``release``: ``boneage release ...``.
+``experiments``: ``boneage experiments ...`` and ``boneage tune``; ``release``: ``boneage release ...``;
+``growth``: ``boneage calibrate`` and ``boneage growth-schema``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 from boneage.cli.cache import cache_app
 from boneage.cli.experiments import experiments_app, tune_command
+from boneage.cli.growth import calibrate_command, growth_schema_command
 from boneage.cli.main import app
 from boneage.cli.release import release_app
 
@@ -21,6 +23,8 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(experiments_app, name="experiments")
 app.add_typer(release_app, name="release")
 app.command("tune")(tune_command)
+app.command("calibrate")(calibrate_command)
+app.command("growth-schema")(growth_schema_command)
 
 __all__ = ["app", "main"]
 

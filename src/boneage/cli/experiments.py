@@ -89,9 +89,7 @@ def report_command(
     runs_dir: Annotated[Path, typer.Option(help="folder holding NAME/VARIANT runs")] = Path("runs"),
     experiments_dir: Annotated[Path, typer.Option(help="folder of experiment files")] = EXPERIMENTS_DIR,
     test: Annotated[bool, typer.Option(help="evaluate best.ckpt on the experiment's test set")] = True,
-    out: Annotated[
-        Path | None, typer.Option(help="write the report here (default RUNS_DIR/NAME)")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="write the report here (default RUNS_DIR/NAME)")] = None,
 ) -> None:
     """Write report.md, report.csv and report.png (into RUNS_DIR/NAME, or --out) from the variants' runs."""
     exp = load_experiment(name, experiments_dir)

@@ -77,27 +77,81 @@ def evaluate(
     cache_dir: Annotated[Path | None, typer.Option(help="reuse/keep preprocessed images here")] = None,
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     runtime: Annotated[str | None, typer.Option(hidden=True, help="removed: use --engine")] = None,
+    calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
     """MAE, RMSE, median AE, MAE by sex and 2-year age band of a model on a labelled folder."""
     from boneage.evaluation import evaluate_folder, plot_predictions
 
+    site = _load_calibration(calibration)
     predictor = _load_predictor(checkpoint, engine, runtime, tta=tta)
+    if site is not None:
+        site.check_model(predictor.info, calibration)
     report = evaluate_folder(predictor, images, labels, cache_dir=cache_dir, progress=not as_json)
+    raw_metrics = None
+    if site is not None:  # issue #45: the corrected bone ages are scored, the model's own shown beside them
+        report, raw_metrics = _calibrated_report(report, site)
     if out_csv:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         report.predictions.to_csv(out_csv, index=False)
     if plots:
         plot_predictions(report.predictions, plots)
     if as_json:
-        print(json.dumps(report.metrics))
+        data = dict(report.metrics)
+        if site is not None:
+            data["calibration"] = {
+                "file": site.name,
+                "cases": site.cases,
+                "fitted_with_tta": site.tta,
+                "uncalibrated": raw_metrics,
+            }
+        print(json.dumps(data))
         return
     m = report.metrics
+    if site is not None and raw_metrics is not None:
+        note = (
+            ""
+            if site.tta == tta
+            else f" (fitted {'with' if site.tta else 'without'} TTA, evaluated otherwise)"
+        )
+        out.print(
+            f"{site.describe()}{note}; without it: MAE {raw_metrics['mae_months']:.2f}, "
+            f"bias {raw_metrics['bias_months']:+.2f} months",
+            highlight=False,
+            soft_wrap=True,
+        )
     out.print(
         f"n={m['n']}  MAE {m['mae_months']:.2f}  RMSE {m['rmse_months']:.2f}  "
         f"median AE {m['median_ae_months']:.2f} months  (predicting the mean: "
         f"{m['mae_baseline_mean_months']:.2f})"
     )
     out.print(report.table().to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+
+CALIBRATION_HELP = "a site calibration written by `boneage calibrate` (corrects the bone age; outputs say so)"
+
+
+def _load_calibration(path: Path | None) -> Any:
+    """The ``--calibration`` file, read and checked before any model loads."""
+    if path is None:
+        return None
+    from boneage.growth import Calibration
+
+    return Calibration.load(path)
+
+
+def _calibrated_report(report: Any, site: Any) -> tuple[Any, dict[str, Any]]:
+    """The evaluation re-scored on calibrated bone ages; the model's own metrics returned beside it."""
+    import numpy as np
+
+    from boneage.evaluation import EvaluationReport, metrics
+
+    preds = report.predictions.copy()
+    sexes = np.where(preds["male"].to_numpy(bool), "male", "female")
+    preds["predicted_uncalibrated"] = preds["predicted"]
+    preds["predicted"] = [round(site.apply(s, v), 3) for s, v in zip(sexes, preds["predicted"], strict=True)]
+    preds["error"] = preds["predicted"] - preds["boneage"]
+    scored = metrics(preds["predicted"].to_numpy(), preds["boneage"].to_numpy(), preds["male"].to_numpy(bool))
+    return EvaluationReport(preds, scored), report.metrics
 
 
 def _collect_images(inputs: list[Path]) -> list[Path]:
@@ -183,9 +237,10 @@ class _BatchCSV:
     file + replace), one row per file, so the CSV is never half-written and never keeps stale error rows.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, extra_fields: list[str] | tuple[str, ...] = ()) -> None:
         self.path = path
-        self.fields = list(BATCH_FIELDS)
+        at = BATCH_FIELDS.index("warnings")  # issue #45 columns, only when their inputs are given
+        self.fields = [*BATCH_FIELDS[:at], *extra_fields, *BATCH_FIELDS[at:]]
         self.rows: dict[str, dict[str, Any]] = {}
         self.handle: Any = None
         self.writer: Any = None
@@ -286,8 +341,21 @@ def predict(
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     runtime: Annotated[str | None, typer.Option(hidden=True, help="removed: use --engine")] = None,
+    height: Annotated[
+        float | None, typer.Option(help="the child's height in cm: Bayley-Pinneau adult height prediction")
+    ] = None,
+    mother_height: Annotated[
+        float | None, typer.Option(help="mother's height in cm (with --father-height: Tanner target height)")
+    ] = None,
+    father_height: Annotated[float | None, typer.Option(help="father's height in cm")] = None,
+    history: Annotated[
+        Path | None,
+        typer.Option(help="earlier results of this child (predict --json output, batch CSV or history file)"),
+    ] = None,
+    calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
-    """Bone age (months, years), SD score against Greulich & Pyle, uncertainty, heatmap and report."""
+    """Bone age (months, years), SD score against Greulich & Pyle, uncertainty, heatmap and report; with
+    the child's and parents' heights, earlier results or a site calibration, the growth work-up too."""
     from rich.progress import Progress
 
     from boneage.assessment import assess_image, write_report
@@ -300,12 +368,21 @@ def predict(
         given_age = parse_age(age)
     except BoneAgeInputError as exc:
         raise BoneAgeInputError(exc.problem, "--age") from None
+    growth = _GrowthOptions(height, mother_height, father_height, history, calibration)
+    if growth.history is not None and given_sex is not None and growth.history.sex is not given_sex:
+        raise BoneAgeInputError(
+            f"the history is for a {growth.history.sex.value} child, --sex says {given_sex.value}", history
+        )
     _check_outputs(out_csv, report)
     files = _collect_images(images)
     if not files:
         raise BoneAgeInputError("no radiographs found", ", ".join(map(str, images)))
+    if len(files) > 1 and growth.per_child:
+        raise BoneAgeInputError(
+            f"{' '.join(growth.per_child)} describe one child: give one radiograph, not {len(files)}"
+        )
     sexes = _sex_table(sex_from) if sex_from else {}
-    results = _BatchCSV(out_csv) if out_csv else None
+    results = _BatchCSV(out_csv, growth.columns) if out_csv else None
     todo = [p for p in files if not (results and results.done(str(p)))]
     names: dict[str, str] = {}
     if report:
@@ -313,6 +390,8 @@ def predict(
 
         names = report_names(files)
     predictor = _load_predictor(checkpoint, engine, runtime, tta=tta)
+    if growth.calibration is not None:
+        growth.calibration.check_model(predictor.info, calibration)
     batch = len(files) > 1 or out_csv is not None
     failures = 0
     with contextlib.ExitStack() as stack:
@@ -329,6 +408,7 @@ def predict(
                     given_sex or sexes.get(path.stem),
                     given_age,
                     heatmap=heatmap and report is not None,
+                    **growth.kwargs,
                 )
             except BoneAgeInputError as exc:
                 failures += 1
@@ -348,6 +428,7 @@ def predict(
                     warnings=" | ".join(a.warnings),
                     error="",
                 )
+                row.update(_growth_columns(result, growth.columns))
                 if as_json:
                     print(json.dumps(result.to_dict()))
                 elif not results:
@@ -375,6 +456,87 @@ def predict(
         raise typer.Exit(2)
 
 
+class _GrowthOptions:
+    """predict's issue #45 options, checked before the model loads: what to pass to ``assess_image``, which
+    batch columns they add, and which of them describe one child."""
+
+    def __init__(
+        self,
+        height: float | None,
+        mother: float | None,
+        father: float | None,
+        history: Path | None,
+        calibration: Path | None,
+    ) -> None:
+        from boneage.growth import check_height_cm, read_history
+
+        self.height = check_height_cm(height, "height", "--height")
+        self.mother = check_height_cm(mother, "mother's height", "--mother-height", parent=True)
+        self.father = check_height_cm(father, "father's height", "--father-height", parent=True)
+        if (self.mother is None) != (self.father is None):
+            missing = "--father-height" if self.father is None else "--mother-height"
+            raise BoneAgeInputError(f"the Tanner target height needs both parents' heights: add {missing}")
+        self.history = read_history(history) if history is not None else None
+        self.calibration = _load_calibration(calibration)
+        self.per_child = [
+            flag
+            for flag, value in (
+                ("--height", self.height),
+                ("--mother-height", self.mother),
+                ("--father-height", self.father),
+                ("--history", self.history),
+            )
+            if value is not None
+        ]
+        self.columns: list[str] = []
+        if self.calibration is not None:
+            self.columns += ["bone_age_uncalibrated_months", "calibration"]
+        if self.height is not None:
+            self.columns += [
+                "height_cm",
+                "predicted_adult_height_cm",
+                "predicted_adult_height_error_sd_cm",
+                "percent_of_mature_height",
+                "bayley_pinneau_column",
+                "predicted_adult_height_note",
+            ]
+        if self.mother is not None:
+            self.columns += ["target_height_cm", "target_height_range_cm"]
+        if self.history is not None:
+            self.columns += ["bone_age_velocity", "bone_age_velocity_uncertainty"]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "height_cm": self.height,
+            "mother_height_cm": self.mother,
+            "father_height_cm": self.father,
+            "history": self.history,
+            "calibration": self.calibration,
+        }
+
+
+def _growth_columns(result: Any, columns: list[str]) -> dict[str, Any]:
+    """The batch row's issue #45 cells, from the result's export record."""
+    if not columns or result.workup is None:
+        return {}
+    export = result.workup.export.model_dump(mode="json")
+    row: dict[str, Any] = {}
+    for name in columns:
+        if name == "bone_age_uncalibrated_months":
+            value = (
+                result.workup.calibration.bone_age_uncalibrated_months if result.workup.calibration else None
+            )
+        elif name == "calibration":
+            value = result.workup.export.calibration_file
+        else:
+            value = export.get(name)
+        if isinstance(value, list):
+            value = "-".join(f"{v:g}" for v in value)
+        row[name] = "" if value is None else (round(value, 2) if isinstance(value, float) else value)
+    return row
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
@@ -389,6 +551,9 @@ def _print_result(result: Any) -> None:
     a = result.assessment
     text = format_months(a.bone_age_months)
     line = f"{result.prediction.source}: bone age {a.bone_age_months:.1f} months ({text})"
+    calibrated = result.workup.calibration if result.workup is not None else None
+    if calibrated is not None and calibrated.applied:
+        line += f" [calibrated; model's own {calibrated.bone_age_uncalibrated_months:.1f}]"
     line += f" ± {a.uncertainty_months:.1f}, {a.sex}"
     if a.chronological_age_months is not None:
         line += (
@@ -396,6 +561,9 @@ def _print_result(result: Any) -> None:
             f"{a.difference_months:+.1f}, SD score {a.sd_score:+.2f} ({a.flag})"
         )
     out.print(line, highlight=False, soft_wrap=True)
+    if result.workup is not None:
+        for text in result.workup.lines():
+            out.print(f"  {text}", highlight=False, soft_wrap=True)
     for w in a.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
@@ -498,8 +666,12 @@ def serve(
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint (default: the bundled model)")] = None,
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     workers: Annotated[int, typer.Option(help="inference worker threads (default: one per CPU core)")] = 0,
+    calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
 ) -> None:
     """Start the web page and REST API (FastAPI + uvicorn)."""
     from boneage.web import serve as run_server
 
-    run_server(host=host, port=port, checkpoint=checkpoint, engine=engine, workers=workers or None)
+    site = _load_calibration(calibration)
+    run_server(
+        host=host, port=port, checkpoint=checkpoint, engine=engine, workers=workers or None, calibration=site
+    )

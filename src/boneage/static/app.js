@@ -137,11 +137,85 @@
       list.appendChild(item);
     });
     list.hidden = !(r.warnings && r.warnings.length);
+    showGrowth(r);
     setImage("heatmap", r.heatmap_png_base64);
     setImage("sd-chart", r.sd_chart_png_base64);
     $("reference").textContent = "Reference: " + (r.reference || "");
     $("empty").hidden = true;
     $("result").hidden = false;
+  }
+
+  // ---- growth work-up (issue #45): every figure with its method, or the line saying why there is none ----
+  function showGrowth(r) {
+    const box = $("growth");
+    const note = $("calibration-note");
+    const c = r.calibration;
+    note.hidden = !c;
+    note.textContent = c
+      ? "Calibrated with " + (c.file || "a site calibration") + " (" + c.cases + " cases): " +
+        (c.applied ? "the model's own bone age was " + c.bone_age_uncalibrated_months.toFixed(1) + " months."
+          : "no correction for this sex.")
+      : "";
+    const a = r.adult_height;
+    if (!a) {
+      $("adult-height").textContent = "— (enter the height)";
+    } else if (a.predicted_adult_height_cm == null) {
+      $("adult-height").textContent = a.not_available;
+    } else {
+      let text = a.predicted_adult_height_cm.toFixed(1) + " cm (" + a.percent_of_mature_height.toFixed(1) +
+        "% of adult height reached; " + a.bayley_pinneau_column + " table)";
+      if (a.predicted_adult_height_range_cm) {
+        text += "; published error SD " + a.predicted_adult_height_error_sd_cm.toFixed(1) + " cm, ±2 SD " +
+          a.predicted_adult_height_range_cm[0].toFixed(1) + "–" + a.predicted_adult_height_range_cm[1].toFixed(1);
+      } else {
+        text += "; no published error at this age";
+      }
+      $("adult-height").textContent = text;
+    }
+    const t = r.target_height;
+    $("target-height").textContent = t
+      ? t.target_height_cm.toFixed(1) + " cm (range " + t.target_height_range_cm[0].toFixed(1) + "–" +
+        t.target_height_range_cm[1].toFixed(1) + " cm)"
+      : "— (enter both parents' heights)";
+    const f = r.follow_up;
+    const table = $("follow-up");
+    const body = table.querySelector("tbody");
+    body.replaceChildren();
+    if (!f) {
+      $("velocity").textContent = "— (add earlier results)";
+    } else {
+      const last = f.intervals.length ? f.intervals[f.intervals.length - 1] : null;
+      $("velocity").textContent = last
+        ? last.velocity_months_per_year.toFixed(1) + " ± " + last.velocity_uncertainty_months_per_year.toFixed(1) +
+          " bone-age months per year since the last visit"
+        : f.not_available || "—";
+      f.visits.forEach((v, i) => {
+        const step = i > 0 && f.intervals.length ? f.intervals[i - 1] : null;
+        const row = document.createElement("tr");
+        [v.label + (v.current ? " (this visit)" : ""), v.chronological_age_months.toFixed(1),
+          v.bone_age_months.toFixed(1) + " ± " + v.uncertainty_months.toFixed(1),
+          step ? step.velocity_months_per_year.toFixed(1) + " ± " +
+            step.velocity_uncertainty_months_per_year.toFixed(1) : "—"].forEach((text) => {
+          const cell = document.createElement("td");
+          cell.textContent = text;
+          row.appendChild(cell);
+        });
+        body.appendChild(row);
+      });
+    }
+    table.hidden = !f;
+    const limits = $("growth-limits");
+    limits.replaceChildren();
+    const sources = [];
+    if (a) sources.push("Bayley–Pinneau: " + a.source, ...a.limits);
+    if (t) sources.push("Tanner: " + t.source);
+    if (f) sources.push("Follow-up: " + f.method_text);
+    sources.forEach((text) => {
+      const item = document.createElement("li");
+      item.textContent = text;
+      limits.appendChild(item);
+    });
+    box.hidden = !(a || t || f || c);
   }
 
   async function errorMessage(response) {
