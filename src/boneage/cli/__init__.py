@@ -5,7 +5,8 @@ Every user mistake arrives as a ``BoneAgeInputError`` and leaves as one line on 
 typer or rich; the library reports progress through :mod:`boneage.progress` callbacks.
 
 ``main``: train, evaluate, predict, export, bundle, serve; ``cache``: ``boneage cache ...``;
-``experiments``: ``boneage experiments ...`` and ``boneage tune``.
+``experiments``: ``boneage experiments ...`` and ``boneage tune``; ``node``: ``boneage node`` (the DICOM
+node).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import sys
 from boneage.cli.cache import cache_app
 from boneage.cli.experiments import experiments_app, tune_command
 from boneage.cli.main import app
+from boneage.cli.node import node_command
 
 app.add_typer(cache_app, name="cache")
 app.add_typer(experiments_app, name="experiments")
 app.command("tune")(tune_command)
+app.command("node")(node_command)
 
 __all__ = ["app", "main"]
 
