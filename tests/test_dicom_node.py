@@ -38,6 +38,8 @@ from typer.testing import CliRunner
 
 from boneage.cli import app
 
+pytestmark = pytest.mark.dicom
+
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 
 
