@@ -330,15 +330,22 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         node.start()
         for study in studies:
             _wait_results(orthanc, study, (1, 1))
+        everything = sorted(_sop(p) for p in files)
+
+        def all_sent() -> bool:  # the node logs "sent" just after Orthanc has the objects
+            return (
+                sorted(sent_before | {e["sop"] for e in node.events("sent", since_start=True)}) == everything
+            )
+
+        wait_until(all_sent, 20, "a sent line for every instance")
         after = node.events(since_start=True)
         listening = [e for e in after if e["event"] == "listening"][0]
         assert int(listening["to_assess"]) == 4 - len(assessed_before)
         assessed_after = [e["sop"] for e in after if e["event"] == "assessed"]
         sent_after = [e["sop"] for e in after if e["event"] == "sent"]
         assert not assessed_before & set(assessed_after) and not sent_before & set(sent_after)
-        assert sorted(assessed_before | set(assessed_after)) == sorted(_sop(p) for p in files)
-        assert len(assessed_after) == len(set(assessed_after))
-        assert sorted(sent_before | set(sent_after)) == sorted(_sop(p) for p in files)
+        assert sorted(assessed_before | set(assessed_after)) == everything
+        assert len(assessed_after) == len(set(assessed_after)) and len(sent_after) == len(set(sent_after))
     finally:
         node.stop()
 
@@ -356,9 +363,10 @@ def test_a_full_spool_refuses_new_associations(hands: list[dict], tmp_path: Path
         assert storescu(node, [first]).returncode == 0
         wait_until(lambda: node.events("retry"), 30, "the result waiting for its destination")
         refused = storescu(node, [second])
-        assert refused.returncode != 0
+        assert refused.returncode != 0 and "Local Limit Exceeded" in refused.stderr, refused.stderr
         wait_until(lambda: node.events("association_refused"), 10, "the refusal's log line")
-        assert "spool full" in node.events("association_refused")[0]["reason"]
+        line = node.events("association_refused")[0]
+        assert "spool full" in line["reason"] and line["calling"] == "STORESCU"
         assert not [e for e in node.events("received") if e["sop"] == _sop(second)]
         assert node.proc is not None and node.proc.poll() is None
     finally:

@@ -330,13 +330,16 @@ class Node:
             if reason is None:
                 self._full_logged = False
                 return
+            primitive = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ (not negotiated yet)
             log_event(
                 "association_refused",
                 logging.WARNING,
-                calling=event.assoc.requestor.ae_title,
+                calling=str(getattr(primitive, "calling_ae_title", "") or "").strip() or None,
+                address=event.assoc.requestor.address,
                 reason=f"spool full: {reason}" if reason != "shutting down" else reason,
             )
             event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded
+            event.assoc.kill()  # as pynetdicom's own rejections do: the A-ASSOCIATE-RJ is sent, then closed
         except Exception as exc:  # never let a handler error take the association thread with a traceback
             log_event("error", logging.ERROR, step="associate", error=type(exc).__name__)
 
@@ -435,7 +438,9 @@ class Node:
                     "error", logging.ERROR, step="assess", sop=uid, error=f"{type(exc).__name__}: {exc}"
                 )
                 if not self._stop_workers.is_set():
-                    threading.Timer(30.0, self._queue.put, args=(uid,)).start()
+                    timer = threading.Timer(30.0, self._queue.put, args=(uid,))
+                    timer.daemon = True
+                    timer.start()
             finally:
                 with self._busy_lock:
                     self._busy -= 1
@@ -485,9 +490,11 @@ class Node:
     def _retry(self, uid: str, attempts: int, error: str) -> None:
         delay = self._backoff(attempts)
         failed = self.spool.mark_retry(uid, delay)
+        # a destination down for a day must not flood the log: the first attempts, then every tenth
+        level = logging.WARNING if failed <= 3 or failed % 10 == 0 else logging.DEBUG
         log_event(
             "retry",
-            logging.WARNING,
+            level,
             sop=uid,
             attempt=failed,
             next_in_s=round(delay, 1),
@@ -524,16 +531,25 @@ class Node:
                 if not assoc.is_established:
                     self._retry(item.uid, item.send_attempts, "association aborted")
                     continue
-                problem = None
                 files = self.spool.result_files(item.uid)
+                if not files:  # cannot happen after recover(); never report a send that did not happen
+                    missing = "outbox folder missing"
+                    log_event("error", logging.ERROR, step="send", sop=item.uid, error=missing)
+                    self.spool.finish_without_results(item.uid, outcome="lost", detail=missing)
+                    continue
+                problem = None
                 for path in files:
-                    status = assoc.send_c_store(path)
+                    try:
+                        status = assoc.send_c_store(path)
+                    except Exception as exc:  # an unreadable outbox file must not block the others
+                        problem = f"{path.name}: {type(exc).__name__}: {exc}"
+                        break
                     code = getattr(status, "Status", None)
                     if code not in _OK_STATUSES:
                         problem = (
                             f"C-STORE of {path.name} answered {code:#06x}"
                             if code is not None
-                            else (f"no answer to the C-STORE of {path.name}")
+                            else f"no answer to the C-STORE of {path.name}"
                         )
                         break
                 if problem:

@@ -140,7 +140,8 @@ def process(
         except BoneAgeInputError as exc:
             reason = exc.problem
         except Exception as exc:  # a library failure must become a refusal, not a dead worker
-            LOG.exception("event=error step=assess sop=%s error=%s", source_uid, type(exc).__name__)
+            LOG.error("event=error step=assess sop=%s error=%s", source_uid, type(exc).__name__)
+            LOG.debug("traceback of the error above", exc_info=True)
             reason = f"internal error while assessing ({type(exc).__name__}); see the node's log"
     reason = _one_line(reason) if reason else None
 
