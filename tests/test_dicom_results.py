@@ -162,7 +162,7 @@ def test_results_of_an_assessed_radiograph(predictor, hand_pixels: np.ndarray, t
     assert z == pytest.approx(expected.sd_score, abs=1e-3)
     texts = {_code(i): i.TextValue for i in items if i.ValueType == "TEXT"}
     assert texts[("111001", "DCM")] == "boneage" and texts[("111003", "DCM")] == version
-    assert "Greulich" in texts[("121406", "DCM")]  # Population Authority: the reference used
+    assert "Greulich" in texts[("121406", "DCM")]  # Reference Authority: the reference used
     codes = {_code(i): i.ConceptCodeSequence[0].CodeValue for i in items if i.ValueType == "CODE"}
     assert codes[("85150-1", "LN")] == "252956001"  # Bone age method: Greulich and Pyle
     assert f"{expected.bone_age_months:.1f}" in sc.ImageComments and "research use only" in sc.ImageComments
