@@ -210,7 +210,7 @@ def main() -> int:
     result = {
         "benchmark": "node_throughput",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": "python benchmarks/node_throughput.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/node_throughput.py", *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version()},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
