@@ -23,6 +23,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 ORTHANC = os.environ.get("BONEAGE_TEST_ORTHANC", "/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian package orthanc-dicomweb
 CR = "1.2.840.10008.5.1.4.1.1.1"
 SC = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -72,7 +73,9 @@ def radiograph_dicom(path: Path, pixels: np.ndarray, **header: Any) -> Path:
 class Orthanc:
     """Orthanc 1.x with its storage in ``root`` and the node declared as modality ``boneage``."""
 
-    def __init__(self, root: Path, node_port: int, node_aet: str = "BONEAGE") -> None:
+    def __init__(
+        self, root: Path, node_port: int, node_aet: str = "BONEAGE", plugins: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -92,7 +95,8 @@ class Orthanc:
                     "AuthenticationEnabled": False,
                     "DicomModalities": {"boneage": [node_aet, "127.0.0.1", node_port]},
                     "DicomScuTimeout": 30,
-                    "Plugins": [],
+                    "Plugins": list(plugins),
+                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
                     "StorageCompression": False,
                 }
             )

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from dicom_helpers import (
     COMPREHENSIVE_SR,
+    DICOMWEB_PLUGIN,
     ORTHANC,
     NodeProcess,
     Orthanc,
@@ -87,7 +88,8 @@ def pacs(tmp_path_factory: pytest.TempPathFactory):
     """Orthanc, and the port the node it knows as modality ``boneage`` will listen on."""
     _require_tools()
     node_port = free_port()
-    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"), node_port).start()
+    plugins = (DICOMWEB_PLUGIN,) if Path(DICOMWEB_PLUGIN).is_file() else ()
+    orthanc = Orthanc(tmp_path_factory.mktemp("orthanc"), node_port, plugins=plugins).start()
     yield orthanc, node_port
     orthanc.stop()
 
@@ -348,6 +350,25 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         assert len(assessed_after) == len(set(assessed_after)) and len(sent_after) == len(set(sent_after))
     finally:
         node.stop()
+
+
+def test_stow_rs_destination(pacs, hands: list[dict], tmp_path: Path) -> None:
+    """The second kind of destination: results sent by STOW-RS to Orthanc's DICOMweb plugin land in the
+    study like the C-STORE ones."""
+    orthanc, _ = pacs
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        message = f"{DICOMWEB_PLUGIN} not found (apt-get install orthanc-dicomweb)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    node = NodeProcess(tmp_path / "spool", f"{orthanc.url}/dicom-web", "--workers", "1").start()
+    try:
+        path = _hand_file(tmp_path / "stow.dcm", hands[6])
+        _, study = orthanc.upload(path)
+        assert storescu(node, [path]).returncode == 0
+        _wait_results(orthanc, study, (1, 1))
+        sent = wait_until(lambda: node.events("sent"), 10, "the sent line")
+        assert sent[0]["destination"] == f"{orthanc.url}/dicom-web" and sent[0]["objects"] == "sc,sr"
+    finally:
+        assert node.stop() == 0
 
 
 def test_a_full_spool_refuses_new_associations(hands: list[dict], tmp_path: Path) -> None:

@@ -222,3 +222,25 @@ def test_secondary_capture_pixels_without_any_image() -> None:
     assert page.shape == (1024, 1024, 3) and page.dtype == np.uint8 and page.max() > 0
     with pytest.raises(ValueError):
         secondary_capture_pixels(None, None)
+
+
+def test_destinations_are_checked_before_anything_starts() -> None:
+    from boneage.dicom.node import Destination, _stow_failures, parse_destination
+    from boneage.errors import BoneAgeInputError
+
+    assert parse_destination("ORTHANC@127.0.0.1:4242") == Destination("ORTHANC", "127.0.0.1", 4242)
+    assert parse_destination("PACS@[::1]:104") == Destination("PACS", "::1", 104)
+    assert str(parse_destination("http://pacs:8042/dicom-web/")) == "http://pacs:8042/dicom-web"
+    for bad in (
+        "ORTHANC-127.0.0.1",
+        "ORTHANC@host",
+        "A@h:70000",
+        "WAY_TOO_LONG_AE_TITLE@h:1",
+        "http://",
+        "x@h:0",
+    ):
+        with pytest.raises(BoneAgeInputError, match="--destination"):
+            parse_destination(bad)
+    assert _stow_failures(b'{"00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ", "Value": [{}, {}]}}') == 0
+    assert _stow_failures(b'{"00081198": {"vr": "SQ", "Value": [{}]}}') == 1
+    assert _stow_failures(b"<html>proxy error</html>") == 1

@@ -46,7 +46,12 @@ def _check_spool(spool: Path) -> Path:
 @exit_on_user_error
 def node_command(
     destination: Annotated[
-        str, typer.Option(help="where results go, AET@host:port (e.g. PACS@10.0.0.5:104)", show_default=False)
+        str,
+        typer.Option(
+            help="where results go: AET@host:port for C-STORE (e.g. PACS@10.0.0.5:104), or a DICOMweb base "
+            "URL for STOW-RS (e.g. http://pacs:8042/dicom-web)",
+            show_default=False,
+        ),
     ],
     spool: Annotated[
         Path, typer.Option(help="folder for received instances, results waiting to be sent, and the ledger")

@@ -83,6 +83,18 @@ _CANNOT_UNDERSTAND = 0xC000
 _AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash, no control chars
 
 
+def _stow_failures(answer: bytes) -> int:
+    """How many objects a STOW-RS response lists in its Failed SOP Sequence (0008,1198); an answer that is
+    not the DICOM JSON we asked for counts as one failure."""
+    import json
+
+    try:
+        body = json.loads(answer or b"{}")
+        return len((body.get("00081198") or {}).get("Value") or [])
+    except (ValueError, AttributeError):
+        return 1
+
+
 def accepted_transfer_syntaxes() -> list[str]:
     """Uncompressed syntaxes, and each compressed one that an installed pydicom pixel-data plugin decodes:
     accepting an image we could not decode would only turn into a "not assessed" result."""
@@ -126,18 +138,30 @@ def check_aet(value: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where results go: a C-STORE SCP (the PACS)."""
+    """Where results go: a C-STORE SCP (the PACS), or a DICOMweb server's STOW-RS endpoint (``url``)."""
 
-    aet: str
-    host: str
-    port: int
+    aet: str = ""
+    host: str = ""
+    port: int = 0
+    url: str | None = None  # DICOMweb base URL, e.g. http://pacs:8042/dicom-web
 
     def __str__(self) -> str:
-        return f"{self.aet}@{self.host}:{self.port}"
+        return self.url if self.url else f"{self.aet}@{self.host}:{self.port}"
 
 
 def parse_destination(text: str) -> Destination:
-    """``AET@host:port`` (e.g. ``ORTHANC@127.0.0.1:4242``); anything else is a one-line error."""
+    """``AET@host:port`` (e.g. ``ORTHANC@127.0.0.1:4242``) for C-STORE, or an ``http(s)://`` DICOMweb base
+    URL for STOW-RS; anything else is a one-line error."""
+    text = str(text).strip()
+    if text.lower().startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(text)
+        if not parts.hostname or parts.query or parts.fragment:
+            raise BoneAgeInputError(
+                f"--destination {text!r}: expected a DICOMweb base URL, e.g. http://pacs/dicom-web"
+            )
+        return Destination(url=text.rstrip("/"))
     match = re.fullmatch(r"([^@]+)@(\[[^\]]+\]|[^:@]+):(\d{1,5})", str(text).strip())
     if not match:
         raise BoneAgeInputError(
@@ -502,7 +526,73 @@ class Node:
             error=error,
         )
 
+    def _sent(self, item: Any, files: list[Path], dest: Destination) -> None:
+        self.spool.mark_sent(item.uid)
+        log_event(
+            "sent",
+            sop=item.uid,
+            study=item.study,
+            destination=dest,
+            objects=",".join(p.stem for p in files),
+            attempts=item.send_attempts + 1,
+        )
+
     def _send(self, items: list[Any]) -> None:
+        if self.config.destination.url:
+            self._stow(items)
+        else:
+            self._c_store(items)
+
+    def _stow(self, items: list[Any]) -> None:
+        """STOW-RS: one POST of ``multipart/related; type="application/dicom"`` per instance's results to
+        ``{url}/studies``; 200 with no failed SOP instance is stored, anything else waits for a retry."""
+        import urllib.error
+        import urllib.request
+        import uuid
+
+        dest = self.config.destination
+        for item in items:
+            files = self.spool.result_files(item.uid)
+            if not files:
+                missing = "outbox folder missing"
+                log_event("error", logging.ERROR, step="send", sop=item.uid, error=missing)
+                self.spool.finish_without_results(item.uid, outcome="lost", detail=missing)
+                continue
+            boundary = uuid.uuid4().hex
+            body = (
+                b"".join(
+                    f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + p.read_bytes()
+                    + b"\r\n"
+                    for p in files
+                )
+                + f"--{boundary}--\r\n".encode()
+            )
+            request = urllib.request.Request(
+                f"{dest.url}/studies",
+                data=body,
+                method="POST",
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Accept": "application/dicom+json",
+                },
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.config.network_timeout) as response:
+                    status, answer = response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                self._retry(item.uid, item.send_attempts, f"STOW-RS answered HTTP {exc.code}")
+                continue
+            except Exception as exc:
+                self._retry(item.uid, item.send_attempts, f"{type(exc).__name__}: {exc}")
+                continue
+            failed = _stow_failures(answer)
+            if status != 200 or failed:
+                self._retry(item.uid, item.send_attempts, f"STOW-RS answered HTTP {status}, {failed} failed")
+                continue
+            self._sent(item, files, dest)
+
+    def _c_store(self, items: list[Any]) -> None:
         """One association for a batch of due results; each instance is done when all its objects are
         accepted, else it waits for its next attempt."""
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -555,15 +645,7 @@ class Node:
                 if problem:
                     self._retry(item.uid, item.send_attempts, problem)
                 else:
-                    self.spool.mark_sent(item.uid)
-                    log_event(
-                        "sent",
-                        sop=item.uid,
-                        study=item.study,
-                        destination=dest,
-                        objects=",".join(p.stem for p in files),
-                        attempts=item.send_attempts + 1,
-                    )
+                    self._sent(item, files, dest)
         finally:
             if assoc.is_established:
                 assoc.release()
