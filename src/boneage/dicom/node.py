@@ -228,8 +228,6 @@ class Node:
         self._stop_workers = threading.Event()
         self._stop_sender = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._busy = 0  # instances being assessed right now
-        self._busy_lock = threading.Lock()
         self._full_logged = False
         self._server: Any = None
         self._ae: Any = None
@@ -317,9 +315,10 @@ class Node:
                 time.sleep(0.05)
             for assoc in list(self._server.active_associations):
                 assoc.abort()
-        while (not self._queue.empty() or self._busy) and time.monotonic() < deadline:
+        # unfinished_tasks counts queued and in-progress instances (task_done comes after the outbox write)
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
-        drained = self._queue.empty() and not self._busy
+        drained = not self._queue.unfinished_tasks
         self._stop_workers.set()
         # one last send of what is due, bounded by the deadline
         while self.spool.due() and time.monotonic() < deadline and self._sender_alive():
@@ -453,8 +452,9 @@ class Node:
                 if self._stop_workers.is_set():
                     return
                 continue
-            with self._busy_lock:
-                self._busy += 1
+            if self._stop_workers.is_set():  # past the drain deadline: it stays in the spool for next time
+                self._queue.task_done()
+                return
             try:
                 self._assess(uid)
             except Exception as exc:  # disk full while writing results, ...: try again later
@@ -466,8 +466,7 @@ class Node:
                     timer.daemon = True
                     timer.start()
             finally:
-                with self._busy_lock:
-                    self._busy -= 1
+                self._queue.task_done()
 
     def _assess(self, uid: str) -> None:
         from boneage.dicom.worker import process
