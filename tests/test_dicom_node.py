@@ -305,6 +305,9 @@ def test_sigterm_drains_what_was_received(pacs, node: NodeProcess, hands: list[d
     stopped = node.events("stopped")
     assert stopped and stopped[-1]["drained"] == "True" and stopped[-1]["to_send"] == "0"
     assert orthanc.result_counts(study) == (1, 1)
+    patient = pydicom.dcmread(path, stop_before_pixels=True)
+    log = node.log()  # everything this node did in this module: no patient name or ID in it
+    assert str(patient.PatientName) not in log and "Child" not in log and patient.PatientID not in log
 
 
 def test_sigkill_mid_batch_then_restart_finishes_everything_once(
