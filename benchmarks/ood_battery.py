@@ -105,8 +105,8 @@ def main() -> None:
     ap.add_argument("--hands", type=int, default=5, help="real hands to rotate")
     args = ap.parse_args()
 
-    from boneage.errors import BoneAgeInputError
     from boneage.data.labels import read_labels
+    from boneage.errors import BoneAgeInputError
     from boneage.ood import rotation_ratios, turned
     from boneage.predict import load_predictor, oriented_pixels
 

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from boneage.data.augment import Augment
-from boneage.data.shards import ShardCache, decode_batch
 from boneage.config import AugmentConfig
+from boneage.data.augment import Augment
 from boneage.data.datamodule import to_float
 from boneage.data.labels import read_labels
+from boneage.data.shards import ShardCache, decode_batch
 from boneage.models.net import BoneAgeNet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-bone-age-sample"

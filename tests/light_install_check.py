@@ -74,9 +74,43 @@ def main(sample: Path) -> int:
         assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower(), page[:500]
         with urllib.request.urlopen(f"{url}/docs-assets/swagger-ui-bundle.js", timeout=30) as response:
             assert response.status == 200
+    print("light install: web request ok (heatmap included), /docs offline")
+
+    # the DICOM node's assessment step (boneage node): a radiograph as DICOM in, SC + SR out
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from boneage.dicom.node import accepted_transfer_syntaxes
+    from boneage.dicom.worker import process
+    from boneage.predict import load_predictor
+
+    assert "1.2.840.10008.1.2.4.70" in accepted_transfer_syntaxes(), "no JPEG lossless decoder installed"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientSex = "CR", "LIGHT", "M"
+    pixels = np.asarray(Image.open(image).convert("L"))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = pixels.tobytes()
+    dicom_path = Path(f"/tmp/boneage-light-{uuid.uuid4().hex}.dcm")
+    pydicom.dcmwrite(dicom_path, ds, enforce_file_format=True)
+    try:
+        outcome = process(dicom_path, load_predictor(engine="onnx"))
+    finally:
+        dicom_path.unlink()
+    assert outcome.kind == "assessed" and set(outcome.files) == {"sc.dcm", "sr.dcm"}, outcome.detail
     leaked = [m for m in TRAINING if m in sys.modules]
     assert not leaked, leaked
-    print("light install: web request ok (heatmap included), /docs offline, no torch")
+    print(f"light install: DICOM node step -> {outcome.detail}, SC + SR; no torch")
     return 0
 
 

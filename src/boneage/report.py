@@ -27,7 +27,14 @@ from boneage import __version__
 from boneage.clinical import REFERENCE_CITATION, Assessment, format_months, reference_sd, sd_table
 from boneage.growth import GrowthWorkup
 
-__all__ = ["DISCLAIMER", "report_names", "safe_stem", "sd_chart_png", "write_html_report"]
+__all__ = [
+    "DISCLAIMER",
+    "report_names",
+    "safe_stem",
+    "sd_chart_png",
+    "secondary_capture_pixels",
+    "write_html_report",
+]
 
 DISCLAIMER = (
     "Research use only — not a medical device. "
@@ -460,3 +467,152 @@ def write_html_report(
     )
     target.write_text(document, encoding="utf-8")
     return target
+
+
+# ---- the page a PACS viewer shows: the DICOM node's Secondary Capture --------------------------------------
+_SC_SIZE = (1024, 1024)  # width, height: one screen, readable in any viewer without zooming
+_SC_BACKGROUND = (0, 0, 0)  # viewers are dark; a white page would glare in a reading room
+_SC_TEXT = (235, 235, 235)
+_SC_DIM = (170, 170, 170)
+_SC_TITLE = (120, 200, 255)
+_SC_REFUSED = (255, 170, 60)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int, bold: bool = False) -> Any:
+    """DejaVu Sans from matplotlib's bundled fonts (present offline wherever boneage is installed); PIL's
+    own scalable default font if that file is missing."""
+    from matplotlib import get_data_path
+    from PIL import ImageFont
+
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(str(Path(get_data_path()) / "fonts" / "ttf" / name), size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a word longer than a line is cut, never overflows)."""
+    lines: list[str] = []
+    current = ""
+    for word in str(text).split():
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines
+
+
+def _paste_fit(page: Any, image: Any, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """Paste ``image`` scaled to fit ``box`` (left, top, right, bottom), centred; returns where it went."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    scale = min((right - left) / image.width, (bottom - top) / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    fitted = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    x = left + (right - left - size[0]) // 2
+    y = top + (bottom - top - size[1]) // 2
+    page.paste(fitted, (x, y))
+    return x, y, x + size[0], y + size[1]
+
+
+def secondary_capture_pixels(
+    assessment: Assessment | None,
+    radiograph: np.ndarray | None,
+    *,
+    heatmap_png: bytes | None = None,
+    reason: str | None = None,
+    model_version: str = "",
+    warnings: Sequence[str] = (),
+) -> np.ndarray:
+    """The result page a PACS viewer shows beside the radiograph: (1024, 1024, 3) uint8 RGB.
+
+    With an ``assessment``: the hand, the heatmap, bone age, uncertainty, chronological age, difference and
+    SD score. Without one (``reason`` given): the hand when it could be decoded, "NOT ASSESSED" and the
+    reason, and no number derived from the model. Text is burned in because a secondary capture is meant to
+    be read by people in any viewer; no patient name is drawn (the viewer shows the header's).
+    ``radiograph`` is float in [0, 1] (bone bright), as :class:`boneage.io.Radiograph` holds it.
+    """
+    from PIL import Image, ImageDraw
+
+    if assessment is None and not reason:
+        raise ValueError("a secondary capture needs an assessment or the reason there is none")
+    page = Image.new("RGB", _SC_SIZE, _SC_BACKGROUND)
+    draw = ImageDraw.Draw(page)
+    width, height = _SC_SIZE
+    margin, column = 24, 560
+    title = "BONE AGE (boneage)" if assessment is not None else "NOT ASSESSED (boneage)"
+    draw.text((margin, 18), title, font=_font(34, True), fill=_SC_TITLE if assessment else _SC_REFUSED)
+
+    if radiograph is not None:
+        grey = np.clip(np.rint(np.asarray(radiograph, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        _paste_fit(page, Image.fromarray(grey, mode="L"), (margin, 80, column - margin // 2, height - 110))
+    else:
+        draw.text((margin, 120), "(image could not be decoded)", font=_font(22), fill=_SC_DIM)
+
+    x, y = column + margin // 2, 80
+    text_width = width - x - margin
+    if assessment is not None and heatmap_png:
+        heat = Image.open(io.BytesIO(heatmap_png))
+        _, _, _, bottom = _paste_fit(page, heat, (x, y, width - margin, y + 330))
+        draw.text((x, bottom + 4), "where the model looked (Grad-CAM)", font=_font(16), fill=_SC_DIM)
+        y = bottom + 36
+
+    def line(text: str, size: int = 24, bold: bool = False, fill: tuple[int, int, int] = _SC_TEXT) -> None:
+        nonlocal y
+        font = _font(size, bold)
+        for part in _wrap(draw, text, font, text_width):
+            if y + size > height - 100:
+                return
+            draw.text((x, y), part, font=font, fill=fill)
+            y += int(size * 1.3)
+
+    if assessment is not None:
+        a = assessment
+        line(f"Bone age {a.bone_age_months:.1f} months", 30, True)
+        line(f"({format_months(a.bone_age_months)})", 24)
+        if a.uncertainty_months is not None:
+            line(f"uncertainty ± {a.uncertainty_months:.1f} months", 20, fill=_SC_DIM)
+        y += 8
+        line(f"Sex {a.sex}", 22)
+        if a.chronological_age_months is None:
+            line("Chronological age: not in the DICOM header (PatientBirthDate, StudyDate)", 20, fill=_SC_DIM)
+        else:
+            c = a.chronological_age_months
+            line(f"Chronological age {c:.1f} months ({format_months(c)})", 22)
+            if a.difference_months is not None:
+                line(f"Difference {_signed(a.difference_months, 1)} months", 22)
+            if a.sd_score is not None:
+                line(f"SD score {_signed(a.sd_score, 2)} ({a.flag})", 22, True)
+                line("reference: Greulich & Pyle (Brush Foundation)", 18, fill=_SC_DIM)
+        notes = [*a.warnings, *warnings]
+    else:
+        line("No bone age was estimated for this image.", 24, True, _SC_REFUSED)
+        y += 6
+        line(f"Reason: {reason}", 20)
+        notes = list(warnings)
+    if notes:
+        y += 8
+        for note in notes:
+            line(f"• {note}", 16, fill=_SC_REFUSED)
+
+    footer = [
+        f"boneage model {model_version}".strip() + " · trained on RSNA Pediatric Bone Age data",
+        "RESEARCH USE ONLY — not a medical device; not for diagnosis.",
+    ]
+    draw.text((margin, height - 80), footer[0], font=_font(18), fill=_SC_DIM)
+    draw.text((margin, height - 50), footer[1], font=_font(22, True), fill=_SC_REFUSED)
+    return np.asarray(page, dtype=np.uint8)

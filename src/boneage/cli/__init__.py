@@ -6,7 +6,8 @@ typer or rich; the library reports progress through :mod:`boneage.progress` call
 
 ``main``: train, evaluate, predict, export, bundle, serve; ``cache``: ``boneage cache ...``;
 ``experiments``: ``boneage experiments ...`` and ``boneage tune``; ``release``: ``boneage release ...``;
-``growth``: ``boneage calibrate`` and ``boneage growth-schema``.
+``growth``: ``boneage calibrate`` and ``boneage growth-schema``; ``node``: ``boneage node`` (the DICOM
+node).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from boneage.cli.cache import cache_app
 from boneage.cli.experiments import experiments_app, tune_command
 from boneage.cli.growth import calibrate_command, growth_schema_command
 from boneage.cli.main import app
+from boneage.cli.node import node_command
 from boneage.cli.release import release_app
 
 app.add_typer(cache_app, name="cache")
@@ -25,6 +27,7 @@ app.add_typer(release_app, name="release")
 app.command("tune")(tune_command)
 app.command("calibrate")(calibrate_command)
 app.command("growth-schema")(growth_schema_command)
+app.command("node")(node_command)
 
 __all__ = ["app", "main"]
 
