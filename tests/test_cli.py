@@ -396,29 +396,264 @@ def test_bad_age_or_sex_fails_at_once_with_one_line(
 
 @pytest.mark.integration
 def test_report_that_cannot_be_written_does_not_stop_the_batch(
-    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path, monkeypatch
 ) -> None:
+    """A full disk while one report is written: that report is absent (no half file), its row says so, the
+    batch carries on; a re-run writes the missing report and clears the error."""
+    import errno
+
+    import boneage.report as report_module
+    from boneage.files import atomic_write as real_write
+
+    def full_disk_for_1377(path, data, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).name.startswith("1377"):
+            return real_write(path, lambda handle: (handle.write("<!DOCTYPE html>"), _enospc()), **kwargs)
+        return real_write(path, data, **kwargs)
+
+    def _enospc() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_module, "atomic_write", full_disk_for_1377)
     reports, out = tmp_path / "reports", tmp_path / "results.csv"
-    (reports / "1377.png.html").mkdir(parents=True)  # this report's file name is taken by a folder
     options = ["--sex", "female", "--report", str(reports), "--out", str(out), "--no-heatmap"]
     args = _predict_args(*map(str, real_images), *options, checkpoint=tiny_bundle)
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    written = sorted(p.name for p in reports.glob("*.html") if p.is_file())
-    assert written == ["10009.png.html", "1402.png.html"]
+    assert sorted(p.name for p in reports.iterdir()) == ["10009.png.html", "1402.png.html"]  # nothing half
     by_name = {Path(r["file"]).name: r for r in _rows(out)}
     assert len(by_name) == 3
-    assert "report not written" in by_name["1377.png"]["error"]
+    assert (
+        "report not written" in by_name["1377.png"]["error"]
+        and "No space left" in by_name["1377.png"]["error"]
+    )
     assert by_name["1377.png"]["bone_age_months"]  # the prediction itself is kept
     assert by_name["1402.png"]["error"] == "" and by_name["10009.png"]["error"] == ""
+    assert by_name["1402.png"]["report"] == str(reports / "1402.png.html")
     assert "2 predicted, 1 failed" in result.stderr
-    (reports / "1377.png.html").rmdir()  # fixed: the re-run writes the missing report and clears the error
+    monkeypatch.undo()  # space again: the re-run writes the missing report and clears the error
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert (reports / "1377.png.html").is_file()
     rows = _rows(out)
     assert len(rows) == 3 and all(r["error"] == "" for r in rows)
+
+
+@pytest.mark.integration
+def test_a_report_never_replaces_another_childs_across_runs(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    """`predict a/case.png --report rep/` then `predict b/case.png --report rep/`: two children, two reports,
+    each run saying where its report went; re-running a/case.png replaces its own report only."""
+    a, b, rep = tmp_path / "a", tmp_path / "b", tmp_path / "rep"
+    a.mkdir(), b.mkdir()
+    shutil.copy(real_images[0], a / "case.png")
+    shutil.copy(real_images[1], b / "case.png")
+    (rep).mkdir()
+    (rep / "notes.png.html").write_text("a clinician's own file")  # not a boneage report: never replaced
+
+    def run(path: Path) -> tuple[str, Path]:
+        done = runner.invoke(
+            app, _predict_args(str(path), "--sex", "female", "--report", str(rep), checkpoint=tiny_bundle)
+        )
+        assert done.exit_code == 0, done.output
+        where = [
+            line.split("report: ", 1)[1] for line in done.stderr.splitlines() if line.startswith("report: ")
+        ]
+        assert len(where) == 1
+        return done.stdout, Path(where[0])
+
+    first_out, first = run(a / "case.png")
+    second_out, second = run(b / "case.png")
+    assert first == rep / "case.png.html" and second != first and second.parent == rep
+    assert (
+        str((a / "case.png").resolve()) in first.read_text()
+        and str((b / "case.png").resolve()) in second.read_text()
+    )
+    before = second.read_text()
+    _, again = run(a / "case.png")
+    assert again == first and second.read_text() == before  # its own report, the other child's untouched
+    shutil.copy(real_images[2], tmp_path / "notes.png")
+    _, notes = run(tmp_path / "notes.png")
+    assert (
+        notes != rep / "notes.png.html" and (rep / "notes.png.html").read_text() == "a clinician's own file"
+    )
+
+
+@pytest.mark.integration
+def test_outputs_follow_the_umask_and_unicode_names_keep_their_letters(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(real_images[0], src / "手 Müller.png")
+    previous = os.umask(0o022)
+    try:
+        out, rep = tmp_path / "r.csv", tmp_path / "rep"
+        done = runner.invoke(
+            app,
+            _predict_args(
+                str(src), "--sex", "female", "--out", str(out), "--report", str(rep), checkpoint=tiny_bundle
+            ),
+        )
+    finally:
+        os.umask(previous)
+    assert done.exit_code == 0, done.output
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    (report,) = rep.iterdir()
+    assert report.name == "手_Müller.png.html" and oct(report.stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.integration
+def test_a_pacs_export_folder_is_walked_and_dicom_found_by_content(
+    runner: CliRunner, tiny_bundle: Path, shared_sample: Path, tmp_path: Path
+) -> None:
+    """IM0001 (DICOM, no suffix), sub/IM0002.dcm, a DICOMDIR (read, not an image), a README and a hidden file:
+    two radiographs, sub-folders walked by default, not with --no-recursive; a DICOMDIR named alone is
+    read for the files it lists."""
+    import pydicom
+    from conftest import write_dicom
+    from pydicom.fileset import FileSet
+
+    pacs = tmp_path / "pacs"
+    (pacs / "sub").mkdir(parents=True)
+    pixels = np.asarray(Image.open(shared_sample / "images" / "1377.png").convert("L"))
+    from pydicom.uid import generate_uid
+
+    study = {
+        "StudyDate": "20240102",
+        "StudyTime": "101500",
+        "StudyID": "1",
+        "SeriesNumber": 1,
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+    }
+    write_dicom(pacs / "IM0001", pixels, PatientSex="F", InstanceNumber=1, **study)
+    write_dicom(pacs / "sub" / "IM0002.dcm", pixels, PatientSex="M", InstanceNumber=2, **study)
+    (pacs / "README.txt").write_text("exported by the PACS")
+    (pacs / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    fileset = FileSet()
+    for name in ("IM0001", "sub/IM0002.dcm"):
+        fileset.add(pydicom.dcmread(pacs / name))
+    media = tmp_path / "media"
+    fileset.write(media)
+    out = tmp_path / "r.csv"
+    done = runner.invoke(app, _predict_args(str(pacs), "--out", str(out), checkpoint=tiny_bundle))
+    assert done.exit_code == 0, done.output
+    assert sorted(Path(r["file"]).name for r in _rows(out)) == ["IM0001", "IM0002.dcm"]
+    assert {r["sex"] for r in _rows(out)} == {"female", "male"}
+    flat = tmp_path / "flat.csv"
+    done = runner.invoke(
+        app, _predict_args(str(pacs), "--no-recursive", "--out", str(flat), checkpoint=tiny_bundle)
+    )
+    assert done.exit_code == 0 and [Path(r["file"]).name for r in _rows(flat)] == ["IM0001"]
+    listed = tmp_path / "listed.csv"
+    done = runner.invoke(
+        app, _predict_args(str(media / "DICOMDIR"), "--out", str(listed), checkpoint=tiny_bundle)
+    )
+    assert done.exit_code == 0, done.output
+    assert len(_rows(listed)) == 2 and not any(r["file"].endswith("DICOMDIR") for r in _rows(listed))
+
+
+@pytest.mark.integration
+def test_a_batch_takes_each_images_age_from_the_table(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    table = tmp_path / "cases.csv"
+    table.write_text("id,male,age\n1377,False,15y\n1402,True,2y6m\n")
+    out = tmp_path / "r.csv"
+    done = runner.invoke(
+        app,
+        _predict_args(
+            *map(str, real_images), "--sex-from", str(table), "--out", str(out), checkpoint=tiny_bundle
+        ),
+    )
+    assert done.exit_code == 2  # 10009 is not in the table and its PNG does not state a sex
+    rows = {Path(r["file"]).stem: r for r in _rows(out)}
+    assert rows["1377"]["chronological_age_months"] == "180.0" and rows["1377"]["sd_score"] != ""
+    assert rows["1402"]["chronological_age_months"] == "30.0" and rows["1402"]["sex"] == "male"
+    assert f"its id '10009' is not in {table}" in rows["10009"]["error"]
+    table.write_text("id,male,age\n1377,False,15\n")
+    bad = runner.invoke(
+        app, _predict_args(str(real_images[0]), "--sex-from", str(table), checkpoint=tiny_bundle)
+    )
+    line = _one_error_line(bad, "age needs a unit")
+    assert str(table) in line and "id 1377" in line
+
+
+@pytest.mark.integration
+def test_ctrl_c_says_what_was_done_and_how_to_resume(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path, monkeypatch
+) -> None:
+    import boneage.assessment as assessment
+
+    real = assessment.assess_image
+    calls = []
+
+    def interrupted_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(assessment, "assess_image", interrupted_second)
+    out = tmp_path / "r.csv"
+    done = runner.invoke(
+        app, _predict_args(*map(str, real_images), "--sex", "male", "--out", str(out), checkpoint=tiny_bundle)
+    )
+    assert done.exit_code == 130
+    assert (
+        f"interrupted: 1 of 3 radiographs done; the results so far are whole in {out}"
+        in done.stderr.replace("\n", " ")
+    )
+    assert "run the same command again" in done.stderr
+    assert [Path(r["file"]).name for r in _rows(out)] == ["1377.png"]
+    monkeypatch.undo()
+    again = runner.invoke(
+        app, _predict_args(*map(str, real_images), "--sex", "male", "--out", str(out), checkpoint=tiny_bundle)
+    )
+    assert again.exit_code == 0 and len(_rows(out)) == 3 and "1 already in" in again.stderr
+
+
+@pytest.mark.integration
+def test_messages_name_the_real_problem(
+    runner: CliRunner, tiny_bundle: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    from conftest import write_dicom
+
+    line = _one_error_line(
+        runner.invoke(
+            app, _predict_args(str(real_images[0]), "--sex", "f", "--age", "-1", checkpoint=tiny_bundle)
+        ),
+        "must not be negative",
+    )
+    assert "--age" in line
+    noise = np.random.default_rng(0).integers(0, 255, (64, 48), dtype=np.uint8)
+    other = write_dicom(tmp_path / "o.dcm", noise, PatientSex="O")
+    line = _one_error_line(
+        runner.invoke(app, _predict_args(str(other), checkpoint=tiny_bundle)), "sex is required"
+    )
+    assert "PatientSex is 'O', neither F nor M" in line
+    line = _one_error_line(
+        runner.invoke(app, ["predict", str(real_images[0]), "--sex", "f", "--checkpoint", str(tmp_path)]),
+        "is a folder, not a model file",
+    )
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"onnx")
+    _one_error_line(
+        runner.invoke(app, ["predict", str(real_images[0]), "--sex", "f", "--checkpoint", str(graph)]),
+        "pass the .safetensors beside it",
+    )
+    done = runner.invoke(
+        app,
+        _predict_args(str(real_images[0]), "--sex", "f", "--age", "0y0m", "--json", checkpoint=tiny_bundle),
+    )
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert data["sd_score"] is None and data["flag"] is None
+    assert any(w.startswith("no SD score: chronological age 0 y 0 m is outside") for w in data["warnings"])
 
 
 @pytest.mark.integration

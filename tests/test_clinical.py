@@ -95,25 +95,27 @@ def test_female_has_no_17_year_row() -> None:
     assert reference_sd(198, "male")[1] == pytest.approx((12.86 + 13.05) / 2)
     assert reference_sd(198, "female") == pytest.approx((189.44, 7.31))
     assert reference_sd(204, "female") == pytest.approx((189.44, 7.31))
-    result = assess(210.0, "female", 198.0)
-    assert result.sd_months == pytest.approx(7.31)
-    assert result.sd_score == pytest.approx(12.0 / 7.31)
-    assert any("outside the Greulich & Pyle reference table" in w for w in result.warnings)
+    result = assess(210.0, "female", 198.0)  # beyond the female table: no SD score, one line saying why
+    assert result.sd_months is None and result.sd_score is None and result.flag is None
+    assert result.difference_months == pytest.approx(12.0)
+    assert [w for w in result.warnings if "no SD score" in w] == [
+        "no SD score: chronological age 16 y 6 m is outside the Greulich & Pyle reference table for "
+        "females (0 y 3 m to 16 y 0 m)"
+    ]
     # a male at the same age is inside the table
     assert not any("reference table" in w for w in assess(210.0, "male", 198.0).warnings)
 
 
-def test_clamping_at_both_ends() -> None:
-    assert reference_sd(0, "male") == pytest.approx((3.01, 0.69))
-    assert reference_sd(1, "female") == pytest.approx((3.02, 0.72))
+def test_no_sd_score_outside_the_table() -> None:
+    """The table's SD is looked up, never invented: outside its ages there is no SD score and no flag (an
+    age of 0y0m once gave SD +117 from the 3-month row)."""
+    assert reference_sd(0, "male") == pytest.approx((3.01, 0.69))  # the lookup itself clamps
     assert reference_sd(230, "male") == pytest.approx((206.21, 13.05))
-    low = assess(14.0, "male", 1.0)
-    assert low.sd_months == pytest.approx(0.69)
-    assert any("reference table" in w for w in low.warnings)
-    high = assess(220.0, "male", 216.0)
-    assert high.sd_months == pytest.approx(13.05)
-    assert high.sd_score == pytest.approx(4.0 / 13.05)
-    assert any("reference table" in w for w in high.warnings)
+    for bone, chron in ((14.0, 1.0), (14.0, 0.0), (220.0, 216.0)):
+        result = assess(bone, "male", chron)
+        assert result.sd_score is None and result.sd_months is None and result.flag is None
+        assert result.chronological_age_months == chron and result.difference_months == bone - chron
+        assert sum("no SD score" in w for w in result.warnings) == 1
     # exactly at the ends is inside the table: no warning
     assert not any("reference table" in w for w in assess(20.0, "male", 3.0).warnings)
     assert not any("reference table" in w for w in assess(200.0, "male", 204.0).warnings)
@@ -221,16 +223,23 @@ def test_parse_age(text: str | float | None, months: float | None) -> None:
     assert parse_age(text) == months
 
 
-@pytest.mark.parametrize("text", ["7", "7.5", " 90 ", "-3"])
+@pytest.mark.parametrize("text", ["7", "7.5", " 90 "])
 def test_parse_age_needs_a_unit(text: str) -> None:
     with pytest.raises(BoneAgeInputError, match=r"age needs a unit: 7\.5y or 90m"):
         parse_age(text)
 
 
-@pytest.mark.parametrize("value", ["-1m", "-0.5y", "241m", "20y1m", "21 years", -1, 240.5])
+@pytest.mark.parametrize("value", ["241m", "20y1m", "21 years", -1, 240.5])
 def test_parse_age_out_of_range(value: str | float) -> None:
     with pytest.raises(BoneAgeInputError, match="age out of range"):
         parse_age(value)
+
+
+@pytest.mark.parametrize("text", ["-1", "-3", "-1m", "-0.5y", " -2y6m"])
+def test_a_negative_age_is_named_as_such(text: str) -> None:
+    """`--age -1` once said "age needs a unit": the problem is the sign, whatever the unit."""
+    with pytest.raises(BoneAgeInputError, match="age must not be negative"):
+        parse_age(text)
 
 
 @pytest.mark.parametrize("text", ["seven years", "7 weeks", "7y 6", "y", "7y14m", "7d"])

@@ -244,3 +244,26 @@ def test_destinations_are_checked_before_anything_starts() -> None:
     assert _stow_failures(b'{"00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ", "Value": [{}, {}]}}') == 0
     assert _stow_failures(b'{"00081198": {"vr": "SQ", "Value": [{}]}}') == 1
     assert _stow_failures(b"<html>proxy error</html>") == 1
+
+
+def test_a_site_calibration_reaches_the_node_s_results(
+    predictor, hand_pixels: np.ndarray, tmp_path: Path, site_calibration: Path
+) -> None:
+    """`boneage node --calibration site.json`: the SR's bone age is the calibrated one, the capture says it
+    is calibrated, by which file and from what, the same as `boneage predict --calibration`."""
+    from boneage.assessment import assess_image
+    from boneage.growth import Calibration
+
+    calibration = Calibration.load(site_calibration)
+    path = _radiograph(tmp_path / "hand.dcm", hand_pixels, PatientSex="M", PatientBirthDate="20100101")
+    outcome = process(path, predictor, calibration=calibration)
+    assert outcome.kind == "assessed"
+    expected = assess_image(predictor, path, calibration=calibration)
+    sr = pydicom.dcmread(_save(tmp_path / "sr.dcm", outcome.files["sr.dcm"]))
+    value = float(_num(_content(sr), ("85151-9", "LN")).MeasuredValueSequence[0].NumericValue)
+    assert value == pytest.approx(expected.assessment.bone_age_months, abs=1e-3)
+    uncalibrated = expected.workup.calibration.bone_age_uncalibrated_months
+    assert abs(value - uncalibrated) > 0.5  # the shifted site really moved it
+    sc = pydicom.dcmread(_save(tmp_path / "sc.dcm", outcome.files["sc.dcm"]))
+    assert "calibrated to the site with site.json (110 cases)" in sc.ImageComments
+    assert f"uncalibrated {uncalibrated:.1f} months" in sc.ImageComments

@@ -580,3 +580,27 @@ def test_page_has_the_growth_fields(client: TestClient) -> None:
         assert f'name="{name}"' in html, name
     script = client.get("/static/app.js").text
     assert "adult_height" in script and "follow_up" in script and "textContent" in script
+
+
+def test_a_url_encoded_form_gets_one_line_naming_multipart(client: TestClient) -> None:
+    """A form posted url-encoded (no file can travel that way) once got "received: <class 'str'>"."""
+    response = client.post("/api/v1/predict", data={"image": "hand.png", "sex": "female"})
+    detail = _assert_one_line_error(response, 415)
+    assert "multipart/form-data" in detail and "application/x-www-form-urlencoded" in detail
+    assert "class" not in detail
+
+
+def test_the_page_says_the_docs_need_no_internet(client: TestClient) -> None:
+    page = client.get("/").text
+    assert "needs internet" not in page and "no internet needed" in page
+    assert client.get("/docs").status_code == 200
+
+
+def test_the_start_up_log_line_is_short(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One line at start naming the model, not every fact of its file (once 3,000 characters)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="boneage.web"):
+        create_app(tiny_bundle).state.service.load()
+    (line,) = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert len(line) < 200 and "model test loaded" in line and "99.0" in line

@@ -156,7 +156,9 @@ def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name
     """The one-page HTML report for a result (radiograph, heatmap, SD chart, numbers, caveats)."""
     from boneage.report import write_html_report  # matplotlib: only when a report is written
 
-    stem = name or Path(result.prediction.source).stem or "report"
+    source = result.prediction.source
+    stem = name or Path(source).name or "report"
+    owner = str(Path(source).resolve()) if source and Path(source).exists() else source
     return write_html_report(
         result.assessment,
         result.radiograph_png,
@@ -165,4 +167,5 @@ def write_report(result: Result, predictor: Predictor, out_dir: str | Path, name
         stem,
         model_info=predictor.info,
         workup=result.workup,
+        owner=owner,
     )

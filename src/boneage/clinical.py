@@ -95,6 +95,8 @@ def parse_age(text: str | float | int | None) -> float | None:
     stripped = text.strip()
     if not stripped:
         return None
+    if stripped.startswith("-"):
+        raise BoneAgeInputError(f"age must not be negative, got {stripped!r}")
     if _PLAIN_NUMBER_RE.match(stripped):
         raise BoneAgeInputError("age needs a unit: 7.5y or 90m")
     match = _AGE_RE.match(stripped)
@@ -249,17 +251,17 @@ def assess(
         return result
 
     chron = _check_range(_finite(chronological_age_months, "chronological age"), "chronological age")
-    first, last = reference_range(sex_norm)
-    if chron < first or chron > last:
-        notes.append(
-            f"chronological age {format_months(chron)} is outside the Greulich & Pyle reference table for "
-            f"{sex_norm}s ({format_months(first)} to {format_months(last)}); "
-            "SD taken from the nearest tabulated age"
-        )
-    _, sd = reference_sd(chron, sex_norm)
-    z = (bone - chron) / sd
     result.chronological_age_months = chron
     result.difference_months = bone - chron
+    first, last = reference_range(sex_norm)
+    if chron < first or chron > last:  # no SD to divide by: an SD score there would be invented
+        notes.append(
+            f"no SD score: chronological age {format_months(chron)} is outside the Greulich & Pyle reference "
+            f"table for {sex_norm}s ({format_months(first)} to {format_months(last)})"
+        )
+        return result
+    _, sd = reference_sd(chron, sex_norm)
+    z = (bone - chron) / sd
     result.sd_months = sd
     result.sd_score = z
     result.flag = _flag(z)

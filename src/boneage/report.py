@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import html
 import io
 import re
 import threading
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from matplotlib.figure import Figure
 
 from boneage import __version__
 from boneage.clinical import REFERENCE_CITATION, Assessment, format_months, reference_sd, sd_table
+from boneage.files import atomic_write
 from boneage.growth import GrowthWorkup
 
 __all__ = [
@@ -187,7 +190,7 @@ def sd_chart_png(
         fig.savefig(buffer, format="png", metadata={"Software": None})
         data = buffer.getvalue()
     if path is not None:
-        Path(path).write_bytes(data)
+        atomic_write(path, data)
     return data
 
 
@@ -211,9 +214,44 @@ def _draw_trajectory(ax: Any, visits: list[tuple[float, float, float]], now: tup
 
 
 def safe_stem(name: str) -> str:
-    """A file stem that cannot escape the output folder or hide itself (no separators, no leading dots)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:120]
+    """A file stem that cannot escape the output folder or hide itself (no separators, no leading dots, no
+    control characters); letters of any script are kept (``手.png`` stays ``手.png``), and the name is cut to
+    120 bytes of UTF-8 so any file system takes it."""
+    text = unicodedata.normalize("NFC", str(name))
+    stem = re.sub(r"[^\w.-]+", "_", text).strip("._-")
+    while len(stem.encode("utf-8")) > 120:
+        stem = stem[:-1]
     return stem.strip("._-") or "report"
+
+
+#: the meta element that says which radiograph a report belongs to (its absolute path)
+_OWNER = re.compile(r'<meta name="boneage-report-of" content="(.*?)">')
+
+
+def report_owner(path: str | Path) -> str | None:
+    """The radiograph an existing report was written for (None: not a boneage report, or an older one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return None
+    found = _OWNER.search(head)
+    return html.unescape(found.group(1)) if found else None
+
+
+def owned_report_path(out_dir: Path, stem: str, owner: str) -> Path:
+    """Where the report of ``owner`` goes: ``<stem>.html`` unless that file holds another radiograph's
+    report (or a file that is not a boneage report), then ``<stem>-<hash of owner>.html``: a report never
+    replaces another image's, and a re-run of the same file finds its own again."""
+    target = out_dir / f"{stem}.html"
+    if not target.exists() or report_owner(target) == owner:
+        return target
+    digest = hashlib.sha1(owner.encode("utf-8", "surrogateescape")).hexdigest()
+    for width in range(8, len(digest) + 1, 4):
+        candidate = out_dir / f"{stem[:100]}-{digest[:width]}.html"
+        if not candidate.exists() or report_owner(candidate) == owner:
+            return candidate
+    raise ValueError(f"no free report name for {owner} in {out_dir}")
 
 
 def report_names(paths: Sequence[str | Path]) -> dict[str, str]:
@@ -419,11 +457,16 @@ def write_html_report(
     *,
     model_info: dict | None = None,
     workup: GrowthWorkup | None = None,
+    owner: str | None = None,
 ) -> Path:
-    """Write ``out_dir/<safe name>.html``: one offline file a clinician can open, archive or forward."""
+    """Write ``out_dir/<safe name>.html``: one offline file a clinician can open, archive or forward.
+
+    ``owner`` (the radiograph's absolute path) is recorded in the file; an existing report of another owner
+    is never replaced (``owned_report_path``). The file is written whole or not at all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / f"{safe_stem(name)}.html"
+    owner = owner or str(name)
+    target = owned_report_path(out, safe_stem(name), owner)
     if target.resolve().parent != out.resolve():  # belt and braces: safe_stem already removed separators
         raise ValueError(f"report name {name!r} would leave {out}")
 
@@ -463,10 +506,10 @@ def write_html_report(
             citation=REFERENCE_CITATION,
             disclaimer=DISCLAIMER,
             version=__version__,
+            owner=owner,
         )
     )
-    target.write_text(document, encoding="utf-8")
-    return target
+    return atomic_write(target, document)
 
 
 # ---- the page a PACS viewer shows: the DICOM node's Secondary Capture --------------------------------------

@@ -304,8 +304,6 @@ class _Service:
         """Decode, predict, then draw the SD chart; ``growth``: the heights and history for
         ``assess_image``."""
         radiograph = read_radiograph(data, name=label)
-        if sex is None and radiograph.sex is None:
-            raise BoneAgeInputError("sex is required (female or male): the file does not state it", label)
         result = assess_image(
             predictor,
             radiograph,
@@ -390,6 +388,13 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.url.path == f"{API_PREFIX}/predict" and kind != "multipart/form-data":
+            detail = (
+                "send the radiograph as multipart/form-data with an 'image' file field (and sex, age as "
+                f"form fields); this request was {kind or 'without a content type'}"
+            )
+            return JSONResponse({"detail": detail}, status_code=415)
         return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
 
     @app.exception_handler(Exception)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +19,7 @@ from rich.markup import escape
 
 from boneage.cli._common import err, exit_on_user_error, out
 from boneage.errors import BoneAgeInputError
+from boneage.files import atomic_write
 
 app = typer.Typer(
     add_completion=False,
@@ -27,7 +27,6 @@ app = typer.Typer(
     help="Pediatric bone age from left-hand radiographs. Research use only, not a medical device.",
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 ENGINE_HELP = "onnx (ONNX Runtime, no torch) or torch; default: onnx when onnxruntime is installed"
 RUNTIME_GONE = (
     "--runtime is gone: each engine runs its own runtime now; use --engine onnx (ONNX Runtime) or "
@@ -154,21 +153,37 @@ def _calibrated_report(report: Any, site: Any) -> tuple[Any, dict[str, Any]]:
     return EvaluationReport(preds, scored), report.metrics
 
 
-def _collect_images(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(item)
-    return list(dict.fromkeys(files))  # a file named twice is predicted (and written) once
+AGE_COLUMNS = ("age", "chronological_age_months")
 
 
-def _sex_table(path: Path) -> dict[str, str]:
+def _case_table(path: Path) -> dict[str, tuple[str, float | None]]:
+    """``--sex-from``: each image id's sex and, when the table has an ``age`` column (text as ``--age``
+    takes it: 9y6m, 114m) or a ``chronological_age_months`` column (a number), its chronological age. The
+    layout is an RSNA label CSV's (``id`` + ``male`` True/False, or ``Case ID`` + ``Sex`` M/F); a bone-age
+    column may be present and is ignored."""
+    import pandas as pd
+
+    from boneage.clinical import parse_age
     from boneage.data.labels import read_labels
 
     table = read_labels(path, require_age=False)
-    return {str(i): ("male" if m else "female") for i, m in zip(table["id"], table["male"], strict=True)}
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    raw = raw[~(raw == "").all(axis=1)]
+    columns = {str(c).strip().lower(): c for c in raw.columns}
+    age_col = next((columns[c] for c in AGE_COLUMNS if c in columns), None)
+    ages: list[float | None] = [None] * len(table)
+    if age_col is not None:
+        numeric = str(age_col).strip().lower() == "chronological_age_months"
+        for i, (case, text) in enumerate(zip(table["id"], raw[age_col].str.strip(), strict=True)):
+            try:
+                ages[i] = parse_age(float(text) if numeric and text else text)
+            except (BoneAgeInputError, ValueError) as exc:
+                problem = exc.problem if isinstance(exc, BoneAgeInputError) else f"not a number: {text!r}"
+                raise BoneAgeInputError(f"id {case}, column {age_col!r}: {problem}", path) from None
+    return {
+        str(i): ("male" if m else "female", age)
+        for i, m, age in zip(table["id"], table["male"], ages, strict=True)
+    }
 
 
 BATCH_FIELDS = [
@@ -182,6 +197,7 @@ BATCH_FIELDS = [
     "sd_score",
     "flag",
     "warnings",
+    "report",
     "error",
 ]
 
@@ -232,24 +248,22 @@ class _BatchCSV:
     """The ``--out`` CSV of a batch: one row per file, resumable, never losing a row already written.
 
     Rows of earlier runs are read first; a file with a successful row is skipped, a failed one is tried again
-    and its new row replaces the old. During the run each row is appended and flushed (a crash loses at most
-    the row being written); at the start and at the end the whole table is rewritten atomically (temporary
-    file + replace), one row per file, so the CSV is never half-written and never keeps stale error rows.
+    and its new row replaces the old. After every image the whole table is written to a temporary file and
+    renamed over the CSV (``boneage.files.atomic_write``), so the CSV on disk is always a whole table of
+    whole rows, one per file: a full disk, a crash or Ctrl+C leave the previous table, never a fragment row.
     """
 
     def __init__(self, path: Path, extra_fields: list[str] | tuple[str, ...] = ()) -> None:
         self.path = path
-        at = BATCH_FIELDS.index("warnings")  # issue #45 columns, only when their inputs are given
+        at = BATCH_FIELDS.index("warnings")  # growth work-up columns, only when their inputs are given
         self.fields = [*BATCH_FIELDS[:at], *extra_fields, *BATCH_FIELDS[at:]]
         self.rows: dict[str, dict[str, Any]] = {}
-        self.handle: Any = None
-        self.writer: Any = None
         if path.is_file():
             self._read()
 
     @staticmethod
     def succeeded(row: dict[str, Any]) -> bool:
-        """A complete row without an error (a row cut short by a crash has no ``error`` value at all)."""
+        """A complete row without an error (a row cut short by an older version has no ``error`` value)."""
         return row.get("error") == "" and row.get("bone_age_months") not in (None, "")
 
     def _read(self) -> None:
@@ -279,47 +293,21 @@ class _BatchCSV:
         row = self.rows.get(file)
         return row is not None and self.succeeded(row)
 
-    def _rewrite(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows.values())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    def _write_table(self, handle: Any) -> None:
+        writer = csv.DictWriter(handle, fieldnames=self.fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows.values())
 
-    def _failed(self, exc: OSError, doing: str) -> BoneAgeInputError:
-        return BoneAgeInputError(f"cannot {doing} the results CSV ({_os_problem(exc)})", self.path)
-
-    def __enter__(self) -> _BatchCSV:
+    def save(self) -> None:
         try:
-            self._rewrite()
-            self.handle = self.path.open("a", newline="", encoding="utf-8")
+            atomic_write(self.path, self._write_table)
         except OSError as exc:
-            raise self._failed(exc, "write") from None
-        self.writer = csv.DictWriter(self.handle, fieldnames=self.fields, restval="", extrasaction="ignore")
-        return self
+            raise BoneAgeInputError(f"cannot write the results CSV ({_os_problem(exc)})", self.path) from None
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows[row["file"]] = row  # a retried file's new row takes the place of its old one
-        try:
-            self.writer.writerow(row)
-            self.handle.flush()
-        except OSError as exc:
-            raise self._failed(exc, "append to") from None
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.handle.close()
-            self._rewrite()
-        except OSError as error:  # the rows of this run are still appended to the file as it was
-            raise self._failed(error, "rewrite") from None
+        """The row of one file, kept whole on disk at once (a retried file's row replaces its old one)."""
+        self.rows[row["file"]] = row
+        self.save()
 
 
 @app.command()
@@ -336,7 +324,13 @@ def predict(
     out_csv: Annotated[
         Path | None, typer.Option("--out", help="batch: one CSV row per image; a re-run retries failed ones")
     ] = None,
-    sex_from: Annotated[Path | None, typer.Option(help="batch: CSV giving each image id's sex")] = None,
+    sex_from: Annotated[
+        Path | None,
+        typer.Option(help="batch: CSV of each image id's sex (id,male or Case ID,Sex) and optionally age"),
+    ] = None,
+    recursive: Annotated[
+        bool, typer.Option(help="walk sub-folders of a folder (DICOM found by content, DICOMDIR read)")
+    ] = True,
     heatmap: Annotated[bool, typer.Option(help="compute the Grad-CAM heatmap (for --report)")] = True,
     tta: Annotated[bool, typer.Option(help="average test-time augmented views")] = True,
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
@@ -358,7 +352,6 @@ def predict(
     the child's and parents' heights, earlier results or a site calibration, the growth work-up too."""
     from rich.progress import Progress
 
-    from boneage.assessment import assess_image, write_report
     from boneage.clinical import parse_age
     from boneage.data.labels import parse_sex
 
@@ -374,14 +367,16 @@ def predict(
             f"the history is for a {growth.history.sex.value} child, --sex says {given_sex.value}", history
         )
     _check_outputs(out_csv, report)
-    files = _collect_images(images)
+    from boneage.data.io import find_radiographs
+
+    files = find_radiographs(images, recursive=recursive)
     if not files:
         raise BoneAgeInputError("no radiographs found", ", ".join(map(str, images)))
     if len(files) > 1 and growth.per_child:
         raise BoneAgeInputError(
             f"{' '.join(growth.per_child)} describe one child: give one radiograph, not {len(files)}"
         )
-    sexes = _sex_table(sex_from) if sex_from else {}
+    cases = _case_table(sex_from) if sex_from else {}
     results = _BatchCSV(out_csv, growth.columns) if out_csv else None
     todo = [p for p in files if not (results and results.done(str(p)))]
     names: dict[str, str] = {}
@@ -393,58 +388,47 @@ def predict(
     if growth.calibration is not None:
         growth.calibration.check_model(predictor.info, calibration)
     batch = len(files) > 1 or out_csv is not None
-    failures = 0
+    failures = done = 0
+    if results:
+        results.save()  # whole rows only, one per file, from the start
     with contextlib.ExitStack() as stack:
-        if results:
-            stack.enter_context(results)
         bar = stack.enter_context(Progress(console=err, disable=not batch or as_json, transient=True))
         task = bar.add_task("predicting", total=len(todo))
-        for path in todo:
-            row: dict[str, Any] = {"file": str(path)}
-            try:
-                result = assess_image(
-                    predictor,
+        try:
+            for path in todo:
+                row = _predict_one(
                     path,
-                    given_sex or sexes.get(path.stem),
+                    predictor,
+                    given_sex,
                     given_age,
-                    heatmap=heatmap and report is not None,
-                    **growth.kwargs,
+                    cases,
+                    sex_from,
+                    report,
+                    names,
+                    heatmap,
+                    as_json,
+                    results is not None,
+                    growth,
                 )
-            except BoneAgeInputError as exc:
-                failures += 1
-                row["error"] = str(exc)
-                err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            else:
-                a = result.assessment
-                row.update(
-                    sex=a.sex,
-                    bone_age_months=round(a.bone_age_months, 2),
-                    bone_age_years=round(a.bone_age_months / 12, 2),
-                    uncertainty_months=round(a.uncertainty_months or 0, 2),
-                    chronological_age_months=_r(a.chronological_age_months),
-                    difference_months=_r(a.difference_months),
-                    sd_score=_r(a.sd_score),
-                    flag=a.flag or "",
-                    warnings=" | ".join(a.warnings),
-                    error="",
-                )
-                row.update(_growth_columns(result, growth.columns))
-                if as_json:
-                    print(json.dumps(result.to_dict()))
-                elif not results:
-                    _print_result(result)
-                if report:
-                    try:
-                        write_report(result, predictor, report, name=names[str(path)])
-                    except (OSError, ValueError) as exc:  # one report must not stop the batch
-                        failures += 1
-                        problem = _os_problem(exc) if isinstance(exc, OSError) else _one_line(exc)
-                        row["error"] = f"{path}: report not written in {report} ({problem})"
-                        line = escape(row["error"])
-                        err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-            if results:
-                results.add(row)
-            bar.advance(task)
+                failures += bool(row.get("error"))
+                done += 1
+                if results:
+                    results.add(row)
+                bar.advance(task)
+        except KeyboardInterrupt:
+            bar.stop()
+            where = f"; the results so far are whole in {out_csv}" if out_csv else ""
+            err.print(
+                f"interrupted: {done} of {len(todo)} radiographs done{where}; run the same command again "
+                + (
+                    "to carry on where it stopped"
+                    if out_csv
+                    else "(with --out FILE.csv to make a batch resumable)"
+                ),
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
     if batch and not as_json:
         skipped = len(files) - len(todo)
         err.print(
@@ -454,6 +438,76 @@ def predict(
         )
     if failures:
         raise typer.Exit(2)
+
+
+def _predict_one(
+    path: Path,
+    predictor: Any,
+    given_sex: Any,
+    given_age: float | None,
+    cases: dict[str, tuple[str, float | None]],
+    table: Path | None,
+    report: Path | None,
+    names: dict[str, str],
+    heatmap: bool,
+    as_json: bool,
+    batch_csv: bool,
+    growth: Any,
+) -> dict[str, Any]:
+    """One radiograph of ``predict``: its CSV row (``error`` set on failure; the batch carries on)."""
+    from boneage.assessment import assess_image, write_report
+
+    row: dict[str, Any] = {"file": str(path)}
+    case_sex, case_age = cases.get(path.stem, (None, None))
+    try:
+        result = assess_image(
+            predictor,
+            path,
+            given_sex or case_sex,
+            given_age if given_age is not None else case_age,
+            heatmap=heatmap and report is not None,
+            **growth.kwargs,
+        )
+    except BoneAgeInputError as exc:
+        if table is not None and path.stem not in cases and exc.problem.startswith("sex is required"):
+            exc = BoneAgeInputError(  # say which table lacked the id
+                f"sex is required: its id {path.stem!r} is not in {table} and the file does not state it",
+                path,
+            )
+        row["error"] = str(exc)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return row
+    a = result.assessment
+    row.update(
+        sex=a.sex,
+        bone_age_months=round(a.bone_age_months, 2),
+        bone_age_years=round(a.bone_age_months / 12, 2),
+        uncertainty_months=round(a.uncertainty_months or 0, 2),
+        chronological_age_months=_r(a.chronological_age_months),
+        difference_months=_r(a.difference_months),
+        sd_score=_r(a.sd_score),
+        flag=a.flag or "",
+        warnings=" | ".join(a.warnings),
+        error="",
+    )
+    row.update(_growth_columns(result, growth.columns))
+    if report:
+        try:
+            written = write_report(result, predictor, report, name=names[str(path)])
+        except (OSError, ValueError) as exc:  # one report must not stop the batch
+            problem = _os_problem(exc) if isinstance(exc, OSError) else _one_line(exc)
+            row["error"] = f"{path}: report not written in {report} ({problem})"
+            line = escape(row["error"])
+            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        else:
+            row["report"] = str(written)
+            err.print(f"report: {written}", highlight=False, soft_wrap=True)
+    if as_json:
+        extra = {"report": row["report"]} if "report" in row else {}
+        print(json.dumps({**result.to_dict(), **extra}))
+    elif not batch_csv:
+        _print_result(result)
+    return row
 
 
 class _GrowthOptions:

@@ -64,6 +64,9 @@ def node_command(
     ] = None,
     workers: Annotated[int, typer.Option(help="images assessed in parallel (0: one per core)")] = 0,
     checkpoint: Annotated[Path | None, typer.Option(help="model bundle (default: the bundled model)")] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="site calibration from `boneage calibrate`, applied to every result")
+    ] = None,
     max_pending: Annotated[
         int, typer.Option(help="instances received but not yet sent before new ones are refused")
     ] = 1000,
@@ -86,6 +89,10 @@ def node_command(
         raise BoneAgeInputError("--retry-max must be positive and --drain-timeout not negative")
     if checkpoint is not None and not checkpoint.is_file():
         raise BoneAgeInputError("checkpoint not found", checkpoint)
+    if calibration is not None:  # a damaged file fails here, before the node listens
+        from boneage.growth import Calibration
+
+        Calibration.load(calibration)
     config = NodeConfig(
         destination=parse_destination(destination),
         spool=_check_spool(spool),
@@ -95,6 +102,7 @@ def node_command(
         allow_aets=list(allow_aet or []),
         workers=workers,
         checkpoint=checkpoint,
+        calibration=calibration,
         max_pending=max_pending,
         max_spool_bytes=max_spool_mb << 20,
         retry_max=retry_max,

@@ -77,6 +77,8 @@ class Radiograph:
     study_date: _dt.date | None = None
     laterality: str | None = None
     bits: int = 8
+    #: PatientSex as the file states it when it is neither F nor M (e.g. "O"), so a message can say so
+    sex_stated: str | None = None
     #: Header facts that were present but unusable (e.g. an invalid StudyDate), for the user to see.
     header_warnings: list[str] = field(default_factory=list)
 
@@ -106,6 +108,102 @@ def sniff_format(head: bytes) -> str | None:
     if head.startswith(b"BM") and len(head) >= 14:
         return "bmp"
     return None
+
+
+#: suffixes of files that are never radiographs: a folder walk does not even open them
+NOT_IMAGES = {
+    ".html",
+    ".htm",
+    ".csv",
+    ".json",
+    ".txt",
+    ".md",
+    ".xml",
+    ".pdf",
+    ".log",
+    ".yaml",
+    ".yml",
+    ".zip",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+
+
+def _dicom_by_content(path: Path) -> bool:
+    """A DICOM file whatever its name: the ``DICM`` marker after the preamble, or (PACS exports without a
+    preamble) a data set that parses and names its SOP class."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    if sniff_format(head) == "dicom":
+        return True
+    if sniff_format(head) is not None or len(head) < 8:
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not a DICOM data set: pydicom raises many types for arbitrary bytes
+        return False
+    return "SOPClassUID" in ds
+
+
+def _is_dicomdir(path: Path) -> bool:
+    if path.name.upper() == "DICOMDIR":
+        return True
+    if not _dicom_by_content(path):
+        return False
+    import pydicom
+
+    try:
+        meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+    except Exception:
+        return False
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == DICOMDIR_UID
+
+
+def dicomdir_files(path: Path) -> list[Path]:
+    """The image files a DICOMDIR lists (read, not treated as an image)."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    try:
+        fileset = FileSet(pydicom.dcmread(path))
+    except Exception as exc:
+        raise BoneAgeInputError(f"not a readable DICOMDIR ({type(exc).__name__})", path) from None
+    return [Path(instance.path) for instance in fileset if instance.path and Path(instance.path).is_file()]
+
+
+def find_radiographs(inputs: list[Path], *, recursive: bool = True) -> list[Path]:
+    """The radiographs among files and folders as a user names them: folders walked (sub-folders too unless
+    ``recursive`` is off; hidden files skipped), PNG/JPEG/TIFF/BMP by suffix, DICOM by content whatever its
+    name (``IM0001``, ``1.2.840....``), a DICOMDIR read for the files it lists. A file named explicitly is
+    always kept (a bad one gets its own one-line error later). Each file once, in a stable order."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            walk = sorted(item.rglob("*")) if recursive else sorted(item.iterdir())
+            for path in walk:
+                rel = path.relative_to(item).parts
+                if not path.is_file() or any(part.startswith(".") for part in rel):
+                    continue
+                suffix = path.suffix.lower()
+                if suffix in NOT_IMAGES:
+                    continue
+                if path.name.upper() == "DICOMDIR":
+                    continue  # its files are in the walk already
+                pictures = IMAGE_SUFFIXES - {".dcm", ".dicom"}
+                if suffix in pictures or (
+                    (suffix in IMAGE_SUFFIXES or _dicom_by_content(path)) and not _is_dicomdir(path)
+                ):
+                    found.append(path)
+        elif item.is_file() and _is_dicomdir(item):
+            found += dicomdir_files(item)
+        else:
+            found.append(item)
+    return list(dict.fromkeys(found))
 
 
 def read_radiograph(
@@ -382,6 +480,7 @@ def _dicom_to_radiograph(ds: Any, label: str, *, max_pixels: int) -> Radiograph:
         source=label,
         format="dicom",
         sex=_parse_sex(_get(ds, "PatientSex")),
+        sex_stated=_unusable_sex(_get(ds, "PatientSex")),
         birth_date=_first_date(ds, ("PatientBirthDate",), notes),
         study_date=_first_date(ds, ("StudyDate", "AcquisitionDate", "SeriesDate", "ContentDate"), notes),
         laterality=_parse_laterality(_get(ds, "ImageLaterality") or _get(ds, "Laterality")),
@@ -521,6 +620,12 @@ def _first_date(ds: Any, keywords: tuple[str, ...], notes: list[str] | None = No
 def _parse_sex(value: Any) -> str | None:
     text = str(value).strip().upper() if value is not None else ""
     return {"M": "male", "F": "female"}.get(text)
+
+
+def _unusable_sex(value: Any) -> str | None:
+    """A PatientSex that is present but neither F nor M (DICOM allows O), for the error message."""
+    text = str(value).strip() if value is not None else ""
+    return text[:16] if text and _parse_sex(text) is None else None
 
 
 def _parse_laterality(value: Any) -> str | None:

@@ -186,6 +186,7 @@ class NodeConfig:
     allow_aets: list[str] = field(default_factory=list)  # empty: any calling AE title
     workers: int = 0  # 0: one per core
     checkpoint: Path | None = None
+    calibration: Path | None = None  # a site calibration (boneage calibrate), applied to every result
     max_pending: int = 1000
     max_spool_bytes: int = 4 << 30
     min_free_bytes: int = 256 << 20
@@ -222,6 +223,7 @@ class Node:
             min_free_bytes=config.min_free_bytes,
         )
         self.predictor = predictor
+        self.calibration: Any = None  # loaded with the model, when the config names one
         self._queue: queue.Queue[str] = queue.Queue()
         self._wake_sender = threading.Event()
         self._stopping = threading.Event()
@@ -247,6 +249,11 @@ class Node:
 
             threads = max(1, (os.cpu_count() or 1) // self.config.workers)
             self.predictor = load_predictor(self.config.checkpoint, engine="onnx", threads=threads)
+        if self.config.calibration is not None and self.calibration is None:
+            from boneage.growth import Calibration
+
+            self.calibration = Calibration.load(self.config.calibration)
+            self.calibration.check_model(self.predictor.info, self.config.calibration)
         for uid in todo["assess"]:
             self._queue.put(uid)
         for i in range(self.config.workers):
@@ -476,7 +483,11 @@ class Node:
         attempts = self.spool.begin_assessment(uid)
         start = time.monotonic()
         outcome = process(
-            self.spool.incoming_path(uid), self.predictor, attempts=attempts, station=self.config.aet
+            self.spool.incoming_path(uid),
+            self.predictor,
+            attempts=attempts,
+            station=self.config.aet,
+            calibration=self.calibration,
         )
         seconds = round(time.monotonic() - start, 3)
         if outcome.files:

@@ -27,6 +27,7 @@ from boneage.assessment import assess_image
 from boneage.clinical import format_months
 from boneage.data.io import Radiograph, read_radiograph
 from boneage.errors import BoneAgeInputError
+from boneage.growth import Calibration
 from boneage.predict import Predictor
 from boneage.report import secondary_capture_pixels
 
@@ -105,6 +106,7 @@ def process(
     *,
     attempts: int = 1,
     station: str | None = None,
+    calibration: Calibration | None = None,
 ) -> Outcome:
     """Assess the instance at ``path`` and build its result objects; never raises for a bad image."""
     model_version = predictor.facts.model_version
@@ -136,7 +138,9 @@ def process(
                     "the DICOM header gives no PatientSex (M or F), and the bone age reference differs by sex"
                 )
             else:
-                result = assess_image(predictor, radiograph, heatmap=True, name=source_uid)
+                result = assess_image(
+                    predictor, radiograph, heatmap=True, name=source_uid, calibration=calibration
+                )
         except BoneAgeInputError as exc:
             reason = exc.problem
         except Exception as exc:  # a library failure must become a refusal, not a dead worker
@@ -154,6 +158,12 @@ def process(
             comments += (
                 f"; chronological age {a.chronological_age_months:.1f} months; difference "
                 f"{a.difference_months:+.1f} months; SD score {a.sd_score:+.2f} ({a.flag}, Greulich & Pyle)"
+            )
+        use = result.workup.calibration if result.workup is not None else None
+        if use is not None and use.applied:
+            comments += (
+                f"; calibrated to the site with {use.file} ({use.cases} cases), uncalibrated "
+                f"{use.bone_age_uncalibrated_months:.1f} months"
             )
         comments += f"; boneage model {model_version}; research use only"
         pixels = secondary_capture_pixels(

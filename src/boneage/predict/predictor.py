@@ -190,9 +190,12 @@ class Predictor:
             warnings.append(f"sex given as {given} but the DICOM header says {header}; using {given}")
         final = given or header
         if final is None:
-            raise BoneAgeInputError(
-                "sex is required (--sex female|male) and the file does not state it", rad.source
+            stated = (
+                f"the file's PatientSex is {rad.sex_stated!r}, neither F nor M"
+                if rad.sex_stated
+                else "the file does not state it"
             )
+            raise BoneAgeInputError(f"sex is required (female or male) and {stated}", rad.source)
         mean, spread, views, feats, cams = self._run_arrays(
             prepared[None], np.array([final == "male"]), 16, self.views
         )
