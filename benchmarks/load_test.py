@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
 import os
 import platform
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="distinct radiographs to cycle through")
     parser.add_argument("--engine", action="append", choices=["torch", "onnx"],
                         help="engine(s) to measure, in order (repeatable; default: onnx)")
+    parser.add_argument("--out", type=Path, default=None, help="write the summaries here (JSON)")
     args = parser.parse_args(argv)
 
     images = load_images(args.sample, args.images)
@@ -115,6 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         status = max(status, code)
         if summary:
             summaries.append(summary)
+    if args.out is not None:
+        from boneage.files import atomic_write
+
+        record = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "clients": args.clients,
+            "requests": args.requests,
+            "workers": args.workers,
+            "engines": summaries,
+        }
+        atomic_write(args.out, json.dumps(record, indent=2) + "\n")
     if len(summaries) > 1:
         base = summaries[0]
         print("side by side (same machine, same run)")

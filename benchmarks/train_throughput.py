@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--decode", default="auto", help="path b: auto (JPEG on CUDA: device) | device | worker")
     ap.add_argument("--paths", default="abc", help="which paths to run, e.g. ab")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -245,6 +246,10 @@ def main() -> None:
                 result[name] = round(ips[key] / ips["a_synthetic"], 3)
                 say(f"{name} = {result[name]:.3f}")
     result["images_per_s"] = {k: round(v, 2) for k, v in ips.items()}
+    if args.out is not None:
+        from boneage.files import atomic_write
+
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

@@ -235,7 +235,8 @@ def test_bad_input_is_a_one_line_4xx(
 
 
 def test_missing_image_field(client: TestClient) -> None:
-    detail = _assert_one_line_error(client.post("/api/v1/predict", data={"sex": "male"}), 422)
+    multipart_without_image = client.post("/api/v1/predict", files={"sex": (None, "male")})
+    detail = _assert_one_line_error(multipart_without_image, 422)
     assert "image" in detail
 
 
