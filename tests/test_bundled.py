@@ -86,3 +86,23 @@ def test_bundled_model_predicts_a_real_radiograph(shared_sample) -> None:
     pred = load_predictor().predict(row["path"], "male" if row["male"] else "female")
     assert np.isfinite(pred.bone_age_months) and 0 < pred.bone_age_months < 260
     assert len(pred.views_months) == 6 and pred.uncertainty_months >= 0
+
+
+def test_the_front_doors_quote_the_model_files_own_figures() -> None:
+    """One source of truth: the README's results table and the model card state the figures the model file
+    states (the web page and the HTML report read them from the file itself)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    facts = ModelFile.read(bundled_model_path()).facts
+    native, copies = facts.heldout_native, facts.heldout_training_geometry
+    readme = (repo / "README.md").read_text()
+    card = (repo / "MODEL_CARD.md").read_text()
+    assert f"v{facts.model_version}" in readme and f"v{facts.model_version}" in card
+    row = next(line for line in readme.splitlines() if "held-out" in line and line.startswith("| v"))
+    assert row.rstrip(" |").endswith(f"{native.mae_months:.2f}"), row
+    for figure in (native.mae_months, native.mae_no_tta_months, native.rmse_months, copies.mae_months):
+        assert f"{figure:g}" in card, figure
+    assert f"{facts.validation_split.mae_months:g}" in card
+    for sex, mae in native.mae_by_sex.items():
+        assert f"{mae:g}" in card, sex
