@@ -38,23 +38,37 @@ def test_convert_cli(tmp_path: Path, tiny_bundle: Path) -> None:
     assert result.exit_code == 2 and "--checkpoint" in result.output
 
 
+@pytest.fixture(scope="module")
+def holdout_run(shared_sample: Path, tiny_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(run folder, its config file, summary, held-out labels) of a tiny run with 8 held-out ids and a ship
+    rule no tiny model meets; trained once for the release tests."""
+    from boneage.train.loop import train
+
+    folder = tmp_path_factory.mktemp("holdout-run")
+    labels = pd.read_csv(shared_sample / "labels.csv", dtype={"id": str})
+    held = labels.iloc[:8]
+    holdout_csv = folder / "holdout.csv"
+    held.to_csv(holdout_csv, index=False)
+    cfg = make_tiny_train_config(
+        shared_sample,
+        tiny_cache_dir,
+        data={"limit": 48, "holdout_labels": str(holdout_csv)},
+        ship={"bar": 1.0, "checkpoint": "last"},
+    )
+    config = folder / "candidate.yaml"
+    cfg.save(config)
+    run = folder / "run"
+    summary = train(cfg, run, progress=False)
+    return run, config, summary, held
+
+
 @pytest.mark.integration
 def test_make_bundle_measures_the_holdout_in_both_geometries(
-    shared_sample: Path, tiny_cache_dir: Path, tmp_path: Path
+    holdout_run, shared_sample: Path, tmp_path: Path
 ) -> None:
     """With data.holdout_labels the held-out ids never train, are scored each epoch, and the bundle states
     their MAE in the training geometry and through the predict path on their own files."""
-    from boneage.train.loop import train
-
-    labels = pd.read_csv(shared_sample / "labels.csv", dtype={"id": str})
-    held = labels.iloc[:8]
-    holdout_csv = tmp_path / "holdout.csv"
-    held.to_csv(holdout_csv, index=False)
-    cfg = make_tiny_train_config(
-        shared_sample, tiny_cache_dir, data={"limit": 48, "holdout_labels": str(holdout_csv)}
-    )
-    run = tmp_path / "run"
-    summary = train(cfg, run, progress=False)
+    run, _, summary, held = holdout_run
     assert summary["holdout_images"] == 8 and summary["train_images"] + summary["val_images"] == 40
     rows = pd.read_csv(run / "metrics.csv")
     assert np.isfinite(rows["holdout_mae"]).all()  # scored every epoch, a record only
@@ -273,3 +287,81 @@ def test_background_removal_travels_in_the_bundle(tmp_path: Path, shared_sample:
     blanked = loaded.prepare(image)[1]
     assert int((blanked == 0).sum()) > int((kept == 0).sum())  # more of the input is black ...
     assert np.all(blanked <= kept)  # ... and blanking only darkens (edges averaged with black when resized)
+
+
+@pytest.mark.integration
+def test_the_release_commands_check_bundle_and_compare(
+    holdout_run, shared_sample: Path, tmp_path: Path
+) -> None:
+    """`boneage release check` applies the rule written in the config (exit 1 when it does not ship, the
+    per-image predictions written for later pairing); `release bundle` bundles the checkpoint the rule names
+    with its records; `release compare` pairs two prediction files."""
+    from typer.testing import CliRunner
+
+    from boneage.cli import app
+
+    run, config, _, _ = holdout_run
+    runner = CliRunner()
+    check = runner.invoke(
+        app,
+        [
+            "release",
+            "check",
+            "--model",
+            str(run / "last.ckpt"),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "check"),
+        ],
+    )
+    assert check.exit_code == 1, check.output
+    decision = json.loads((tmp_path / "check" / "ship_rule.json").read_text())
+    assert decision["ship"] is False and decision["bar"] == 1.0 and decision["n"] == 8
+    wrong = runner.invoke(
+        app, ["release", "check", "--model", str(run / "best.ckpt"), "--config", str(config)]
+    )
+    assert wrong.exit_code == 2 and "offers last.ckpt, not best.ckpt" in wrong.stderr
+    records = tmp_path / "records"
+    done = runner.invoke(
+        app,
+        [
+            "release",
+            "bundle",
+            "--run-dir",
+            str(run),
+            "--model-version",
+            "9.9.9",
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--records",
+            str(records),
+            "--native-images",
+            str(shared_sample / "images"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    facts = json.loads((records / "facts.json").read_text())
+    assert facts["model_version"] == "9.9.9" and facts["source_checkpoint"] == "last.ckpt"
+    for name in (
+        "preds_val_split.csv",
+        "preds_heldout_native.csv",
+        "metrics_heldout_native.json",
+        "mae_vs_time.png",
+        "bland_altman.png",
+    ):
+        assert (records / name).is_file(), name
+    compare = runner.invoke(
+        app,
+        [
+            "release",
+            "compare",
+            str(tmp_path / "check" / "preds_val_split.csv"),
+            str(records / "preds_val_split.csv"),
+            "--out",
+            str(tmp_path / "paired.json"),
+        ],
+    )
+    assert compare.exit_code == 0, compare.output
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert paired["n"] == 8 and abs(paired["diff_b_minus_a"]) < 0.05  # the same model, two engines' rounding

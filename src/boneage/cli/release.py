@@ -75,6 +75,9 @@ def bundle(
         list[Path] | None, typer.Option(help="earlier stages' run folders, oldest first")
     ] = None,
     checkpoint: Annotated[str | None, typer.Option(help="default: the run config's ship.checkpoint")] = None,
+    native_images: Annotated[
+        Path | None, typer.Option(help="held-out ids' own files (default: images/ beside the holdout CSV)")
+    ] = None,
 ) -> None:
     """Bundle the checkpoint a run's ship rule names, measure its facts, and write the release records."""
     from boneage.release.bundle import make_bundle
@@ -86,7 +89,11 @@ def bundle(
     if not ckpt.is_file():
         raise BoneAgeInputError("checkpoint not found (train the release first: make release-train)", ckpt)
     path, facts, predictions = make_bundle(
-        ckpt, out_path, model_version=model_version, on_step=lambda m: err.print(f"measuring: {m}")
+        ckpt,
+        out_path,
+        model_version=model_version,
+        native_images=native_images,
+        on_step=lambda m: err.print(f"measuring: {m}"),
     )
     write_records(records, facts, predictions, run_dir, list(prior_run or []))
     out.print(f"wrote {path}, {path.with_suffix('.onnx').name} and the records in {records}")
