@@ -1018,3 +1018,16 @@ def test_growth_schema_command(runner: CliRunner) -> None:
     assert {"bone_age", "bone_age_sds", "bone_age_centile", "predicted_adult_height_cm"} <= set(
         schema["properties"]
     )
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_runtime_is_gone_and_its_message_names_the_replacement(
+    runner: CliRunner, command: str, real_images: list[Path], tmp_path: Path
+) -> None:
+    args = [command, str(real_images[0]), "--sex", "f"] if command == "predict" else [command]
+    if command == "evaluate":
+        args += ["--images", str(tmp_path), "--labels", str(tmp_path / "l.csv")]
+    line = _one_error_line(runner.invoke(app, [*args, "--runtime", "onnx"]), "--runtime is gone")
+    assert "--engine onnx" in line and "--engine torch" in line
+    bad = runner.invoke(app, ["predict", str(real_images[0]), "--sex", "f", "--engine", "auto-ish"])
+    _one_error_line(bad, "unknown engine 'auto-ish' (onnx or torch)")
