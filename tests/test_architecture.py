@@ -164,3 +164,29 @@ def test_progress_goes_to_a_callback_the_front_end_or_logging(caplog: pytest.Log
             tick(done, 100)
     logged = [r.getMessage() for r in caplog.records]
     assert logged[0] == "logged: 0/100" and logged[-1] == "logged: 100/100" and len(logged) == 11
+
+
+def test_old_module_paths_still_import_with_a_deprecation_warning() -> None:
+    """0.12's public spellings keep working for one release (``boneage._compat``), each naming its new
+    home."""
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "try:\n"
+        "    import boneage.runtime\n"
+        "except DeprecationWarning as w:\n"
+        "    print('warned:', w)\n"
+        "warnings.simplefilter('ignore')\n"
+        "from boneage.inference import Predictor\n"
+        "from boneage.predict import load_predictor\n"
+        "from boneage.labels import read_labels\n"
+        "import boneage.cache, boneage.data.shards, boneage.io\n"
+        "same = boneage.cache is boneage.data.shards\n"
+        "print(Predictor.load is load_predictor, same, read_labels.__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    moved = "boneage.runtime moved to boneage.predict in boneage 0.13; the old path goes in 0.14"
+    assert lines[0] == f"warned: {moved}"
+    assert lines[1] == "True True boneage.data.labels"
