@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
@@ -605,3 +606,207 @@ def test_the_start_up_log_line_is_short(tiny_bundle: Path, caplog: pytest.LogCap
         create_app(tiny_bundle).state.service.load()
     (line,) = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
     assert len(line) < 200 and "model test loaded" in line and "99.0" in line
+
+
+# ---- issue #43 items 6-8: request-head deadline, connection cap, bounded decodes, serve options ---------
+def _raw_socket(url: str, head: bytes = b"", timeout: float = 5.0):
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=timeout)
+    if head:
+        sock.sendall(head)
+    return sock
+
+
+def _read_until_closed(sock, limit_s: float) -> tuple[bytes, float, bool]:
+    """(bytes received, seconds until the server closed, closed?) reading for at most ``limit_s``."""
+    received, start = b"", time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < limit_s:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return received, time.monotonic() - start, True
+        if not chunk:
+            return received, time.monotonic() - start, True
+        received += chunk
+    return received, time.monotonic() - start, False
+
+
+INCOMPLETE_HEAD = b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\n"
+
+
+def test_incomplete_request_head_is_closed_after_the_header_timeout(tiny_bundle: Path) -> None:
+    """A head that never ends gets 408 and a closed connection after the timeout, trickling bytes does not
+    move the deadline, a silent connection is closed too, and /health answers meanwhile."""
+    import httpx
+
+    app = create_app(tiny_bundle, header_timeout_s=1.0)
+    with web.background_server(app) as url:
+        start = time.monotonic()
+        partial = _raw_socket(url, INCOMPLETE_HEAD)
+        silent = _raw_socket(url)
+        trickle = _raw_socket(url, b"GET /api/v1/health HTTP/1.1\r\n")
+        for _ in range(3):  # one header byte every 0.3 s
+            time.sleep(0.3)
+            trickle.sendall(b"X")
+        health = httpx.get(f"{url}/api/v1/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        results = {}
+        for name, sock in (("partial", partial), ("silent", silent), ("trickle", trickle)):
+            with sock:
+                received, _, closed = _read_until_closed(sock, 6)
+                results[name] = (received, time.monotonic() - start, closed)
+    for name, (received, elapsed, closed) in results.items():
+        assert closed and elapsed < 3.0, (name, elapsed, received)
+    for name in ("partial", "trickle"):
+        status_line, _, rest = results[name][0].partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 408 Request Timeout", results[name]
+        assert b"connection: close" in rest and b"request head not received within 1 s" in rest
+    assert results["silent"][0] == b""  # nothing was asked, nothing is answered
+    counts = app.state.connection_counts
+    assert (counts.head_timeouts, counts.idle_timeouts) == (2, 1)
+
+
+def test_connection_cap_closes_the_longest_idle_connection_first(tiny_bundle: Path) -> None:
+    """Beyond max_connections the oldest connection still waiting for a head is closed, so a health check
+    gets through while clients hold incomplete heads; newer ones are left alone."""
+    import httpx
+
+    app = create_app(tiny_bundle, header_timeout_s=30.0, max_connections=4)
+    with web.background_server(app) as url:
+        socks = []
+        for _ in range(6):
+            socks.append(_raw_socket(url, INCOMPLETE_HEAD))
+            time.sleep(0.05)  # a defined age order
+        health = httpx.get(f"{url}/api/v1/health", timeout=5)  # the 7th connection
+        assert health.status_code == 200
+        outcomes = []
+        for sock in socks:
+            with sock:
+                outcomes.append(_read_until_closed(sock, 0.5))
+    evicted = [i for i, (_, _, closed) in enumerate(outcomes) if closed]
+    assert evicted == [0, 1, 2], outcomes  # 6 + 1 connections, cap 4: the three oldest
+    for i in evicted:
+        assert outcomes[i][0].startswith(b"HTTP/1.1 503 Service Unavailable"), outcomes[i]
+    assert app.state.connection_counts.evicted == 3
+
+
+def test_connection_cap_answers_503_when_every_connection_is_busy(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, radiographs: list[tuple[Path, str]]
+) -> None:
+    """Connections whose requests are being served are never closed to make room: the newcomer gets 503."""
+    import httpx
+
+    real_assess = web.assess_image
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def held_assess(*args: object, **kwargs: object):
+        entered.release()
+        release.wait(timeout=60)
+        return real_assess(*args, **kwargs)
+
+    monkeypatch.setattr(web, "assess_image", held_assess)
+    path, sex = radiographs[0]
+    app = create_app(tiny_bundle, workers=2, max_connections=2)
+    statuses: list[int] = []
+    with web.background_server(app) as url:
+
+        def post() -> None:
+            files = {"image": (path.name, path.read_bytes(), "image/png")}
+            statuses.append(
+                httpx.post(f"{url}/api/v1/predict", files=files, data={"sex": sex}, timeout=60).status_code
+            )
+
+        busy = [threading.Thread(target=post) for _ in range(2)]
+        try:
+            for thread in busy:
+                thread.start()
+            assert entered.acquire(timeout=30) and entered.acquire(timeout=30), "predictions did not start"
+            refused = httpx.get(f"{url}/api/v1/health", timeout=5)
+            assert refused.status_code == 503, refused.text
+        finally:
+            release.set()
+            for thread in busy:
+                thread.join(timeout=60)
+        assert statuses == [200, 200]
+        assert httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 200  # room again
+    assert app.state.connection_counts.refused == 1
+
+
+def test_decodes_are_bounded_apart_from_the_inference_workers(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, radiographs: list[tuple[Path, str]]
+) -> None:
+    """With 4 inference workers and 6 uploads at once, never more than ``decodes`` radiographs are decoded
+    at the same time (a near-40 Mpx decode is the memory peak of a request)."""
+    import httpx
+
+    real_read = web.read_radiograph
+    lock = threading.Lock()
+    active, peak = [0], [0]
+
+    def counted_read(*args: object, **kwargs: object):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.3)  # long enough for the others to pile up
+            return real_read(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(web, "read_radiograph", counted_read)
+    path, sex = radiographs[0]
+    data = path.read_bytes()
+    statuses: list[int] = []
+    app = create_app(tiny_bundle, workers=4, decodes=2)
+    with web.background_server(app) as url:
+
+        def post() -> None:
+            files = {"image": (path.name, data, "image/png")}
+            statuses.append(
+                httpx.post(f"{url}/api/v1/predict", files=files, data={"sex": sex}, timeout=60).status_code
+            )
+
+        threads = [threading.Thread(target=post) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert statuses == [200] * 6
+    assert peak[0] == 2, peak  # bounded, and the bound was reached (the uploads did overlap)
+
+
+def test_serve_command_passes_the_connection_options(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``boneage serve --max-upload-mb --header-timeout --max-connections`` reach the app and uvicorn's
+    protocol; without them the documented defaults apply."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from boneage.cli import app as cli_app
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append({"app": app, **kwargs}))
+    runner = CliRunner()
+    base = ["serve", "--checkpoint", str(tiny_bundle), "--port", "8124"]
+    extra = ["--max-upload-mb", "5", "--header-timeout", "3", "--max-connections", "7"]
+    for args in (base + extra, base):
+        result = runner.invoke(cli_app, args)
+        assert result.exit_code == 0, result.output
+    (custom, default) = calls
+    assert custom["app"].state.connection_limits == web._ConnectionLimits(3.0, 7)
+    assert default["app"].state.connection_limits == web._ConnectionLimits(
+        web.HEADER_TIMEOUT_S, web.MAX_CONNECTIONS
+    )
+    for call, limit_mb in ((custom, 5), (default, 20)):
+        assert issubclass(call["http"], asyncio.Protocol) and call["limit_concurrency"] is None
+        with TestClient(call["app"]) as test_client:
+            assert test_client.get("/api/v1/health").json()["max_upload_mb"] == limit_mb

@@ -8,6 +8,7 @@ event loop, and a request log.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -18,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -35,14 +37,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from boneage import __version__
 from boneage.assessment import assess_image
 from boneage.clinical import parse_age
-from boneage.data.io import read_radiograph, sniff_format
+from boneage.data.io import Radiograph, read_radiograph, sniff_format
 from boneage.data.labels import parse_sex
 from boneage.errors import BoneAgeInputError
 from boneage.growth import HISTORY_MAX_BYTES, Calibration, check_height_cm, read_history
 from boneage.predict import Predictor, load_predictor
 from boneage.report import DISCLAIMER, sd_chart_png
 
-__all__ = ["API_PREFIX", "background_server", "create_app", "serve"]
+__all__ = ["API_PREFIX", "ConnectionCounts", "background_server", "create_app", "serve"]
 
 log = logging.getLogger("boneage.web")
 
@@ -54,6 +56,24 @@ _HEAD_BYTES = 132  # enough for sniff_format to see the DICOM "DICM" marker
 #: connections between requests; without this a client trickling a few bytes per second would hold a
 #: connection (and the multipart parser) for as long as it likes. 20 MB in 120 s needs ~1.4 Mbit/s.
 UPLOAD_TIMEOUT_S = 120.0
+#: Seconds a client gets to send a request's head (request line and headers), counted from connecting or from
+#: the first byte of a later request on the connection (issue #43 item 6). h11 waits for ever for a head that
+#: never ends, and uvicorn's timeout_keep_alive only covers idle connections after a response. A head is a
+#: few hundred bytes that a LAN or VPN delivers in milliseconds; 10 s still allows three lost-packet
+#: retransmissions (1 + 2 + 4 s) and a held-open connection is gone well before anyone could pile up many.
+HEADER_TIMEOUT_S = 10.0
+#: Open connections at most. A connection beyond the cap closes the one that has waited longest for a request
+#: head (a slow or idle client, never one whose request is being read, computed or answered), so clients
+#: holding heads open cannot lock others out; only when every connection is busy with a request is the
+#: newcomer answered 503. Uvicorn's own ``limit_concurrency`` is not used: it counts idle connections too
+#: and answers 503 to everyone once slow clients fill it. 100 is far above what one or two CPU cores can
+#: serve (a prediction takes ~0.5-1 s of a core) and far below the file-descriptor limit.
+MAX_CONNECTIONS = 100
+#: Radiographs decoded at once, in a pool of their own beside the inference workers (issue #43 item 7): a
+#: 40 Mpx upload briefly holds its full-size 8/16-bit decode before it is shrunk to the working size
+#: (``boneage.data.io.WORKING_SIDE``), so four at once would hold four. Decoding a radiograph takes well under
+#: a second, so two slots keep the inference workers fed.
+DECODE_SLOTS = 2
 _INTERNAL_ERROR = "internal error while processing the request (details are in the server log)"
 _TRAINING_DATA = "RSNA Pediatric Bone Age Challenge 2017 radiographs (non-commercial research licence)"
 _PRIVATE_INFO_KEYS = {"config", "source"}  # a checkpoint path on the server is nobody's business
@@ -233,6 +253,7 @@ class _Service:
         workers: int,
         engine: str | None = None,
         calibration: Calibration | None = None,
+        decodes: int = DECODE_SLOTS,
     ) -> None:
         self.checkpoint = checkpoint
         self.calibration = calibration  # issue #45: applied inside assess_image to every prediction
@@ -243,6 +264,8 @@ class _Service:
         self._load_lock = threading.Lock()
         # one limiter per event loop (a limiter must not outlive its loop, e.g. across TestClient calls)
         self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"boneage-web-limiter-{id(self)}")
+        self.decodes = max(1, int(decodes))
+        self._decode_limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"boneage-web-decodes-{id(self)}")
 
     def load(self) -> Predictor:
         """Load the model once (thread-safe); a failure is remembered for /health and retried next time."""
@@ -284,6 +307,14 @@ class _Service:
             self._limiter.set(limiter)
         return await anyio.to_thread.run_sync(partial(func, *args), limiter=limiter)
 
+    async def decode(self, data: bytes, label: str) -> Radiograph:
+        """Decode an upload in the decode pool (``decodes`` at once): memory, not cores, bounds decoding."""
+        limiter = self._decode_limiter.get(None)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(self.decodes)
+            self._decode_limiter.set(limiter)
+        return await anyio.to_thread.run_sync(partial(read_radiograph, data, name=label), limiter=limiter)
+
     async def get_predictor(self) -> Predictor:
         if self.predictor is not None:
             return self.predictor
@@ -295,15 +326,14 @@ class _Service:
     def assess(
         self,
         predictor: Predictor,
-        data: bytes,
+        radiograph: Radiograph,
         label: str,
         sex: str | None,
         age: str | None,
         growth: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Decode, predict, then draw the SD chart; ``growth``: the heights and history for
-        ``assess_image``."""
-        radiograph = read_radiograph(data, name=label)
+        """Predict, then draw the SD chart (the upload is decoded before, see ``decode``); ``growth``: the
+        heights and history for ``assess_image``."""
         result = assess_image(
             predictor,
             radiograph,
@@ -339,6 +369,9 @@ def create_app(
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
     engine: str | None = None,
     calibration: Calibration | str | Path | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+    decodes: int = DECODE_SLOTS,
 ) -> FastAPI:
     """Build the app; ``checkpoint`` None serves the bundled model, loaded once at startup or first use.
 
@@ -346,17 +379,26 @@ def create_app(
     ``torch`` or None (onnx when onnxruntime is installed). A request
     body must arrive within ``upload_timeout_s`` seconds (408 and the connection closed after).
     ``calibration`` (a ``Calibration`` or its file) corrects every bone age for a site, and the answers say
-    so.
+    so. ``decodes`` uploads (default 2) are decoded at once, beside the inference workers.
+
+    ``header_timeout_s`` (default 10) and ``max_connections`` (default 100) are enforced by the connection
+    layer of :func:`serve` and :func:`background_server` (see ``HEADER_TIMEOUT_S``, ``MAX_CONNECTIONS``):
+    a request head must arrive within that time (408, or a silent close when nothing came), and beyond that
+    many open connections the one idle longest is closed. Another ASGI server does not apply them.
     """
     if max_upload_mb <= 0:
         raise ValueError("max_upload_mb must be positive")
     if upload_timeout_s <= 0:
         raise ValueError("upload_timeout_s must be positive")
+    if header_timeout_s <= 0:
+        raise ValueError("header_timeout_s must be positive")
+    if max_connections < 1:
+        raise ValueError("max_connections must be at least 1")
     max_bytes = int(max_upload_mb * 1024 * 1024)
     too_large = f"upload larger than the {max_upload_mb:g} MB limit"
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    service = _Service(checkpoint, workers or os.cpu_count() or 1, engine, calibration)
+    service = _Service(checkpoint, workers or os.cpu_count() or 1, engine, calibration, decodes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -374,6 +416,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    app.state.connection_limits = _ConnectionLimits(float(header_timeout_s), int(max_connections))
     app.add_middleware(
         _BodyLimitMiddleware,
         max_bytes=max_bytes + _FORM_OVERHEAD_BYTES,
@@ -483,14 +526,18 @@ def create_app(
             raise HTTPException(413, too_large)
         if not data:
             raise BoneAgeInputError("empty file", label)
+        radiograph: Radiograph | None = None
         if sniff_format(data[:_HEAD_BYTES]) is None:
             try:  # a DICOM data set without its preamble is still a radiograph
-                await service.run(partial(read_radiograph, data, name=label))
+                radiograph = await service.decode(data, label)
             except BoneAgeInputError as exc:
                 raise HTTPException(415, _one_line(str(exc))) from None
         predictor = await service.get_predictor()
         try:
-            body = await service.run(service.assess, predictor, data, label, sex_norm, age_text, growth)
+            if radiograph is None:
+                radiograph = await service.decode(data, label)
+            del data  # the decoded radiograph is all that is needed from here on
+            body = await service.run(service.assess, predictor, radiograph, label, sex_norm, age_text, growth)
         except BoneAgeInputError:
             raise
         except Exception:  # the client gets one generic line, the log gets the traceback
@@ -566,6 +613,147 @@ def _offline_docs(app: FastAPI) -> None:
         )
 
 
+# ---- connection layer (issue #43 item 6): request-head timeout and connection cap -----------------------
+
+
+@dataclass(frozen=True)
+class _ConnectionLimits:
+    """What ``create_app`` asked of the connection layer; read by ``serve`` and ``background_server``."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
+
+
+@dataclass
+class ConnectionCounts:
+    """Connections the guard closed, by reason (``app.state.connection_counts``): for tests and monitors."""
+
+    head_timeouts: int = 0  # request head incomplete after the timeout: 408 and closed
+    idle_timeouts: int = 0  # connected and sent nothing within the timeout: closed
+    evicted: int = 0  # closed to make room for a newer connection (it was waiting for a request head)
+    refused: int = 0  # over the cap with every connection busy: answered 503
+
+    def bump(self, reason: str) -> int:
+        setattr(self, reason, getattr(self, reason) + 1)
+        return int(getattr(self, reason))
+
+
+def _raw_reply(status: int, reason: str, detail: str) -> bytes:
+    """A complete close-delimited HTTP/1.1 answer, for a connection h11 cannot answer (no request yet)."""
+    body = json.dumps({"detail": detail}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _protocol_class(limits: _ConnectionLimits, counts: ConnectionCounts) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline on the request head and a cap on open connections.
+
+    h11 (the protocol uvicorn picks without httptools; set explicitly so the guard always applies) buffers an
+    incomplete head for ever. This subclass starts a timer when a connection opens, or when the first byte of
+    a later request arrives after a response (until then uvicorn's keep-alive timeout applies), and stops it
+    when the head is complete; trickling more bytes does not move the deadline."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    timeout_s, cap = limits.header_timeout_s, limits.max_connections
+
+    def note(reason: str, level: int, message: str, *args: Any) -> None:
+        n = counts.bump(reason)  # the first, then every 100th: an attack must not flood the log
+        if n == 1 or n % 100 == 0:
+            log.log(level, message + " (%d so far)", *args, n)
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.head_timer: asyncio.TimerHandle | None = None
+            self.idle_since = time.monotonic()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.idle_since = time.monotonic()
+            self.head_timer = self.loop.call_later(timeout_s, self.head_timeout)
+            if len(self.connections) > cap:
+                self.make_room()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.watch_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.idle_since = time.monotonic()
+            self.watch_head()
+
+        def waiting_for_head(self) -> bool:
+            return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+
+        def has_partial_head(self) -> bool:
+            return bool(self.conn.trailing_data[0])
+
+        def watch_head(self) -> None:
+            if not self.waiting_for_head():
+                self.stop_head_timer()
+            elif self.head_timer is None and self.has_partial_head():
+                self.head_timer = self.loop.call_later(timeout_s, self.head_timeout)
+
+        def stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_timeout(self) -> None:
+            self.head_timer = None
+            if not self.waiting_for_head():
+                return
+            if self.has_partial_head():
+                note(
+                    "head_timeouts", logging.WARNING, "request head incomplete after %g s; closed", timeout_s
+                )
+                detail = f"request head not received within {timeout_s:g} s"
+                self.transport.write(_raw_reply(408, "Request Timeout", detail))
+            else:
+                note("idle_timeouts", logging.INFO, "connection sent nothing within %g s; closed", timeout_s)
+            self.transport.close()
+
+        def make_room(self) -> None:
+            """Over the cap: close the connection that has waited longest for a request head, or answer this
+            one 503 when every other connection is busy with a request."""
+            waiting = [
+                c
+                for c in self.connections
+                if c is not self and isinstance(c, GuardedH11Protocol) and c.waiting_for_head()
+            ]
+            if waiting:
+                oldest = min(waiting, key=lambda c: c.idle_since)
+                oldest.stop_head_timer()
+                note("evicted", logging.WARNING, "%d connections open: closed the longest idle one", cap)
+                if oldest.has_partial_head():
+                    detail = "server busy: too many open connections, retry"
+                    oldest.transport.write(_raw_reply(503, "Service Unavailable", detail))
+                oldest.transport.close()
+            else:
+                note("refused", logging.WARNING, "%d connections open and all busy: answering 503", cap)
+                self.limit_concurrency = 0  # uvicorn answers this connection's request with 503
+
+    return GuardedH11Protocol
+
+
+def _uvicorn_options(app: FastAPI) -> dict[str, Any]:
+    """The guarded protocol for ``app``'s connection limits (the defaults for an app not made here)."""
+    limits = getattr(app.state, "connection_limits", None) or _ConnectionLimits()
+    counts = getattr(app.state, "connection_counts", None)
+    if counts is None:
+        counts = app.state.connection_counts = ConnectionCounts()
+    return {"http": _protocol_class(limits, counts), "limit_concurrency": None}
+
+
 class _ThreadedServer:
     """A uvicorn server on a socket bound before the thread starts: no race for the port."""
 
@@ -576,7 +764,9 @@ class _ThreadedServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=5, **_uvicorn_options(app)
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -609,14 +799,28 @@ def serve(
     engine: str | None = None,
     workers: int | None = None,
     calibration: Calibration | str | Path | None = None,
+    max_upload_mb: float = 20,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> None:
-    """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once."""
+    """Run the web app with uvicorn until Ctrl+C; the model is loaded first so a bad one fails at once.
+
+    ``max_upload_mb`` (default 20), ``header_timeout_s`` (default 10 s) and ``max_connections`` (default
+    100): see :func:`create_app`."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("boneage").setLevel(logging.INFO)
-    app = create_app(checkpoint, engine=engine, workers=workers, calibration=calibration)
+    app = create_app(
+        checkpoint,
+        engine=engine,
+        workers=workers,
+        calibration=calibration,
+        max_upload_mb=max_upload_mb,
+        header_timeout_s=header_timeout_s,
+        max_connections=max_connections,
+    )
     app.state.service.load()  # BoneAgeInputError here: the CLI reports it and exits 2
     shown = f"[{host}]" if ":" in host else host
     print(f"boneage web app on http://{shown}:{port}/  (API docs: http://{shown}:{port}/docs; Ctrl+C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, **_uvicorn_options(app))

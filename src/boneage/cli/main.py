@@ -721,11 +721,29 @@ def serve(
     engine: Annotated[str | None, typer.Option(help=ENGINE_HELP)] = None,
     workers: Annotated[int, typer.Option(help="inference worker threads (default: one per CPU core)")] = 0,
     calibration: Annotated[Path | None, typer.Option(help=CALIBRATION_HELP)] = None,
+    # issue #43 items 6 and 8: upload size, request-head deadline and connection cap
+    max_upload_mb: Annotated[float, typer.Option(help="largest accepted upload in MB", min=0.001)] = 20,
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="seconds a client gets to send the request headers (then 408)", min=0.1),
+    ] = 10,
+    max_connections: Annotated[
+        int,
+        typer.Option(help="open connections at most; beyond it the longest idle one is closed", min=1),
+    ] = 100,
 ) -> None:
     """Start the web page and REST API (FastAPI + uvicorn)."""
     from boneage.web import serve as run_server
 
     site = _load_calibration(calibration)
     run_server(
-        host=host, port=port, checkpoint=checkpoint, engine=engine, workers=workers or None, calibration=site
+        host=host,
+        port=port,
+        checkpoint=checkpoint,
+        engine=engine,
+        workers=workers or None,
+        calibration=site,
+        max_upload_mb=max_upload_mb,
+        header_timeout_s=header_timeout,
+        max_connections=max_connections,
     )

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from boneage.errors import BoneAgeInputError
 
-__all__ = ["Radiograph", "read_radiograph", "sniff_format", "MIN_SIDE"]
+__all__ = ["Radiograph", "read_radiograph", "sniff_format", "MIN_SIDE", "WORKING_SIDE"]
 
 #: Smallest accepted side in pixels: anything smaller cannot show the carpal bones.
 MIN_SIDE = 32
@@ -35,10 +35,15 @@ MIN_SIDE = 32
 #: (an 8-bit RGB frame is 120 MB before conversion); anything larger is a mistake or a decompression bomb.
 MAX_PIXELS = 40_000_000
 
-#: JPEGs whose long side is at least twice this are decoded at 1/2, 1/4 or 1/8 scale in the decoder itself
-#: (``Image.draft``), never below this long side: 4x the largest training recipe's input (512 px) and far more
-#: than the hand crop needs, for a fraction of the memory and time. Smaller JPEGs decode exactly as before.
-JPEG_DRAFT_SIDE = 2048
+#: Working size (issue #43 item 7): an image whose long side is at least twice this is shrunk by a whole
+#: factor k = long side // WORKING_SIDE as it is decoded, so its long side stays >= WORKING_SIDE: JPEGs in
+#: the decoder itself (``Image.draft``: 1/2, 1/4 or 1/8 scale), every other format by averaging k x k blocks
+#: of the stored values right after decoding, before any float copy. 2048 px is 6.8x the bundled model's
+#: 299 px squash and 4x the largest input any recipe uses (512 px), so what the model sees is unchanged in
+#: practice; hand radiographs (RSNA sample <= 1485 px, CR/DR films ~3000 x 3500) are never shrunk at all.
+#: A 40 Mpx PNG costs one 8/16-bit decode instead of several full-size float32 copies.
+WORKING_SIDE = 2048
+JPEG_DRAFT_SIDE = WORKING_SIDE  # the name before the working size covered every format
 
 _DAYS_PER_MONTH = 30.4375  # 365.25 / 12
 
@@ -337,19 +342,77 @@ def _read_pillow(data: bytes, label: str, fmt: str, *, max_pixels: int) -> Radio
         width, height = im.size
         _check_size(width, height, label, max_pixels)
         try:
-            if fmt == "jpeg" and max(width, height) >= 2 * JPEG_DRAFT_SIDE:
-                scale = JPEG_DRAFT_SIDE / max(width, height)
+            if fmt == "jpeg" and max(width, height) >= 2 * WORKING_SIDE:
+                scale = WORKING_SIDE / max(width, height)
                 im.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
             im.load()
-            if fmt in ("jpeg", "tiff"):
-                # Phone photos of a film carry the rotation in EXIF only.
-                im = ImageOps.exif_transpose(im)
+            # Phone photos of a film carry the rotation in EXIF only. Read after load (Pillow >= 11 turns a
+            # TIFF itself while loading and drops the tag) and before the reduced copy, which has no EXIF.
+            turn = _EXIF_TURNS.get(im.getexif().get(_ORIENTATION, 1)) if fmt in ("jpeg", "tiff") else None
+            im = _reduce_pil(im, _working_factor(*im.size))
+            if turn is not None:
+                im = im.transpose(turn)
         except Image.DecompressionBombError as exc:
             raise BoneAgeInputError(_too_large_message(exc, max_pixels), label) from exc
         except Exception as exc:
             raise BoneAgeInputError(f"not a readable image ({_short(exc)})", label) from exc
         pixels, bits = _pil_to_float(im, label)
     return Radiograph(pixels=_finish(pixels, label), source=label, format=fmt, bits=bits)
+
+
+_ORIENTATION = 0x0112  # the EXIF Orientation tag
+#: EXIF orientation -> the transpose that shows the image upright (as ``ImageOps.exif_transpose`` does).
+_EXIF_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _working_factor(width: int, height: int) -> int:
+    """The whole factor that brings the long side down towards ``WORKING_SIDE`` but never below it."""
+    return max(1, max(width, height) // WORKING_SIDE)
+
+
+def _reduce_pil(im: Image.Image, factor: int) -> Image.Image:
+    """Average ``factor`` x ``factor`` blocks in the image's own mode (8/16/32-bit, grey or colour)."""
+    if factor <= 1:
+        return im
+    if im.mode.startswith("I;16"):  # Pillow's reduce has no 16-bit modes
+        return Image.fromarray(_box_reduce(np.asarray(im), factor))
+    if im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):  # palette indices must not be averaged: colours first, as _pil_to_float does
+        im = im.convert("RGB")
+    try:
+        return im.reduce(factor)
+    except ValueError:  # a mode Pillow cannot reduce: the colours _pil_to_float would take anyway
+        return im.convert("RGB").reduce(factor)
+
+
+def _box_reduce(arr: np.ndarray, factor: int, strip_rows: int = 64) -> np.ndarray:
+    """Mean of each ``factor`` x ``factor`` block of an (H, W) or (H, W, C) array, in its own dtype (integers
+    rounded), like ``Image.reduce``: edge blocks average the pixels they have. Computed a strip of
+    ``strip_rows`` output rows at a time, so no full-size float copy is ever made."""
+    h, w = arr.shape[:2]
+    cols = np.arange(0, w, factor)
+    col_n = np.diff(np.append(cols, w))
+    parts = []
+    for top in range(0, h, factor * strip_rows):
+        strip = arr[top : top + factor * strip_rows]
+        rows = np.arange(0, strip.shape[0], factor)
+        row_n = np.diff(np.append(rows, strip.shape[0]))
+        sums = np.add.reduceat(np.add.reduceat(strip, rows, axis=0, dtype=np.float64), cols, axis=1)
+        counts = np.multiply.outer(row_n, col_n).reshape(len(rows), len(cols), *([1] * (arr.ndim - 2)))
+        parts.append(sums / counts)
+    out = np.concatenate(parts)
+    if np.issubdtype(arr.dtype, np.integer):
+        np.rint(out, out=out)
+    return out.astype(arr.dtype)
 
 
 def _too_large_message(exc: BaseException, max_pixels: int) -> str:
@@ -368,17 +431,18 @@ def _pil_to_float(im: Image.Image, label: str) -> tuple[np.ndarray, int]:
     mode = im.mode
     if mode == "1":
         return np.asarray(im, dtype=np.float32), 1
+    # One float32 copy, scaled in place: the same float32 arithmetic as ``arr / 255.0``, half the memory.
     if mode in ("L", "LA", "La"):
         arr = np.asarray(im.getchannel(0) if mode != "L" else im)
-        return arr.astype(np.float32) / 255.0, 8
+        return _scaled(arr, 255.0), 8
     if mode.startswith("I;16"):
         arr = np.asarray(im)
-        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max), 16
+        return _scaled(arr, float(np.iinfo(arr.dtype).max)), 16
     if mode == "I":
         arr = np.asarray(im)
         lo, hi = int(arr.min()), int(arr.max())
         if lo >= 0 and hi <= 0xFFFF:  # 16-bit content promoted to int32 by Pillow
-            return arr.astype(np.float32) / 65535.0, 16
+            return _scaled(arr, 65535.0), 16
         return _minmax(arr), 32
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
@@ -391,7 +455,16 @@ def _pil_to_float(im: Image.Image, label: str) -> tuple[np.ndarray, int]:
         rgb = np.asarray(im.convert("RGB"))
     except Exception as exc:
         raise BoneAgeInputError(f"unsupported image mode {mode!r} ({_short(exc)})", label) from exc
-    return _luminance(rgb) / 255.0, 8
+    grey = _luminance(rgb)
+    grey /= 255.0
+    return grey, 8
+
+
+def _scaled(arr: np.ndarray, full: float) -> np.ndarray:
+    """``arr / full`` as float32 in one copy."""
+    out = arr.astype(np.float32)
+    out /= full
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +534,14 @@ def _dicom_to_radiograph(ds: Any, label: str, *, max_pixels: int) -> Radiograph:
     arr = _decode_first_frame(ds, label)
     photometric = str(_get(ds, "PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     bits = _int_tag(ds, "BitsStored") or _int_tag(ds, "BitsAllocated") or 8
+    # Shrink a very large frame to the working size in its stored values, before the LUTs make float64
+    # copies of it: averaging detector values is what binning on the detector would have recorded.
+    factor = _working_factor(arr.shape[1], arr.shape[0]) if arr.ndim >= 2 else 1
+    if factor > 1 and arr.ndim == 2 and photometric == "PALETTE COLOR":  # indices must not be averaged
+        arr = _box_reduce(_apply_palette(arr, ds, label), factor)
+        photometric = "RGB"
+    elif factor > 1:
+        arr = _box_reduce(arr, factor)
 
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         # Colour DICOM (RGB, YBR already converted to RGB by pydicom, or a palette applied below).
