@@ -188,27 +188,32 @@ def _refusal_detail(exc: Exception) -> str:
 
 
 def _refused_by(detail: str) -> str:
-    """Which check a refusal names (the first, when several do)."""
-    for needle, check in (
-        ("may be a negative", "polarity"),
-        ("image features are far", "pooled density"),
-        ("fine image texture", "texture density"),
-        ("almost uniform", "uniform image"),
-    ):
-        if needle in detail:
-            return check
-    return "other"
+    """Every check a refusal names, joined by "+"."""
+    named = [
+        check
+        for needle, check in (
+            ("image features are far", "pooled density"),
+            ("fine image texture", "texture density"),
+            ("may be a negative", "polarity"),
+            ("almost uniform", "uniform image"),
+        )
+        if needle in detail
+    ]
+    return "+".join(named) or "other"
 
 
-def _caution_kind(text: str) -> str:
-    for needle, check in (
-        ("rotated or upside down", "orientation"),
-        ("whole left hand", "whole hand"),
-        ("unstable across test-time views", "views' spread"),
-    ):
-        if needle in text:
-            return check
-    return "other"
+def _caution_kinds(cautions: list[str]) -> str:
+    """Every check that warned, joined by "+"."""
+    named = [
+        check
+        for needle, check in (
+            ("rotated or upside down", "orientation"),
+            ("whole left hand", "whole hand"),
+            ("unstable across test-time views", "views' spread"),
+        )
+        if any(needle in text for text in cautions)
+    ]
+    return "+".join(named) or ("other" if cautions else "")
 
 
 def main() -> None:
@@ -272,7 +277,7 @@ def main() -> None:
             check = "polarity" if pred.inverted else ""
             row.update(
                 outcome=_outcome(pred),
-                check=_caution_kind(pred.cautions[0]) if pred.cautions else check,
+                check=_caution_kinds(pred.cautions) or check,
                 bone_age_months=round(pred.bone_age_months, 1),
                 uncertainty_months=round(pred.uncertainty_months, 2),
                 ood_score=round(pred.ood_score or float("nan"), 4),
