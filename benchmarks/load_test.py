@@ -62,8 +62,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def client_loop(url: str, images: list[tuple[str, bytes, str]], tickets: itertools.count, total: int,
-                deadline: float, tally: Tally) -> None:
+def client_loop(
+    url: str,
+    images: list[tuple[str, bytes, str]],
+    tickets: itertools.count,
+    total: int,
+    deadline: float,
+    tally: Tally,
+) -> None:
     with httpx.Client(base_url=url) as client:
         while True:
             ticket = next(tickets)
@@ -73,8 +79,12 @@ def client_loop(url: str, images: list[tuple[str, bytes, str]], tickets: itertoo
             name, data, sex = images[ticket % len(images)]
             start = time.perf_counter()
             try:
-                response = client.post("/api/v1/predict", files={"image": (name, data, "image/png")},
-                                       data={"sex": sex, "age": "10y"}, timeout=remaining)
+                response = client.post(
+                    "/api/v1/predict",
+                    files={"image": (name, data, "image/png")},
+                    data={"sex": sex, "age": "10y"},
+                    timeout=remaining,
+                )
             except httpx.TimeoutException:
                 with tally.lock:
                     tally.unfinished += 1  # cut off by the overall time limit, not refused by the server
@@ -104,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=120.0, help="hard stop in seconds (default 120)")
     parser.add_argument("--workers", type=int, default=2, help="server inference worker threads (default 2)")
     parser.add_argument("--images", type=int, default=32, help="distinct radiographs to cycle through")
-    parser.add_argument("--engine", action="append", choices=["torch", "onnx"],
-                        help="engine(s) to measure, in order (repeatable; default: onnx)")
+    parser.add_argument(
+        "--engine",
+        action="append",
+        choices=["torch", "onnx"],
+        help="engine(s) to measure, in order (repeatable; default: onnx)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the summaries here (JSON)")
     args = parser.parse_args(argv)
 
@@ -135,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         print("side by side (same machine, same run)")
         for s in summaries:
             ratio = s["throughput"] / base["throughput"] if base["throughput"] else float("nan")
-            print(f"  {s['engine']:<6} {s['throughput']:.2f} requests/s (x{ratio:.2f} the first), "
-                  f"p95 {s['p95_ms']:.0f} ms, {s['errors']} errors, {s['refused']} refused (OOD)")
+            print(
+                f"  {s['engine']:<6} {s['throughput']:.2f} requests/s (x{ratio:.2f} the first), "
+                f"p95 {s['p95_ms']:.0f} ms, {s['errors']} errors, {s['refused']} refused (OOD)"
+            )
     return status
 
 
-def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], engine: str
-               ) -> tuple[int, dict | None]:
+def run_engine(
+    args: argparse.Namespace, images: list[tuple[str, bytes, str]], engine: str
+) -> tuple[int, dict | None]:
     """One server on ``engine`` under the load; (exit status, summary numbers)."""
     app = create_app(args.checkpoint, workers=args.workers, engine=engine)
     with background_server(app) as url:
@@ -152,17 +169,24 @@ def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], e
         model = httpx.get(f"{url}/api/v1/model").json()
         name, data, sex = images[0]
         warm = time.perf_counter()
-        httpx.post(f"{url}/api/v1/predict", files={"image": (name, data, "image/png")}, data={"sex": sex},
-                   timeout=args.time_limit).raise_for_status()
+        httpx.post(
+            f"{url}/api/v1/predict",
+            files={"image": (name, data, "image/png")},
+            data={"sex": sex},
+            timeout=args.time_limit,
+        ).raise_for_status()
         warm_ms = (time.perf_counter() - warm) * 1000
 
         tally = Tally()
         tickets = itertools.count()
         start = time.monotonic()
         deadline = start + args.time_limit
-        threads = [threading.Thread(target=client_loop, daemon=True,
-                                    args=(url, images, tickets, args.requests, deadline, tally))
-                   for _ in range(args.clients)]
+        threads = [
+            threading.Thread(
+                target=client_loop, daemon=True, args=(url, images, tickets, args.requests, deadline, tally)
+            )
+            for _ in range(args.clients)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -174,18 +198,26 @@ def run_engine(args: argparse.Namespace, images: list[tuple[str, bytes, str]], e
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     print(f"boneage web API load test: {engine} engine")
     print(f"  machine      {machine}")
-    print(f"  model        {model.get('backbone')} ({model.get('input_size')} px), "
-          f"version {model.get('version')}")
-    print(f"  load         {args.clients} clients, {args.requests} requests max, "
-          f"{args.time_limit:g} s limit, {args.workers} server workers, {len(images)} distinct radiographs")
+    print(
+        f"  model        {model.get('backbone')} ({model.get('input_size')} px), "
+        f"version {model.get('version')}"
+    )
+    print(
+        f"  load         {args.clients} clients, {args.requests} requests max, "
+        f"{args.time_limit:g} s limit, {args.workers} server workers, {len(images)} distinct radiographs"
+    )
     print(f"  warm-up      1 request in {warm_ms:.0f} ms (not counted)")
-    print(f"  completed    {done} ok, {tally.refused} refused by the OOD check (422), {len(tally.errors)} "
-          f"errors, {tally.unfinished} cut off at the time limit, {args.requests - attempted} not started, "
-          f"in {wall:.1f} s (throughput and latency count the ok requests)")
+    print(
+        f"  completed    {done} ok, {tally.refused} refused by the OOD check (422), {len(tally.errors)} "
+        f"errors, {tally.unfinished} cut off at the time limit, {args.requests - attempted} not started, "
+        f"in {wall:.1f} s (throughput and latency count the ok requests)"
+    )
     if done:
         print(f"  throughput   {done / wall:.2f} requests/s")
-        print(f"  latency      p50 {percentile(tally.latencies_ms, 50):.0f} ms, "
-              f"p95 {percentile(tally.latencies_ms, 95):.0f} ms, max {max(tally.latencies_ms):.0f} ms")
+        print(
+            f"  latency      p50 {percentile(tally.latencies_ms, 50):.0f} ms, "
+            f"p95 {percentile(tally.latencies_ms, 95):.0f} ms, max {max(tally.latencies_ms):.0f} ms"
+        )
     for error in tally.errors[:5]:
         print(f"  error        {error}")
     summary = {

@@ -1,12 +1,17 @@
 """The bundled model's out-of-distribution check against a battery of inputs that are not PA left-hand
-radiographs, and its false-refusal rate on real held-out hands.
+radiographs as the model expects them, and its false-flag rate on real held-out hands.
 
     python benchmarks/ood_battery.py --out benchmarks/results/ood_battery
 
-Every battery image is written to a PNG and sent through ``load_predictor().predict`` (the engine the CLI,
-batch and web use): "refused" means a one-line BoneAgeInputError, "warned" a warning on the prediction,
-"passed" a bone age with no caveat (a failure of the check). Real hands: the 1,001 held-out native-aspect
-radiographs of ../shared/data/rsna-bone-age-sample (never trained on), scored with the same density.
+Every battery image is written to a file (PNG, or DICOM for the MONOCHROME1 case) and sent through
+``load_predictor().predict`` (the engine the CLI, batch and web use): "refused" means a one-line
+BoneAgeInputError, "warned" a caution on the prediction (the image may not be what the model expects: no
+advanced/delayed flag is shown), "corrected" a negative assessed inverted back (with a note), "passed" a bone
+age with no caution (a failure of the check for every input here). The battery: synthetic non-hands, real
+held-out hands turned, and (issue #43 item 5) real held-out hands altered five ways: inverted (a negative),
+stored as MONOCHROME1 DICOM without inverting the pixels (the model sees a negative), cropped to the wrist,
+shuffled in 128 px blocks and transposed. Real hands: the 1,001 held-out native-aspect radiographs of
+../shared/data/rsna-bone-age-sample (never trained on), each through the same ``predict``.
 """
 
 from __future__ import annotations
@@ -98,128 +103,230 @@ def rotated_hands(ids: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_hand(image_id: str) -> np.ndarray:
+    return np.asarray(Image.open(SAMPLE / "images" / f"{image_id}.png").convert("L"))
+
+
+def wrist_crop(img: np.ndarray) -> np.ndarray:
+    """The lower 38% of the hand's box: carpals, distal radius and ulna, metacarpal bases; no fingers."""
+    from boneage.data.preprocess import hand_box
+
+    top, bottom, left, right = hand_box(img.astype(np.float32))
+    return img[top + int(0.62 * (bottom - top)) : bottom, left:right]
+
+
+def block_shuffle(img: np.ndarray, rng: np.random.Generator, block: int = 128) -> np.ndarray:
+    """The image cut into ``block`` px squares (the ragged edge dropped) and the squares shuffled."""
+    h, w = (img.shape[0] // block) * block, (img.shape[1] // block) * block
+    tiles = img[:h, :w].reshape(h // block, block, w // block, block).swapaxes(1, 2).reshape(-1, block, block)
+    tiles = tiles[rng.permutation(len(tiles))]
+    return tiles.reshape(h // block, w // block, block, block).swapaxes(1, 2).reshape(h, w)
+
+
+ALTERATIONS = ("inverted", "monochrome1-unconverted", "wrist-crop", "shuffled-128px", "transposed")
+
+
+def altered_hands(ids: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each hand altered every way of ``ALTERATIONS`` (issue #43 item 5); the MONOCHROME1 case holds the
+    hand's own pixels, written by ``write_monochrome1`` to a file that says they are inverted."""
+    out = {}
+    for image_id in ids:
+        img = _read_hand(image_id)
+        out[f"altered-{image_id}-inverted"] = 255 - img
+        out[f"altered-{image_id}-monochrome1-unconverted"] = img
+        out[f"altered-{image_id}-wrist-crop"] = wrist_crop(img)
+        out[f"altered-{image_id}-shuffled-128px"] = block_shuffle(img, rng)
+        out[f"altered-{image_id}-transposed"] = np.ascontiguousarray(img.T)
+    return out
+
+
+def write_monochrome1(path: Path, pixels: np.ndarray) -> Path:
+    """A DICOM file, written with pydicom as a modality would, whose header says MONOCHROME1 (0 = white)
+    while its pixels are stored bone-bright: a reader that honours the header shows a negative."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.PatientID = "OOD-BATTERY"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def _kind(name: str) -> str:
+    if name.startswith("hand-"):
+        return "rotated hand"
+    if name.startswith("altered-"):
+        return name.split("-", 2)[2]
+    return name.split("-")[0]
+
+
+def _outcome(pred) -> str:
+    """A prediction's outcome: a caution says the image may not be what the model expects."""
+    if pred.cautions:
+        return "warned"
+    return "corrected" if pred.inverted else "passed"
+
+
+def _refusal_detail(exc: Exception) -> str:
+    return str(exc).split(": ", 1)[-1]
+
+
+def _refused_by(detail: str) -> str:
+    """Every check a refusal names, joined by "+"."""
+    named = [
+        check
+        for needle, check in (
+            ("image features are far", "pooled density"),
+            ("fine image texture", "texture density"),
+            ("may be a negative", "polarity"),
+            ("almost uniform", "uniform image"),
+        )
+        if needle in detail
+    ]
+    return "+".join(named) or "other"
+
+
+def _caution_kinds(cautions: list[str]) -> str:
+    """Every check that warned, joined by "+"."""
+    named = [
+        check
+        for needle, check in (
+            ("rotated or upside down", "orientation"),
+            ("whole left hand", "whole hand"),
+            ("unstable across test-time views", "views' spread"),
+        )
+        if any(needle in text for text in cautions)
+    ]
+    return "+".join(named) or ("other" if cautions else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="bundle (default: the bundled model)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ood_battery"))
     ap.add_argument("--hands", type=int, default=5, help="real hands to rotate")
+    ap.add_argument("--altered", type=int, default=20, help="real hands to alter each way (issue #43 item 5)")
+    ap.add_argument("--real", type=int, default=0, help="only the first N real hands (0: all 1,001)")
     args = ap.parse_args()
 
     from boneage.data.labels import read_labels
     from boneage.errors import BoneAgeInputError
-    from boneage.ood import rotation_ratios, turned
-    from boneage.predict import load_predictor, oriented_pixels
+    from boneage.predict import load_predictor
 
     # the engine `boneage predict` and the web app use by default
     predictor = load_predictor(args.checkpoint)
-    plain = load_predictor(args.checkpoint, tta=False)
     assert predictor.ood is not None, "this bundle has no OOD density"
     labels = read_labels(SAMPLE / "labels.csv", SAMPLE / "images")
     rng = np.random.default_rng(0)
-    hand_ids = labels["id"].astype(str).tolist()[:: max(1, len(labels) // args.hands)][: args.hands]
-    battery = {**synthetic_battery(rng), **rotated_hands(hand_ids)}
+    all_ids = labels["id"].astype(str).tolist()
+    hand_ids = all_ids[:: max(1, len(labels) // args.hands)][: args.hands]
+    # a different spread of hands for the alterations (offset so they are not the turned ones)
+    altered_ids = all_ids[7 :: max(1, len(labels) // args.altered)][: args.altered]
+    battery = {**synthetic_battery(rng), **rotated_hands(hand_ids), **altered_hands(altered_ids, rng)}
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, img in battery.items():
-            path = Path(tmp) / f"{name}.png"
-            Image.fromarray(img).save(path)
-            row = {
-                "input": name,
-                "kind": name.split("-")[0] if not name.startswith("hand-") else "rotated hand",
-            }
+            if name.endswith("monochrome1-unconverted"):
+                path = write_monochrome1(Path(tmp) / f"{name}.dcm", img)
+            else:
+                path = Path(tmp) / f"{name}.png"
+                Image.fromarray(img).save(path)
+            row = {"input": name, "kind": _kind(name)}
             try:
                 pred = predictor.predict(path, "female")
                 row.update(
-                    outcome="warned" if pred.warnings else "passed",
+                    outcome=_outcome(pred),
                     bone_age_months=round(pred.bone_age_months, 1),
                     ood_score=round(pred.ood_score or float("nan"), 2),
                     detail=" | ".join(pred.warnings),
                 )
             except BoneAgeInputError as exc:
-                row.update(outcome="refused", detail=str(exc).split(": ", 1)[-1])
-                try:
-                    rad = plain.prepare(path)[0]
-                except BoneAgeInputError:  # refused while reading (e.g. a blank frame): no features
-                    row["ood_score"] = float("nan")
-                else:  # the pooled score the refusal rule judged (of the image remade as a training copy)
-                    score = plain.refusal_scores(oriented_pixels(rad))[0]
-                    row["ood_score"] = round(float("nan") if score is None else score, 2)
+                row.update(outcome="refused", detail=_refusal_detail(exc))
             rows.append(row)
+    battery_seconds = time.perf_counter() - started
     table = pd.DataFrame(rows)
-    # real held-out hands (never trained on): how many would be refused?
-    from boneage.data.io import read_radiograph
 
-    prepared, pooled, texture = [], [], []
-    for p in labels["path"]:  # one read per file: the inputs of every check, as predict makes them
-        rad = read_radiograph(p)
-        prepared.append(plain.prepare(rad)[1])
-        score, texture_score = plain.refusal_scores(oriented_pixels(rad))
-        pooled.append(np.nan if score is None else score)
-        texture.append(np.nan if texture_score is None else texture_score)
-    images, texture_scores = np.stack(prepared), np.asarray(texture, dtype=float)
-    copy_scores = np.asarray(pooled, dtype=float)  # what the refusal rule judges
-    male = labels["male"].to_numpy(bool)
-    feats = plain.predict_arrays(images, male, features=True)[3]
-    scores = plain.ood.score(feats)  # of the model's own input: what the orientation rule compares
-    probe = plain.ood.orientation
-    texture_density = plain.ood.texture
-    refused_pooled = plain.ood.refuses(copy_scores)
-    refused_texture = (
-        texture_density.refuses(texture_scores)
-        if texture_density is not None
-        else np.zeros(len(scores), bool)
-    )
-    refused = refused_pooled | refused_texture
-    ratios = rotation_ratios(scores, plain.ood_scores(turned(images), np.tile(male, 4)))
-    rotated = ~refused & plain.ood.looks_turned(feats, ratios)  # the rule predict applies
-    orientation = {"rotation_ratio": np.round(ratios, 4)}
-    if probe is not None:
-        orientation["upright_probability"] = np.round(probe.upright_probability(feats), 4)
-    flagged = int(refused.sum() + rotated.sum())
+    # real held-out hands (never trained on), each through predict: how many are refused or warned?
+    real_rows = []
+    real = labels if args.real <= 0 else labels.iloc[: args.real]
+    for image_id, path, male in zip(real["id"], real["path"], real["male"], strict=True):
+        row = {"id": image_id}
+        try:
+            pred = predictor.predict(path, "male" if male else "female")
+        except BoneAgeInputError as exc:
+            detail = _refusal_detail(exc)
+            row.update(outcome="refused", check=_refused_by(detail), detail=detail)
+        else:
+            check = "polarity" if pred.inverted else ""
+            row.update(
+                outcome=_outcome(pred),
+                check=_caution_kinds(pred.cautions) or check,
+                bone_age_months=round(pred.bone_age_months, 1),
+                uncertainty_months=round(pred.uncertainty_months, 2),
+                ood_score=round(pred.ood_score or float("nan"), 4),
+                detail=" | ".join(pred.warnings),
+            )
+        real_rows.append(row)
+    real_table = pd.DataFrame(real_rows)
+    seconds = time.perf_counter() - started
+
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "battery.csv", index=False)
-    real = {
-        "id": labels["id"],
-        "ood_score": np.round(copy_scores, 4),
-        "ood_input_score": np.round(scores, 4),
-        "ood_texture_score": np.round(texture_scores, 4),
-        **orientation,
-    }
-    pd.DataFrame(real).to_csv(args.out / "real_hands.csv", index=False)
+    real_table.to_csv(args.out / "real_hands.csv", index=False)
+
+    def counts(frame: pd.DataFrame) -> dict[str, int]:
+        return {k: int((frame["outcome"] == k).sum()) for k in ("refused", "warned", "corrected", "passed")}
+
+    refused = real_table[real_table["outcome"] == "refused"]
+    warned = real_table[real_table["outcome"] == "warned"]
+    corrected = real_table[real_table["outcome"] == "corrected"]
+    flagged = len(refused) + len(warned)
+    density = predictor.ood
+    probe, texture_density = density.orientation, density.texture
     summary = {
-        "threshold": round(plain.ood.threshold, 3),
+        "threshold": round(density.threshold, 3),
+        "texture_threshold": round(texture_density.threshold, 3) if texture_density is not None else None,
         "orientation_check": "probe" if probe is not None else "density ratio",
-        "orientation_limit": round(probe.limit if probe is not None else plain.ood.rotation_ratio, 3),
+        "orientation_limit": round(probe.limit if probe is not None else density.rotation_ratio, 3),
         "battery_images": len(table),
         "battery_refused": int((table["outcome"] == "refused").sum()),
         "battery_warned": int((table["outcome"] == "warned").sum()),
+        "battery_corrected": int((table["outcome"] == "corrected").sum()),
         "battery_passed": int((table["outcome"] == "passed").sum()),
         "passed_inputs": table.loc[table["outcome"] == "passed", "input"].tolist(),
-        "real_hands": len(labels),
-        "texture_threshold": round(texture_density.threshold, 3) if texture_density is not None else None,
-        "real_hands_refused": int(refused.sum()),
-        "real_hands_refused_by_pooled_density": int(refused_pooled.sum()),
-        "real_hands_refused_by_texture_density": int(refused_texture.sum()),
-        "real_hands_warned_rotated": int(rotated.sum()),
-        "real_hands_refused_ids": labels.loc[refused, "id"].astype(str).tolist(),
-        "real_hands_warned_ids": labels.loc[rotated, "id"].astype(str).tolist(),
+        "battery_by_kind": {kind: counts(group) for kind, group in table.groupby("kind")},
+        "altered_hands_per_alteration": len(altered_ids),
+        "altered_hand_ids": altered_ids,
+        "real_hands": len(real_table),
+        **{f"real_hands_{k}": v for k, v in counts(real_table).items()},
+        "real_hands_refused_by": {k: int(v) for k, v in refused["check"].value_counts().items()},
+        "real_hands_warned_by": {k: int(v) for k, v in warned["check"].value_counts().items()},
+        "real_hands_refused_ids": refused["id"].astype(str).tolist(),
+        "real_hands_warned_ids": warned["id"].astype(str).tolist(),
+        "real_hands_corrected_ids": corrected["id"].astype(str).tolist(),
         "real_hands_flagged": flagged,
-        "real_hands_flagged_rate": round(flagged / len(labels), 4),
-        "real_hand_score_p50_p99_max": [
-            round(float(np.nanquantile(copy_scores, q)), 3) for q in (0.5, 0.99, 1.0)
-        ],
-        "real_hand_input_score_p50_p99_max": [
-            round(float(np.quantile(scores, q)), 3) for q in (0.5, 0.99, 1.0)
-        ],
-        "real_hand_texture_score_p50_p99_max": [
-            round(float(np.nanquantile(texture_scores, q)), 3) for q in (0.5, 0.99, 1.0)
-        ]
-        if texture_density is not None
-        else None,
-        "seconds": round(time.perf_counter() - started, 1),
+        "real_hands_flagged_rate": round(flagged / max(1, len(real_table)), 4),
+        "battery_seconds": round(battery_seconds, 1),
+        "seconds": round(seconds, 1),
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table.groupby(["kind", "outcome"]).size().to_string())
     print(json.dumps(summary, indent=2))
 

@@ -130,6 +130,7 @@ def assess_image(
         uncertainty_months=uncertainty,
         warnings=[*pred.warnings, *notes],
         training_range=predictor.training_range,
+        cautions=pred.cautions,  # issue #43 item 5: they lead, and withhold the advanced/delayed flag
     )
     workup = growth_workup(
         sex=result.sex,

@@ -23,6 +23,7 @@ from boneage.data.labels import Sex, parse_sex
 from boneage.errors import BoneAgeInputError
 
 __all__ = [
+    "FLAG_WITHHELD",
     "MAX_AGE_MONTHS",
     "REFERENCE_CITATION",
     "TRAINING_RANGE_MONTHS",
@@ -49,6 +50,8 @@ MAX_AGE_MONTHS = 240.0
 TRAINING_RANGE_MONTHS = (12.0, 228.0)
 #: |z| above this is conventionally called advanced / delayed.
 FLAG_THRESHOLD_Z = 2.0
+#: what reports show instead of the flag when a caution questions the image (issue #43 item 5)
+FLAG_WITHHELD = "not shown: the image may not be what the model expects (see the first warning)"
 
 
 _NUM = r"[-+]?\d+(?:[.,]\d+)?|[-+]?[.,]\d+"
@@ -193,6 +196,16 @@ class Assessment:
     sd_score: float | None = None
     flag: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # issue #43 item 5: the warnings (also first in ``warnings``) that say the image may not be what the model
+    # expects (turned, cut up, unstable views ...). With any, the advanced/delayed flag is not a finding:
+    # ``flag`` stays None and ``flag_withheld`` says why; the SD score is still given, for the reader to weigh
+    cautions: list[str] = field(default_factory=list)
+    flag_withheld: str | None = None
+
+    @property
+    def flag_text(self) -> str | None:
+        """What a report shows for the flag: the flag, or why it is not shown; None without an SD score."""
+        return self.flag or self.flag_withheld
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only, plus the human-readable texts and citation so consumers don't reformat."""
@@ -201,6 +214,7 @@ class Assessment:
             if isinstance(value, (float, np.floating)):
                 data[key] = float(value) if math.isfinite(value) else None
         data["warnings"] = [str(w) for w in self.warnings]
+        data["cautions"] = [str(w) for w in self.cautions]
         data["bone_age_years"] = round(self.bone_age_months / 12.0, 2)
         data["bone_age_text"] = format_months(self.bone_age_months)
         data["chronological_age_text"] = (
@@ -230,12 +244,17 @@ def assess(
     uncertainty_months: float | None = None,
     warnings: Iterable[str] = (),
     training_range: tuple[float, float] | None = None,
+    cautions: Iterable[str] = (),
 ) -> Assessment:
     """Compare a predicted bone age with the reference and collect every caveat the reader must see.
-    ``training_range``: the bone ages the model was trained on (its bundle records them)."""
+    ``training_range``: the bone ages the model was trained on (its bundle records them). ``cautions``: the
+    warnings saying the image may not be what the model expects (``Prediction.cautions``); they lead the
+    warnings, and with any the advanced/delayed flag is withheld (a caveat under a confident label is a
+    footnote nobody reads)."""
     sex_norm = normalize_sex(sex)
     bone = _finite(bone_age_months, "bone age")
-    notes = [str(w) for w in warnings]
+    doubts = list(dict.fromkeys(str(w) for w in cautions))
+    notes = [*doubts, *(str(w) for w in warnings if str(w) not in doubts)]
     lo, hi = training_range or TRAINING_RANGE_MONTHS
     if bone < lo or bone > hi:
         notes.append(f"prediction outside the range the model was trained on ({lo:.0f}–{hi:.0f} months)")
@@ -246,7 +265,9 @@ def assess(
         if uncertainty < 0:
             raise BoneAgeInputError(f"uncertainty must not be negative, got {uncertainty:g} months")
 
-    result = Assessment(bone_age_months=bone, sex=sex_norm, uncertainty_months=uncertainty, warnings=notes)
+    result = Assessment(
+        bone_age_months=bone, sex=sex_norm, uncertainty_months=uncertainty, warnings=notes, cautions=doubts
+    )
     if chronological_age_months is None:
         return result
 
@@ -264,5 +285,8 @@ def assess(
     z = (bone - chron) / sd
     result.sd_months = sd
     result.sd_score = z
-    result.flag = _flag(z)
+    if doubts:
+        result.flag_withheld = FLAG_WITHHELD
+    else:
+        result.flag = _flag(z)
     return result

@@ -326,7 +326,7 @@ def _result_rows(a: Assessment) -> list[tuple[str, str]]:
         rows.append(("Reference SD at this age", f"{a.sd_months:.2f} months"))
     if a.sd_score is not None:
         rows.append(("SD score (z)", _signed(a.sd_score, 2)))
-    rows.append(("Flag", a.flag if a.flag is not None else "— (needs chronological age)"))
+    rows.append(("Flag", a.flag_text if a.flag_text is not None else "— (needs chronological age)"))
     return rows
 
 
@@ -497,7 +497,8 @@ def write_html_report(
             bone_age_text=format_months(assessment.bone_age_months),
             bone_age_months=f"{assessment.bone_age_months:.1f}",
             flag_class=f"flag-{assessment.flag}" if assessment.flag else "flag-none",
-            flag_text=assessment.flag or "not assessed",
+            flag_text=assessment.flag_text or "not assessed",
+            cautions=[str(w) for w in assessment.cautions],  # issue #43 item 5: they lead the report
             figures=figures,
             result_rows=_result_rows(assessment),
             warnings=[str(w) for w in assessment.warnings or ()],
@@ -625,6 +626,10 @@ def secondary_capture_pixels(
 
     if assessment is not None:
         a = assessment
+        for caution in a.cautions:  # issue #43 item 5: a doubt about the image comes before the numbers
+            line(f"CAUTION: {caution}", 18, True, _SC_REFUSED)
+        if a.cautions:
+            y += 6
         line(f"Bone age {a.bone_age_months:.1f} months", 30, True)
         line(f"({format_months(a.bone_age_months)})", 24)
         if a.uncertainty_months is not None:
@@ -639,9 +644,9 @@ def secondary_capture_pixels(
             if a.difference_months is not None:
                 line(f"Difference {_signed(a.difference_months, 1)} months", 22)
             if a.sd_score is not None:
-                line(f"SD score {_signed(a.sd_score, 2)} ({a.flag})", 22, True)
+                line(f"SD score {_signed(a.sd_score, 2)} ({a.flag_text})", 22, True)
                 line("reference: Greulich & Pyle (Brush Foundation)", 18, fill=_SC_DIM)
-        notes = [*a.warnings, *warnings]
+        notes = [*(w for w in a.warnings if w not in a.cautions), *warnings]
     else:
         line("No bone age was estimated for this image.", 24, True, _SC_REFUSED)
         y += 6

@@ -486,7 +486,7 @@ def _predict_one(
         chronological_age_months=_r(a.chronological_age_months),
         difference_months=_r(a.difference_months),
         sd_score=_r(a.sd_score),
-        flag=a.flag or "",
+        flag=a.flag_text or "",  # "not shown: ..." under a caution
         warnings=" | ".join(a.warnings),
         error="",
     )
@@ -603,6 +603,8 @@ def _print_result(result: Any) -> None:
     from boneage.clinical import format_months
 
     a = result.assessment
+    for w in a.cautions:  # issue #43 item 5: a doubt about the image comes before the numbers
+        err.print(f"[yellow]caution:[/yellow] {w}", highlight=False, soft_wrap=True)
     text = format_months(a.bone_age_months)
     line = f"{result.prediction.source}: bone age {a.bone_age_months:.1f} months ({text})"
     calibrated = result.workup.calibration if result.workup is not None else None
@@ -612,14 +614,15 @@ def _print_result(result: Any) -> None:
     if a.chronological_age_months is not None:
         line += (
             f"; chronological age {a.chronological_age_months:.1f} months, difference "
-            f"{a.difference_months:+.1f}, SD score {a.sd_score:+.2f} ({a.flag})"
+            f"{a.difference_months:+.1f}, SD score {a.sd_score:+.2f} ({a.flag_text})"
         )
     out.print(line, highlight=False, soft_wrap=True)
     if result.workup is not None:
         for text in result.workup.lines():
             out.print(f"  {text}", highlight=False, soft_wrap=True)
     for w in a.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        if w not in a.cautions:
+            err.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -66,14 +66,24 @@ def _largest_object(mask: np.ndarray) -> np.ndarray | None:
     return labels == int(np.argmax(sizes)) + 1
 
 
+def bright_objects(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """The bright objects of the work copy (above Otsu's threshold, thin bridges opened; None for a flat
+    image) and that copy's scale: the hand, markers, labels, collimator bands. ``_hand_mask`` keeps the
+    largest; the OOD check's ``boneage.ood.frame`` asks whether the hand is whole and in one piece."""
+    norm, scale = _work_copy(pixels)
+    if norm is None:
+        return None, scale
+    return ndimage.binary_opening(norm > _otsu(norm), iterations=2), scale
+
+
 def _hand_mask(pixels: np.ndarray) -> tuple[np.ndarray | None, float]:
     """The largest bright object on the work copy (None if there is none), and that copy's scale: on a hand
     film the largest object is the hand. Collimator bands, lead markers and labels are separate, smaller
     objects once thin bridges are opened."""
-    norm, scale = _work_copy(pixels)
-    if norm is None:
+    objects, scale = bright_objects(pixels)
+    if objects is None:
         return None, scale
-    return _largest_object(ndimage.binary_opening(norm > _otsu(norm), iterations=2)), scale
+    return _largest_object(objects), scale
 
 
 def hand_box(pixels: np.ndarray, margin: float = 0.04, min_area: float = 0.15) -> tuple[int, int, int, int]:

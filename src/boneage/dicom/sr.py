@@ -163,7 +163,8 @@ def make_sr(
         software_versions=software_version[:64],
     )
     _uncertainty_in_months(sr)
-    sr.DerivationDescription = (
-        "Bone age estimated by boneage from the referenced radiograph. Research use only."
-    )
+    description = "Bone age estimated by boneage from the referenced radiograph. Research use only."
+    if a.cautions:  # issue #43 item 5: no normality is coded above; say why
+        description = f"CAUTION: {a.cautions[0]} (no normality given). " + description
+    sr.DerivationDescription = description[:1024]
     return sr

@@ -152,12 +152,15 @@ def process(
     if result is not None:
         a = result.assessment
         comments = f"Bone age {a.bone_age_months:.1f} months ({format_months(a.bone_age_months)})"
+        if a.cautions:  # issue #43 item 5: the doubt about the image leads
+            comments = f"CAUTION: {a.cautions[0]}. " + comments
         if a.uncertainty_months is not None:
             comments += f" ± {a.uncertainty_months:.1f}"
         if a.chronological_age_months is not None and a.sd_score is not None:
             comments += (
                 f"; chronological age {a.chronological_age_months:.1f} months; difference "
-                f"{a.difference_months:+.1f} months; SD score {a.sd_score:+.2f} ({a.flag}, Greulich & Pyle)"
+                f"{a.difference_months:+.1f} months; SD score {a.sd_score:+.2f} "
+                f"({a.flag_text}, Greulich & Pyle)"
             )
         use = result.workup.calibration if result.workup is not None else None
         if use is not None and use.applied:

@@ -22,6 +22,14 @@ from boneage.data.preprocess import Preprocess, training_copy
 from boneage.errors import BoneAgeInputError
 from boneage.modelfile import ModelFacts
 from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
+from boneage.ood.frame import cut_reasons
+from boneage.ood.polarity import (
+    POLARITY_CORRECT_LOG_RATIO,
+    POLARITY_CORRECTED_NOTE,
+    POLARITY_DOUBT_LOG_RATIO,
+    polarity_log_ratio,
+    polarity_verdict,
+)
 from boneage.predict.views import TTA_VIEWS, View, cam_to_heatmap, tta_views
 from boneage.spec import ModelSpec
 
@@ -55,6 +63,10 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     ood_score: float | None = None  # unusualness under the model file's feature density (about 1: typical)
     cam: np.ndarray | None = field(default=None, repr=False)  # low-resolution Grad-CAM of the plain view
+    # the warnings (each also in ``warnings``, first) saying the image may not be what the model expects:
+    # turned, not a whole upright hand, unstable views. With any, no advanced/delayed flag is a finding.
+    cautions: list[str] = field(default_factory=list)
+    inverted: bool = False  # the image looked like a negative and was assessed inverted back
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,7 +76,19 @@ class Prediction:
             "bone_age_years": round(self.bone_age_months / 12, 2),
             "uncertainty_months": round(self.uncertainty_months, 2),
             "warnings": list(self.warnings),
+            "cautions": list(self.cautions),
         }
+
+
+@dataclass
+class Screen:
+    """What ``Predictor.polarity_check`` found before the network's views run (issue #43 item 5)."""
+
+    pooled: float | None = None  # the refusal scores of the image assessed (remade as a training copy)
+    texture: float | None = None
+    polarity: float | None = None  # log(score / score of the inverse), summed over the densities
+    inverted: np.ndarray | None = None  # the pixels inverted back, when the image is assessed so
+    copy: np.ndarray | None = None  # the assessed image remade as a training copy (the frame checks read it)
 
 
 def oriented_pixels(rad: Radiograph) -> np.ndarray:
@@ -183,11 +207,11 @@ class Predictor:
         name: str | None = None,
     ) -> Prediction:
         """Bone age of one radiograph; ``sex`` may come from the DICOM header, and a given flag wins."""
-        rad, prepared, warnings = self.prepare(image, name=name)
+        rad, prepared, notes = self.prepare(image, name=name)
         given = parse_sex(sex, rad.source)
         header = rad.sex
         if given and header and given != header:
-            warnings.append(f"sex given as {given} but the DICOM header says {header}; using {given}")
+            notes.append(f"sex given as {given} but the DICOM header says {header}; using {given}")
         final = given or header
         if final is None:
             stated = (
@@ -196,14 +220,22 @@ class Predictor:
                 else "the file does not state it"
             )
             raise BoneAgeInputError(f"sex is required (female or male) and {stated}", rad.source)
+        # a negative is judged first, so that everything after (views, checks, heatmap) sees the radiograph
+        screen = self.polarity_check(oriented_pixels(rad))
+        if screen.inverted is not None:
+            prepared = self.preprocess(screen.inverted)
+            notes.insert(
+                0, POLARITY_CORRECTED_NOTE.format(ratio=screen.polarity, limit=POLARITY_CORRECT_LOG_RATIO)
+            )
         mean, spread, views, feats, cams = self._run_arrays(
             prepared[None], np.array([final == "male"]), 16, self.views
         )
         input_score = float(self.ood.score(feats)[0]) if self.ood is not None else None
-        ood_score, texture_score = self.refusal_scores(oriented_pixels(rad), input_score)
-        self.check_distribution(prepared, ood_score, rad.source, texture_score)
+        ood_score = screen.pooled if screen.pooled is not None else input_score
+        in_doubt = screen.polarity if polarity_verdict(screen.polarity) == "in doubt" else None
+        self.check_distribution(prepared, ood_score, rad.source, screen.texture, polarity=in_doubt)
         # the orientation rule compares the input with its turned versions: all scored as the model sees them
-        warnings += self.orientation_warnings(prepared, input_score, feats)
+        cautions = self.orientation_warnings(prepared, input_score, feats, frame=screen.copy)
         pred = Prediction(
             rad.source,
             final,
@@ -212,11 +244,13 @@ class Predictor:
             [float(v) for v in views[0]],
             radiograph=rad,
             image=prepared,
-            warnings=warnings,
             ood_score=ood_score,
             cam=None if cams is None else cams[0],
+            inverted=screen.inverted is not None,
         )
-        pred.warnings += self.plausibility_warnings(pred)
+        cautions += self.plausibility_warnings(pred)
+        pred.cautions = cautions
+        pred.warnings = [*cautions, *notes]
         return pred
 
     def heatmap(self, pred: Prediction) -> np.ndarray | None:
@@ -256,26 +290,52 @@ class Predictor:
             return pooled, None
         return pooled, float(texture.score(stats)[0])
 
+    def polarity_check(self, pixels: np.ndarray) -> Screen:
+        """The refusal scores and the polarity of a radiograph's pixels (``boneage.ood.polarity``). The image
+        and its inverse, each remade as ``refusal_scores`` remakes it, go through one plain pass together, so
+        the check costs one image's pass; the scores and the copy are those of whichever is assessed."""
+        if self.ood is None:
+            return Screen()
+        size, quality = self.ood.copy_recipe
+        both = [pixels, 1.0 - np.asarray(pixels, dtype=np.float32)]
+        remade = [training_copy(p, size, quality) if size > 0 else p for p in both]
+        feats, stats = self.plain_outputs(np.stack([self.preprocess(p) for p in remade]))
+        pooled = [float(v) for v in self.ood.score(feats)]
+        texture = self.ood.texture
+        if texture is None or stats is None or not stats.size:
+            tex: list[float | None] = [None, None]
+        else:
+            tex = [float(v) for v in texture.score(stats)]
+        ratio = polarity_log_ratio(pooled[0], pooled[1], tex[0], tex[1])
+        k = 1 if polarity_verdict(ratio) == "inverted" else 0
+        return Screen(pooled[k], tex[k], ratio, both[1] if k else None, remade[k])
+
     def orientation_warnings(
-        self, prepared: np.ndarray, ood_score: float | None, features: np.ndarray
+        self,
+        prepared: np.ndarray,
+        ood_score: float | None,
+        features: np.ndarray,
+        frame: np.ndarray | None = None,
     ) -> list[str]:
         """A hand turned by 90/180 degrees or upside down still looks like a hand to the density. Model files
         with an orientation probe (``boneage.ood.OrientationProbe``) ask it, from the features already
         computed, and confirm a doubt with the density of the turned image (``ORIENTATION_CONFIRM_RATIO``);
-        older ones compare the density score with that of the image turned each way."""
+        older ones compare the density score with that of the image turned each way. A doubt no turn
+        explains is confirmed from the ``frame`` (the radiograph as a training copy) instead: a hand cut off
+        above the wrist or cut into pieces (``boneage.ood.frame``)."""
         if self.ood is None or ood_score is None:
             return []
         probe = self.ood.orientation
         if probe is not None:
             upright = float(probe.upright_probability(features[:1])[0])
-            if upright >= probe.limit:
-                return []  # the common case: no extra forward passes
+            if upright >= probe.limit:  # the common case: no extra forward passes
+                return self._whole_hand_warnings(frame, upright)
         elif not np.isfinite(self.ood.rotation_ratio):
-            return []
+            return self._whole_hand_warnings(frame, None)
         others = self.ood_scores(turned(prepared[None]))
         ratio = rotation_ratios(np.array([ood_score]), others)
         if not self.ood.looks_turned(features[:1], ratio)[0]:
-            return []
+            return self._whole_hand_warnings(frame, upright if probe is not None else None)
         if probe is not None:
             return [
                 f"the hand looks rotated or upside down (most likely {probe.likely_turn(features[:1])[0]}; "
@@ -287,16 +347,41 @@ class Predictor:
             "orientation, the bone age may be wrong"
         ]
 
+    @staticmethod
+    def _whole_hand_warnings(frame: np.ndarray | None, upright: float | None) -> list[str]:
+        """No turn explains the image: warn when its frame shows the hand cut off or in pieces (issue #43
+        item 5: a wrist-only crop, a shuffled image), as ``boneage.ood.frame`` judges with the probe's
+        ``upright`` probability (None: no probe)."""
+        reasons = cut_reasons(frame, upright) if frame is not None else []
+        if not reasons:
+            return []
+        doubt = f"; upright probability {upright:.2f}" if upright is not None else ""
+        return [
+            "the image does not look like a whole left hand in one piece ("
+            + "; ".join(reasons)
+            + f"{doubt}): check the image, the bone age may be wrong"
+        ]
+
     def check_distribution(
         self,
         prepared: np.ndarray,
         ood_score: float | None,
         source: object,
         texture_score: float | None = None,
+        *,
+        polarity: float | None = None,
     ) -> None:
         """Refuse an input that is not a hand radiograph like the training ones: a bone age for it would
-        look confident and normal and mean nothing (see ``boneage.ood``)."""
+        look confident and normal and mean nothing (see ``boneage.ood``). ``polarity``: the log ratio of an
+        image whose polarity is in doubt (``boneage.ood.polarity``), which is refused too."""
         reasons = image_checks(prepared)
+        if polarity is not None:
+            reasons.append(
+                "it may be a negative (bone dark, air bright): it looks about as much like the training "
+                f"radiographs inverted as it does as given (polarity evidence {polarity:.1f}; refused "
+                f"between {POLARITY_DOUBT_LOG_RATIO:.1f} and {POLARITY_CORRECT_LOG_RATIO:.1f}, inverted back "
+                "above)"
+            )
         if ood_score is not None and self.ood is not None and self.ood.refuses(ood_score):
             reasons.append(
                 f"its image features are far from those of the training radiographs (unusualness "

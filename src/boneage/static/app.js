@@ -112,8 +112,23 @@
       advanced: "advanced (above +2 SD)",
       delayed: "delayed (below −2 SD)",
     };
-    flag.textContent = r.flag ? flagText[r.flag] || r.flag : "no SD score without age";
-    flag.className = "flag " + (r.flag || "none");
+    if (r.flag_withheld) {
+      // issue #43 item 5: under a caution the advanced/delayed flag is not a finding
+      flag.textContent = "flag " + r.flag_withheld;
+      flag.className = "flag withheld";
+    } else {
+      flag.textContent = r.flag ? flagText[r.flag] || r.flag : "no SD score without age";
+      flag.className = "flag " + (r.flag || "none");
+    }
+    const cautions = r.cautions || [];
+    $("caution-list").replaceChildren(
+      ...cautions.map((text) => {
+        const item = document.createElement("li");
+        item.textContent = text;
+        return item;
+      }),
+    );
+    $("cautions").hidden = !cautions.length;
     $("uncertainty").textContent =
       r.uncertainty_months == null ? "—" : "± " + r.uncertainty_months.toFixed(1) + " months";
     $("result-sex").textContent = r.sex;
@@ -131,12 +146,12 @@
     }
     const list = $("warnings");
     list.replaceChildren();
-    (r.warnings || []).forEach((text) => {
+    (r.warnings || []).filter((text) => !cautions.includes(text)).forEach((text) => {
       const item = document.createElement("li");
       item.textContent = text;
       list.appendChild(item);
     });
-    list.hidden = !(r.warnings && r.warnings.length);
+    list.hidden = !list.children.length;
     showGrowth(r);
     setImage("heatmap", r.heatmap_png_base64);
     setImage("sd-chart", r.sd_chart_png_base64);

@@ -1,0 +1,90 @@
+"""Is the hand whole and in one piece? (issue #43 item 5.) A wrist-only crop or a radiograph cut into
+shuffled blocks still looks enough like a hand to pass the densities, and the network reads it as a much
+younger child (32 and 38 months for hands of 10 years and more).
+
+Neither the densities nor the orientation probe name the problem, but the probe doubts such images: they
+do not look like an upright hand (upright probability median 0.02-0.03 on cut training copies). A doubt
+alone also falls on a few real, upright hands (v0.3: 15 of the 1,001 held-out files), so, as for a turned
+hand, the warning needs a second, independent signal. Here it is model-independent, read off the frame's
+bright objects (``boneage.data.preprocess.bright_objects``, the ones the hand crop picks from):
+
+- ``top_contact``: the longest run of the largest bright object (the hand) along the top three rows, as a
+  fraction of the width. On a PA hand film the forearm leaves by the bottom edge and the fingers end inside
+  the frame; a hand cut off above the wrist meets the top edge across its whole width.
+- ``largest_share``: the largest bright object's share of all bright pixels. A hand is one object beside
+  small markers; a hand cut into blocks and shuffled falls apart into several comparable pieces.
+
+Every limit was chosen on training ids (never the held-out hands), on the 299 px training copies as the
+refusal check remakes an input, with altered copies as the cases to catch: wrist crops (the lower 38% of the
+hand's box) and shuffles (blocks of 16% of the frame, 128 px of an 800 px file), of the 569 validation
+split ids (outside the densities' and the probe's fit) and of 1,200 random training ids:
+
+- ``TOP_CONTACT_LIMIT`` = 0.2: 99% of the validation wrist crops reach it (1% quantile 0.198); so do 2.5%
+  of the real validation hands, which is why it only corroborates. Most of those span the whole width
+  (a bright film border or collimator band joined to the hand), which a hand cut off above the wrist does
+  not: ``TOP_CONTACT_MAX`` = 0.95 (99% quantile of the validation wrist crops: 0.93).
+- ``LARGEST_SHARE_LIMIT`` = 0.6: below it on 95% of the validation shuffles (median 0.32); 0.5% of real
+  validation hands (1% quantile 0.71).
+- ``WHOLE_HAND_UPRIGHT_LIMIT`` = 0.9 (the probe's upright probability below which a cut frame is warned):
+  the probe doubts cut images less than turned ones (the validation wrist crops that no other check flags
+  have a median of 0.45). Newly warned real hands (not refused or warned otherwise): 1 of the 569
+  validation ids and 2 of the 1,200 training ids (0.6: none, but 13 of 569 validation wrist crops and 21 of
+  569 shuffles left unflagged; 0.9: 3 and 14; 0.99: 4 real hands of 569). A missed cut image prints a
+  confident "delayed"; a warned real hand still gets its bone age, without the flag: 0.9.
+- ``PIECES_ALONE_LIMIT`` = 0.3: a frame this fragmented is warned even when the probe does not doubt it (a
+  shuffled held-out hand looked upright to it, 0.92). No real hand of the 1,769 above comes near: their
+  smallest share is 0.38 (validation) and 0.50 (training); 41% of the validation shuffles are below it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from boneage.data.preprocess import bright_objects
+
+TOP_CONTACT_LIMIT = 0.2
+TOP_CONTACT_MAX = 0.95
+LARGEST_SHARE_LIMIT = 0.6
+WHOLE_HAND_UPRIGHT_LIMIT = 0.9
+PIECES_ALONE_LIMIT = 0.3
+_TOP_ROWS = 3
+
+
+def _longest_run(flags: np.ndarray) -> int:
+    """The longest run of True in a 1-D boolean array."""
+    padded = np.concatenate([[0], np.asarray(flags, dtype=np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return int((edges[1::2] - edges[::2]).max()) if len(edges) else 0
+
+
+def frame_measures(pixels: np.ndarray) -> tuple[float, float] | None:
+    """(top_contact, largest_share) of a frame's bright objects; None for a flat frame."""
+    objects, _ = bright_objects(np.asarray(pixels, dtype=np.float32))
+    if objects is None:
+        return None
+    labels, count = ndimage.label(objects)
+    if count == 0:
+        return None
+    sizes = np.asarray(ndimage.sum(objects, labels, index=np.arange(1, count + 1)), dtype=np.float64)
+    largest = labels == int(np.argmax(sizes)) + 1
+    top = _longest_run(largest[:_TOP_ROWS].any(0)) / largest.shape[1]
+    return float(top), float(sizes.max() / sizes.sum())
+
+
+def cut_reasons(pixels: np.ndarray, upright: float | None) -> list[str]:
+    """What says the frame holds no whole, one-piece hand, given the probe's ``upright`` probability (None:
+    no probe, so only the signal that needs no doubt counts): reasons for the warning, or []."""
+    measures = frame_measures(pixels)
+    if measures is None:
+        return []
+    top, share = measures
+    doubted = upright is not None and upright < WHOLE_HAND_UPRIGHT_LIMIT
+    reasons = []
+    if doubted and TOP_CONTACT_LIMIT <= top < TOP_CONTACT_MAX:
+        reasons.append(
+            f"the hand runs off the top edge of the image over {top:.0%} of its width: fingers cut off?"
+        )
+    if share < PIECES_ALONE_LIMIT or (doubted and share < LARGEST_SHARE_LIMIT):
+        reasons.append(f"the image falls into pieces (the largest holds {share:.0%} of the bright area)")
+    return reasons
