@@ -62,20 +62,22 @@ def test_bundled_model_reproduces_its_held_out_mae(bundled: Predictor, native_re
 
 
 def test_native_and_squashed_copies_agree(bundled: Predictor, native_report, shared_299) -> None:
-    """The same 1,001 children as a clinic's native PNGs and as the squashed 299 px training copies: the
-    model card's single-view MAE in the training geometry is reproduced, and the two geometries' MAEs are
-    within the 0.5 months the bundled-model issue sets. Per image the two files differ more (JPEG q60 and
-    another resampler made the copies): the mean per-image difference stays well below the MAE."""
-    ids = set(native_report.predictions["id"])
+    """The same children as a clinic's native PNGs and as the squashed 299 px training copies (every
+    fourth held-out id, to keep the suite fast; `make release-bundle` measures all 1,001 in both): the two
+    geometries' MAEs are within the 0.5 months the bundled-model issue sets. Per image the two files differ
+    more (JPEG q60 and another resampler made the copies): the mean per-image difference stays well below
+    the MAE."""
+    ids = set(sorted(native_report.predictions["id"])[::4])
     labels = read_labels(shared_299 / "labels.csv", shared_299 / "images")
     labels = labels[labels["id"].isin(ids)].reset_index(drop=True)
     square_report = evaluate(bundled, labels, progress=False)
-    assert square_report.metrics["n"] == 1001
-    square_mae, native_mae = square_report.metrics["mae_months"], native_report.metrics["mae_months"]
-    assert square_mae == pytest.approx(bundled.facts.heldout_training_geometry.mae_no_tta_months, abs=0.05)
+    assert square_report.metrics["n"] == len(ids) == 251
+    native_subset = native_report.predictions.set_index("id").loc[sorted(ids)]
+    native_mae = float(np.mean(np.abs(native_subset["predicted"] - native_subset["boneage"])))
+    square_mae = square_report.metrics["mae_months"]
     assert abs(square_mae - native_mae) <= 0.5
     square = square_report.predictions.set_index("id")["predicted"]
-    native = native_report.predictions.set_index("id").loc[square.index, "predicted"]
+    native = native_subset.loc[square.index, "predicted"]
     diff = float(np.mean(np.abs(native.to_numpy() - square.to_numpy())))
     assert diff < 0.6 * native_mae, diff
 

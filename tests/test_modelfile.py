@@ -96,7 +96,7 @@ def test_loading_a_model_file_never_reads_the_run_config(tiny_bundle: Path) -> N
     code = (
         "import sys; sys.modules['boneage.config'] = None\n"
         "from boneage.predict import load_predictor\n"
-        f"p = load_predictor({str(tiny_bundle)!r}, engine='torch')\n"
+        f"p = load_predictor({str(tiny_bundle)!r}, engine='onnx')\n"
         "import numpy as np\n"
         "x = p.predict_arrays(np.zeros((1, 64, 64), np.uint8), np.array([True]))[0]\n"
         "print(p.spec.backbone, float(x[0]))"
