@@ -200,7 +200,7 @@ def run_engine(
     print(f"  machine      {machine}")
     print(
         f"  model        {model.get('backbone')} ({model.get('input_size')} px), "
-        f"version {model.get('version')}"
+        f"model version {model.get('model_version')}"
     )
     print(
         f"  load         {args.clients} clients, {args.requests} requests max, "
