@@ -21,7 +21,7 @@ squash to 299 px, JPEG quality 60), which brought the native files' scores onto 
 0.77 vs 0.74 on v0.3; docs/research-log.md). The pooled density has the same bias
 in a milder form (v0.5: 7 of the 1,001 held-out native PNGs past its limit against 4 of their copies), so
 its refusal score is taken from the same remade copy, in the same plain pass that gives the texture
-statistics (``BasePredictor.refusal_scores``). The orientation check still compares the model's own input
+statistics (``Predictor.refusal_scores``). The orientation check still compares the model's own input
 with its turned versions, as it was calibrated.
 """
 

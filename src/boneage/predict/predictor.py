@@ -283,12 +283,24 @@ class Predictor:
         texture = self.ood.texture
         if size <= 0 and input_score is not None and texture is None:
             return input_score, None
-        remade = training_copy(pixels, size, quality) if size > 0 else pixels
-        feats, stats = self.plain_outputs(self.preprocess(remade)[None])
-        pooled = input_score if size <= 0 and input_score is not None else float(self.ood.score(feats)[0])
+        (pooled,), (tex,), _ = self._copy_scores([pixels])
+        return (input_score if size <= 0 and input_score is not None else pooled), tex
+
+    def _copy_scores(
+        self, images: list[np.ndarray]
+    ) -> tuple[list[float], list[float | None], list[np.ndarray]]:
+        """Pooled and texture density scores of radiographs' pixels, each remade as a training copy when the
+        density's ``copy_recipe`` says so, from one plain pass; and the remade pixels. The one place the
+        refusal scores are computed (``refusal_scores``, ``polarity_check``). Needs a density."""
+        assert self.ood is not None
+        size, quality = self.ood.copy_recipe
+        remade = [training_copy(p, size, quality) if size > 0 else p for p in images]
+        feats, stats = self.plain_outputs(np.stack([self.preprocess(p) for p in remade]))
+        pooled = [float(v) for v in self.ood.score(feats)]
+        texture = self.ood.texture
         if texture is None or stats is None or not stats.size:
-            return pooled, None
-        return pooled, float(texture.score(stats)[0])
+            return pooled, [None] * len(images), remade
+        return pooled, [float(v) for v in texture.score(stats)], remade
 
     def polarity_check(self, pixels: np.ndarray) -> Screen:
         """The refusal scores and the polarity of a radiograph's pixels (``boneage.ood.polarity``). The image
@@ -296,16 +308,8 @@ class Predictor:
         the check costs one image's pass; the scores and the copy are those of whichever is assessed."""
         if self.ood is None:
             return Screen()
-        size, quality = self.ood.copy_recipe
         both = [pixels, 1.0 - np.asarray(pixels, dtype=np.float32)]
-        remade = [training_copy(p, size, quality) if size > 0 else p for p in both]
-        feats, stats = self.plain_outputs(np.stack([self.preprocess(p) for p in remade]))
-        pooled = [float(v) for v in self.ood.score(feats)]
-        texture = self.ood.texture
-        if texture is None or stats is None or not stats.size:
-            tex: list[float | None] = [None, None]
-        else:
-            tex = [float(v) for v in texture.score(stats)]
+        pooled, tex, remade = self._copy_scores(both)
         ratio = polarity_log_ratio(pooled[0], pooled[1], tex[0], tex[1])
         k = 1 if polarity_verdict(ratio) == "inverted" else 0
         return Screen(pooled[k], tex[k], ratio, both[1] if k else None, remade[k])
