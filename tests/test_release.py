@@ -83,7 +83,12 @@ def test_make_bundle_measures_the_holdout_in_both_geometries(
     assert facts.model_version == "9.9.9" and facts.validation_split.images == summary["val_images"]
     assert facts.heldout_native.mae_by_sex and facts.tta_spread_p99_months > 0
     assert facts.ood.calibration_images and facts.ood.texture_threshold
-    assert {"orientation_val_turned_detected_at_least", "heldout_native_texture"} <= set(facts.ood.flagged)
+    assert {
+        "orientation_val_turned_detected_at_least",
+        "heldout_native_texture",
+        "heldout_native_polarity_in_doubt",
+    } <= set(facts.ood.flagged)
+    assert "polarity_log_ratio" in preds["heldout_native"].columns  # recorded per image, as predict judges it
     predictor = load_predictor(path)
     assert predictor.facts == facts  # what was measured is what the file states, typed
     loaded = predictor.ood

@@ -24,6 +24,7 @@ from boneage.evaluation import EvaluationReport, evaluate
 from boneage.modelfile import LICENCE, Measured, ModelFacts, ModelFile, OodFacts, write_model_file
 from boneage.models.export import export_model_file_onnx
 from boneage.ood.fit import fit_densities
+from boneage.ood.polarity import polarity_verdict
 from boneage.predict import Predictor, load_predictor, oriented_pixels
 from boneage.release.runs import holdout_tables, run_config_for, run_split
 from boneage.train.runs import git_commit
@@ -166,14 +167,17 @@ def _native_refusals(
     plain: Predictor, native: pd.DataFrame, report: EvaluationReport, ood: dict[str, Any]
 ) -> None:
     """The refusal rule's scores on every native file (read once each, as ``predict`` reads it), recorded
-    per image and as counts."""
+    per image and as counts: the pooled and texture densities, and the polarity in doubt, each as
+    ``Predictor.polarity_check`` and ``check_distribution`` judge it (an image assessed inverted back is
+    scored as assessed)."""
     density = plain.ood
     assert density is not None
-    pooled, tex = [], []
+    pooled, tex, polarity = [], [], []
     for path in native["path"]:
-        score, texture_score = plain.refusal_scores(oriented_pixels(read_radiograph(path)), None)
-        pooled.append(np.nan if score is None else score)
-        tex.append(np.nan if texture_score is None else texture_score)
+        screen = plain.polarity_check(oriented_pixels(read_radiograph(path)))
+        pooled.append(np.nan if screen.pooled is None else screen.pooled)
+        tex.append(np.nan if screen.texture is None else screen.texture)
+        polarity.append(np.nan if screen.polarity is None else screen.polarity)
     pooled_scores = np.asarray(pooled, dtype=float)
     flagged = density.refuses(pooled_scores)
     ood["flagged"]["heldout_native_pooled"] = [int(flagged.sum()), len(native)]
@@ -184,4 +188,8 @@ def _native_refusals(
         flagged |= tex_flagged
         ood["flagged"]["heldout_native_texture"] = [int(tex_flagged.sum()), len(native)]
         report.predictions["ood_texture_score"] = np.round(tex_scores, 4)
+    in_doubt = np.array([polarity_verdict(None if np.isnan(r) else float(r)) == "in doubt" for r in polarity])
+    flagged |= in_doubt
+    ood["flagged"]["heldout_native_polarity_in_doubt"] = [int(in_doubt.sum()), len(native)]
+    report.predictions["polarity_log_ratio"] = np.round(np.asarray(polarity, dtype=float), 4)
     ood["flagged"]["heldout_native"] = [int(flagged.sum()), len(native)]
