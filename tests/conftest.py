@@ -188,21 +188,32 @@ CALIBRATION_PER_SEX = 55  # the calibration needs at least 50 per sex
 
 
 @pytest.fixture(scope="session")
-def sample_predictions(shared_sample: Path):
+def native_plain_report(shared_sample: Path):
+    """``evaluate`` of the bundled model (single view) on all 1,001 native files of the real sample: the
+    held-out reproduction and the calibration tests read the same pass (about 35 s, once per session)."""
+    from boneage.data.labels import read_labels
+    from boneage.evaluation import evaluate
+    from boneage.predict import load_predictor
+
+    labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
+    return evaluate(load_predictor(tta=False), labels, progress=False)  # reads and preprocesses every file
+
+
+@pytest.fixture(scope="session")
+def sample_predictions(shared_sample: Path, native_plain_report):
     """The bundled model's bone age (no TTA) for the first 55 girls and 55 boys of the real sample, with
-    their readings: a DataFrame id, boneage, male, path, predicted. About 15 s, once per session."""
+    their readings: a DataFrame id, boneage, male, path, predicted (what ``growth.predict_labelled`` gives:
+    the same plain pass as ``evaluate``)."""
     import pandas as pd
 
     from boneage.data.labels import read_labels
-    from boneage.growth import predict_labelled
-    from boneage.predict import load_predictor
 
     labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
     picked = pd.concat(
         [labels[~labels["male"]].head(CALIBRATION_PER_SEX), labels[labels["male"]].head(CALIBRATION_PER_SEX)]
     ).reset_index(drop=True)
-    predictor = load_predictor(tta=False)
-    picked["predicted"] = predict_labelled(predictor, picked["path"], picked["male"].to_numpy(bool))
+    predicted = native_plain_report.predictions.set_index("id")["predicted"]
+    picked["predicted"] = predicted.loc[picked["id"].astype(str)].to_numpy(float)
     return picked
 
 

@@ -264,8 +264,17 @@ class NodeProcess:
             raise AssertionError(f"node did not stop within {timeout} s after SIGTERM") from None
 
 
+def dcmtk_path(tool: str) -> str | None:
+    """dcmtk's own ``tool``, never the Python environment's: pynetdicom installs console scripts of the same
+    names (``storescu``, ``echoscu``) in its bin folder, which an activated virtualenv puts first on PATH,
+    and they take other options (``-xy``) and print other messages."""
+    own = {Path(sys.prefix, "bin").resolve(), Path(sys.executable).parent.resolve()}
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() not in own]
+    return shutil.which(tool, path=os.pathsep.join(dirs))
+
+
 def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
+    path = dcmtk_path(tool)
     if path is None:
         raise AssertionError(f"dcmtk's {tool} not found (apt-get install dcmtk)")
     return path

@@ -46,9 +46,8 @@ def bundled() -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def native_report(bundled: Predictor, shared_sample):
-    labels = read_labels(shared_sample / "labels.csv", shared_sample / "images")
-    return evaluate(bundled, labels, progress=False)  # reads and preprocesses every native PNG
+def native_report(native_plain_report):
+    return native_plain_report  # conftest: every native PNG read and preprocessed, single view
 
 
 def test_bundled_model_reproduces_its_held_out_mae(bundled: Predictor, native_report) -> None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from dicom_helpers import (
     NodeProcess,
     Orthanc,
     dcmtk,
+    dcmtk_path,
     echoscu,
     free_port,
     radiograph_dicom,
@@ -46,12 +48,26 @@ JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 
 def _require_tools() -> None:
     """Orthanc and dcmtk are the test's hospital: missing in CI is a failure, elsewhere a skip."""
-    missing = [tool for tool in (ORTHANC, "storescu", "echoscu", "dcmcjpeg") if shutil.which(tool) is None]
+    missing = [tool for tool in ("storescu", "echoscu", "dcmcjpeg") if dcmtk_path(tool) is None]
+    missing += [ORTHANC] if shutil.which(ORTHANC) is None else []
     if missing:
         message = f"{', '.join(missing)} not found (apt-get install orthanc dcmtk)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_the_independent_client_is_dcmtk_even_in_an_activated_virtualenv(monkeypatch) -> None:
+    """pynetdicom's same-named ``storescu`` script in the environment's bin folder (first on PATH once the
+    virtualenv is activated) takes other options: the tests must still reach dcmtk's."""
+    _require_tools()
+    env_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", env_bin + os.pathsep + os.environ.get("PATH", ""))
+    for tool in ("storescu", "echoscu"):
+        found = dcmtk_path(tool)
+        assert found is not None and Path(found).parent.resolve() != Path(env_bin).resolve()
+        version = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
+        assert "dcmtk" in (version.stdout + version.stderr).lower(), version
 
 
 @pytest.fixture(scope="module")

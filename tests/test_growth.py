@@ -409,3 +409,14 @@ def test_a_calibration_for_another_model_or_a_damaged_file_is_refused(tmp_path: 
     with pytest.raises(BoneAgeInputError, match="another model"):
         calibration.check_model({"model_version": "2", "backbone": "b"})
     calibration.check_model({"model_version": "1", "backbone": "b"})
+
+
+def test_predict_labelled_is_the_plain_pass_evaluate_makes(sample_predictions) -> None:
+    """What a calibration is fitted to (``boneage calibrate``) is the model's single-view bone age, the same
+    figures ``evaluate`` gives for those files (the session's ``sample_predictions`` are taken from it)."""
+    from boneage.growth import predict_labelled
+    from boneage.predict import load_predictor
+
+    rows = sample_predictions.iloc[[0, 1, 2, -3, -2, -1]]
+    got = predict_labelled(load_predictor(tta=False), rows["path"], rows["male"].to_numpy(bool), batch_size=4)
+    np.testing.assert_allclose(got, rows["predicted"].to_numpy(float), atol=0.01)
