@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -326,16 +327,26 @@ def test_sigterm_drains_what_was_received(pacs, node: NodeProcess, hands: list[d
     assert str(patient.PatientName) not in log and "Child" not in log and patient.PatientID not in log
 
 
+def _ledger(spool: Path, *states: str) -> set[str]:
+    """The SOP instances the node's ledger holds in ``states``: what it will not do again after a restart."""
+    db = sqlite3.connect(spool / "ledger.sqlite3")
+    try:
+        marks = ",".join("?" * len(states))
+        return {r[0] for r in db.execute(f"SELECT uid FROM items WHERE state IN ({marks})", states)}
+    finally:
+        db.close()
+
+
 def test_sigkill_mid_batch_then_restart_finishes_everything_once(
     pacs, hands: list[dict], tmp_path: Path
 ) -> None:
     """Four radiographs acknowledged, the node SIGKILLed as soon as the first is assessed, started again on
-    the same spool: every study gets its SC and SR; what was assessed (or sent) before the kill is not
-    assessed (or sent) again."""
+    the same spool: every study gets its SC and SR; what the ledger held as assessed (or sent) at the kill is
+    not assessed (or sent) again. The ledger, not the log, is the record: the kill may fall between an
+    instance's commit and its log line."""
     orthanc, _ = pacs
-    node = NodeProcess(
-        tmp_path / "spool", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--workers", "2"
-    ).start()
+    spool = tmp_path / "spool"
+    node = NodeProcess(spool, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--workers", "2").start()
     files, studies = [], []
     for i in range(4):
         path = _hand_file(tmp_path / f"batch{i}.dcm", hands[i])
@@ -345,8 +356,10 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         assert storescu(node, files).returncode == 0
         wait_until(lambda: node.events("assessed"), 60, "the first assessment")
         node.kill()
-        assessed_before = {e["sop"] for e in node.events("assessed")}
-        sent_before = {e["sop"] for e in node.events("sent")}
+        logged = {e["sop"] for e in node.events("assessed")}
+        assessed_before = _ledger(spool, "assessed", "sent")
+        sent_before = _ledger(spool, "sent")
+        assert logged <= assessed_before  # a logged assessment was committed first
         assert len(assessed_before) < 4, "the kill came too late to test anything"
         node.start()
         for study in studies:
@@ -367,6 +380,7 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         assert not assessed_before & set(assessed_after) and not sent_before & set(sent_after)
         assert sorted(assessed_before | set(assessed_after)) == everything
         assert len(assessed_after) == len(set(assessed_after)) and len(sent_after) == len(set(sent_after))
+        assert _ledger(spool, "sent") == set(everything)
     finally:
         node.stop()
 
