@@ -172,12 +172,13 @@ def _native_refusals(
     scored as assessed)."""
     density = plain.ood
     assert density is not None
-    pooled, tex, polarity = [], [], []
+    pooled, tex, polarity, doubted = [], [], [], []
     for path in native["path"]:
         screen = plain.polarity_check(oriented_pixels(read_radiograph(path)))
         pooled.append(np.nan if screen.pooled is None else screen.pooled)
         tex.append(np.nan if screen.texture is None else screen.texture)
         polarity.append(np.nan if screen.polarity is None else screen.polarity)
+        doubted.append(polarity_verdict(screen.polarity) == "in doubt")
     pooled_scores = np.asarray(pooled, dtype=float)
     flagged = density.refuses(pooled_scores)
     ood["flagged"]["heldout_native_pooled"] = [int(flagged.sum()), len(native)]
@@ -188,7 +189,7 @@ def _native_refusals(
         flagged |= tex_flagged
         ood["flagged"]["heldout_native_texture"] = [int(tex_flagged.sum()), len(native)]
         report.predictions["ood_texture_score"] = np.round(tex_scores, 4)
-    in_doubt = np.array([polarity_verdict(None if np.isnan(r) else float(r)) == "in doubt" for r in polarity])
+    in_doubt = np.asarray(doubted, dtype=bool)
     flagged |= in_doubt
     ood["flagged"]["heldout_native_polarity_in_doubt"] = [int(in_doubt.sum()), len(native)]
     report.predictions["polarity_log_ratio"] = np.round(np.asarray(polarity, dtype=float), 4)
