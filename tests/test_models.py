@@ -391,7 +391,7 @@ def test_timm_test_backbones_exist() -> None:
 
 
 def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
-    """timm builds MobileNetV2 with its EfficientNet class, so the OOD texture tap (stage 2, stride 8) and
+    """timm builds MobileNetV2 with its EfficientNet class, so the OOD texture tap (stage 1, stride 4) and
     the closed-form Grad-CAM of the ONNX graph work for it as for EfficientNet-Lite: choosing it for a
     bundled model would lose neither."""
     from boneage.models.export import ExportGraph, cam_supported
@@ -403,7 +403,7 @@ def test_mobilenetv2_has_the_texture_tap_and_in_graph_grad_cam() -> None:
     x, male = torch.rand(2, 1, 96, 96), torch.tensor([0.0, 1.0])
     with torch.no_grad():
         feats, texture = net.features_with_texture(x, TEXTURE_STAGE)
-        assert texture.shape == (2, 2 * 32)  # blocks[2]: 32 channels at stride 8
+        assert texture.shape == (2, 2 * 24)  # blocks[1]: 24 channels at stride 4
         months, graph_feats, cam, graph_texture = ExportGraph(net, cam=True)(x, male)
     torch.testing.assert_close(months, net(x, male), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(graph_feats, feats, rtol=1e-5, atol=1e-5)

@@ -204,6 +204,36 @@ def test_onnx_graph_gives_the_same_texture_statistics_as_torch(tiny_bundle: Path
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
 
 
+def test_a_model_file_taps_the_texture_stage_its_density_was_fitted_on(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """v0.12.0's texture density was fitted on stage 2; new fits tap ``TEXTURE_STAGE``. A file keeps its own
+    stage (``facts.ood.texture_stage``) in both engines, so an older bundle's density still gets statistics
+    of the width it was fitted on; a file that states none (a checkpoint) taps today's stage."""
+    from boneage.modelfile import ModelFile, OodFacts
+    from boneage.modelfile.format import write_model_file
+    from boneage.ood import TEXTURE_STAGE
+    from boneage.predict import load_predictor
+
+    source = ModelFile.read(tiny_bundle)
+    torch_side = load_predictor(tiny_bundle, engine="torch")
+    net = torch_side.engine.model
+    assert net.texture_stage == TEXTURE_STAGE
+    other = next(s for s in (2, 1) if s != TEXTURE_STAGE and net.supports_texture(s))
+    facts = source.facts.model_copy(update={"ood": OodFacts(texture_stage=other)})
+    older = write_model_file(tmp_path / "older.safetensors", source.spec, facts, dict(net.state_dict()))
+    images = np.random.default_rng(8).integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    import torch
+
+    with torch.no_grad():
+        want = net.texture_statistics(torch.from_numpy(images[:, None] / 255.0).float(), other).numpy()
+    assert want.shape[1] != torch_side.texture_statistics(images).shape[1]  # the stages differ in width
+    for engine in ("torch", "onnx"):
+        got = load_predictor(older, engine=engine).texture_statistics(images)
+        assert got is not None and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
 def test_features_and_texture_come_from_one_pass_equal_to_the_separate_ones(tiny_bundle: Path) -> None:
     """``features_with_texture`` walks the blocks once; its answer is the network's pooled features and the
     partial pass's texture statistics, and both engines' plain run gives the same pair from one run."""

@@ -12,6 +12,7 @@ from conftest import make_tiny_predictor, make_tiny_train_config
 from safetensors import safe_open
 
 from boneage.errors import BoneAgeInputError
+from boneage.ood import TEXTURE_STAGE
 from boneage.predict import load_predictor
 from boneage.release.average import average_checkpoints
 from boneage.release.bundle import make_bundle, save_model_file
@@ -83,6 +84,7 @@ def test_make_bundle_measures_the_holdout_in_both_geometries(
     assert facts.model_version == "9.9.9" and facts.validation_split.images == summary["val_images"]
     assert facts.heldout_native.mae_by_sex and facts.tta_spread_p99_months > 0
     assert facts.ood.calibration_images and facts.ood.texture_threshold
+    assert facts.ood.texture_stage == TEXTURE_STAGE  # a checkpoint is fitted on today's stage, and says so
     assert {
         "orientation_val_turned_detected_at_least",
         "heldout_native_texture",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 BUNDLED_NAME = "model.safetensors"
 METADATA_KEY = "boneage"
 #: bumped when the exported graph changes (inputs, outputs, heatmap maths): older graphs are re-exported
-ONNX_EXPORT_VERSION = "3"
+ONNX_EXPORT_VERSION = "4"
 ONNX_META_DIGEST = "boneage_weights_sha256"
 ONNX_META_VERSION = "boneage_export_version"
 TARGET_BUFFERS = ("age_mean", "age_std")  # a model's training-target statistics, stored with its weights

@@ -20,7 +20,6 @@ import torch
 from boneage.modelfile import ModelFile, file_digest, onnx_path_for, onnx_stamp
 from boneage.modelfile.format import ONNX_EXPORT_VERSION
 from boneage.models.net import BoneAgeNet, network_from_file, stage_statistics
-from boneage.ood import TEXTURE_STAGE
 from boneage.spec import ModelSpec
 
 
@@ -76,7 +75,7 @@ class ExportGraph(torch.nn.Module):
         self.net = net
         self.cam = cam
         # the OOD check's texture statistics, tapped from the same pass (no extra compute)
-        self.texture = cam and net.supports_texture(TEXTURE_STAGE)
+        self.texture = cam and net.supports_texture(net.texture_stage)
         self.output_names = ("bone_age_months", "features", *(("cam",) if cam else ()))
         self.output_names += ("texture",) if self.texture else ()
 
@@ -87,7 +86,7 @@ class ExportGraph(torch.nn.Module):
         b = net.backbone
         a, texture = image, None
         for i, a in net.block_outputs(image):
-            if self.texture and i == TEXTURE_STAGE:
+            if self.texture and i == net.texture_stage:
                 texture = stage_statistics(a)
         # a: the Grad-CAM layer's output
         bn = b.bn2

@@ -15,6 +15,7 @@ from torch import nn
 
 from boneage.errors import BoneAgeInputError
 from boneage.modelfile import ModelFile
+from boneage.ood import TEXTURE_STAGE
 from boneage.spec import GREY_MEAN, GREY_STD, ModelSpec
 
 
@@ -80,6 +81,9 @@ class BoneAgeNet(nn.Module):
         self.register_buffer("age_std", torch.tensor(float(age_std)))
         self.register_buffer("pixel_mean", torch.tensor(GREY_MEAN))
         self.register_buffer("pixel_std", torch.tensor(GREY_STD))
+        # the stage the OOD texture statistics are tapped from: the one a model file's texture density was
+        # fitted on (``network_from_file``), else the current choice for new fits
+        self.texture_stage = TEXTURE_STAGE
         # how build_model initialised the weights: source, tensors loaded, model tensors left as initialised
         self.init_report: dict[str, Any] = {"source": "none", "loaded": 0, "skipped": []}
 
@@ -190,4 +194,7 @@ def network_from_file(model_file: ModelFile) -> BoneAgeNet:
         raise BoneAgeInputError(
             f"the model file lacks {len(missing)} network tensors (e.g. {missing[0]})", model_file.path
         )
+    ood = model_file.facts.ood
+    if ood is not None and ood.texture_stage is not None:  # its texture density's statistics, not today's
+        net.texture_stage = int(ood.texture_stage)
     return net.eval()

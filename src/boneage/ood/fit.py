@@ -41,10 +41,12 @@ def fit_densities(
     calibration: tuple[np.ndarray, np.ndarray],
     validation: tuple[np.ndarray, np.ndarray],
     copy_recipe: tuple[int, int] = (0, 0),
+    texture_stage: int = TEXTURE_STAGE,
 ) -> tuple[FeatureDensity, dict[str, Any]]:
     """(density with its orientation probe and texture density, what each was measured to do).
     Each set is (preprocessed uint8 images, male). ``copy_recipe``: (size, JPEG quality) the training
-    images were made with, which the texture check remakes an input with first ((0, 0): none)."""
+    images were made with, which the texture check remakes an input with first ((0, 0): none).
+    ``texture_stage``: the stage ``texture`` taps, recorded so that a loaded file taps the same one."""
     fit_images, fit_male = fit
     cal_images, cal_male = calibration
     val_images, val_male = validation
@@ -87,6 +89,8 @@ def fit_densities(
         },
     }
     _fit_texture(density, texture, fit_images, cal_images, val_images, copy_recipe, report)
+    if "texture_threshold" in report:
+        report["texture_stage"] = texture_stage
     return density, report
 
 
@@ -111,7 +115,6 @@ def _fit_texture(
     tex.calibrate(np.concatenate([cal_stats, val_stats]), OOD_QUANTILE, OOD_MARGIN)
     density.copy_recipe = copy_recipe
     report.update(
-        texture_stage=TEXTURE_STAGE,
         texture_components=int(len(tex.variances)),
         texture_threshold=round(tex.threshold, 3),
         texture_copy_recipe=list(copy_recipe),

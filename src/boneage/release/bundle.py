@@ -113,6 +113,8 @@ def make_bundle(
         (train.array(cal_idx), male[cal_idx]),
         (dm.val_set.array(), dm.val_set.male.numpy() > 0.5),
         recipe,
+        # the stage both engines' graphs tap: today's choice for a checkpoint, a bundle's own for a bundle
+        torch_side.engine.model.texture_stage,  # type: ignore[attr-defined]
     )
     for p in (predictor, plain, torch_side):
         p.ood = density
