@@ -18,6 +18,7 @@ from safetensors import safe_open
 import boneage
 from boneage.errors import BoneAgeInputError
 from boneage.modelfile import ModelFacts, ModelFile, bundled_model_path, write_model_file
+from boneage.ood import TEXTURE_STAGE
 from boneage.predict import load_predictor
 from boneage.release.bundle import convert_bundle, save_model_file
 
@@ -52,10 +53,11 @@ def test_written_weights_are_fp16_and_small(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # written whole, then renamed
 
 
-def test_the_shipped_v0_12_0_file_loads_with_typed_facts() -> None:
-    """v0.12.0 was written with flat, untyped facts: they are read into the typed record, every figure kept,
-    and its model version is its own (not the package's)."""
-    facts = ModelFile.read(bundled_model_path()).facts
+def test_v0_12_0_flat_facts_are_read_into_the_typed_record() -> None:
+    """v0.12.0 was first written with flat, untyped facts (its metadata is kept in tests/data, the spec left
+    out): they are read into the typed record, every figure kept, and its model version is its own."""
+    meta = json.loads((Path(__file__).parent / "data" / "v0_12_0_flat_facts.json").read_text())
+    facts = ModelFacts.from_record(meta)
     assert facts.model_version == "0.12.0" != boneage.__version__
     assert facts.heldout_native.images == 1001 and facts.heldout_native.mae_months == 6.88
     assert (
@@ -63,9 +65,24 @@ def test_the_shipped_v0_12_0_file_loads_with_typed_facts() -> None:
     )
     assert facts.heldout_training_geometry.mae_months == 7.145 and facts.validation_split.mae_months == 6.825
     assert facts.ood.flagged["heldout_native"] == (9, 1001) and facts.ood.texture_copy_recipe == (299, 60)
+    assert facts.ood.texture_stage == 2
     assert facts.legacy == {}  # every key of the old layout found its typed place
     assert facts.headline() == {
         "mae_months": 6.88,
+        "images": 1001,
+        "on": "held-out radiographs in their own aspect ratio",
+    }
+
+
+def test_the_shipped_file_states_its_model_version_and_texture_stage() -> None:
+    """The shipped file (v0.12.0's weights, re-bundled on 2026-12-07 with the texture density on blocks[1])
+    has typed facts, its own model version, and says which stage its texture density taps."""
+    facts = ModelFile.read(bundled_model_path()).facts
+    assert facts.model_version == "0.12.0" != boneage.__version__
+    assert facts.ood.texture_stage == TEXTURE_STAGE == 1 and facts.ood.texture_copy_recipe == (299, 60)
+    assert facts.legacy == {} and facts.heldout_native.images == 1001
+    assert facts.headline() == {
+        "mae_months": 6.879,
         "images": 1001,
         "on": "held-out radiographs in their own aspect ratio",
     }
