@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,44 +86,40 @@ def probe(url: str, image: tuple[str, bytes, str], stop: threading.Event, probes
     def fresh_connections() -> httpx.Client:  # one client, but a new connection for every request
         return httpx.Client(base_url=url, limits=httpx.Limits(max_keepalive_connections=0))
 
-    def health_loop() -> None:
+    def loop(
+        what: str, send: Callable[[httpx.Client], httpx.Response], times: list[float], pause: float
+    ) -> None:
+        """One probe: ``send`` on a fresh connection until ``stop``; a 200's latency goes to ``times``."""
         client = fresh_connections()
         while not stop.is_set():
             start = time.perf_counter()
             try:
-                response = client.get("/api/v1/health", timeout=10)
+                response = send(client)
                 ok = response.status_code == 200
-                failure = f"health HTTP {response.status_code}"
+                failure = f"{what} HTTP {response.status_code}: {response.text[:120]}"
             except httpx.HTTPError as exc:
-                ok, failure = False, f"health {type(exc).__name__}: {exc}"
+                ok, failure = False, f"{what} {type(exc).__name__}: {exc}"
             with probes.lock:
                 if ok:
-                    probes.health_ms.append((time.perf_counter() - start) * 1000)
+                    times.append((time.perf_counter() - start) * 1000)
                 else:
                     probes.failures.append(failure)
-            stop.wait(0.25)
+            stop.wait(pause)
         client.close()
 
-    def predict_loop() -> None:
-        name, data, sex = image
-        client = fresh_connections()
-        while not stop.is_set():
-            start = time.perf_counter()
-            try:
-                files = {"image": (name, data, "image/png")}
-                response = client.post("/api/v1/predict", files=files, data={"sex": sex}, timeout=60)
-                ok = response.status_code == 200
-                failure = f"predict HTTP {response.status_code}: {response.text[:120]}"
-            except httpx.HTTPError as exc:
-                ok, failure = False, f"predict {type(exc).__name__}: {exc}"
-            with probes.lock:
-                if ok:
-                    probes.predict_ms.append((time.perf_counter() - start) * 1000)
-                else:
-                    probes.failures.append(failure)
-        client.close()
+    name, data, sex = image
 
-    threads = [threading.Thread(target=loop, daemon=True) for loop in (health_loop, predict_loop)]
+    def health(client: httpx.Client) -> httpx.Response:
+        return client.get("/api/v1/health", timeout=10)
+
+    def predict(client: httpx.Client) -> httpx.Response:
+        files = {"image": (name, data, "image/png")}
+        return client.post("/api/v1/predict", files=files, data={"sex": sex}, timeout=60)
+
+    threads = [
+        threading.Thread(target=loop, args=("health", health, probes.health_ms, 0.25), daemon=True),
+        threading.Thread(target=loop, args=("predict", predict, probes.predict_ms, 0.0), daemon=True),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
