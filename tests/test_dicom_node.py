@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from boneage.cli import app
+from boneage.dicom.spool import Spool
 
 pytestmark = pytest.mark.dicom
 
@@ -327,14 +327,14 @@ def test_sigterm_drains_what_was_received(pacs, node: NodeProcess, hands: list[d
     assert str(patient.PatientName) not in log and "Child" not in log and patient.PatientID not in log
 
 
-def _ledger(spool: Path, *states: str) -> set[str]:
-    """The SOP instances the node's ledger holds in ``states``: what it will not do again after a restart."""
-    db = sqlite3.connect(spool / "ledger.sqlite3")
+def _ledger(spool: Path, uids: list[str], *states: str) -> set[str]:
+    """Those of ``uids`` the node's ledger holds in ``states`` (read through its own ``Spool``): what it will
+    not do again after a restart."""
+    ledger = Spool(spool)
     try:
-        marks = ",".join("?" * len(states))
-        return {r[0] for r in db.execute(f"SELECT uid FROM items WHERE state IN ({marks})", states)}
+        return {uid for uid in uids if ledger.state(uid) in states}
     finally:
-        db.close()
+        ledger.close()
 
 
 def test_sigkill_mid_batch_then_restart_finishes_everything_once(
@@ -352,19 +352,19 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         path = _hand_file(tmp_path / f"batch{i}.dcm", hands[i])
         studies.append(orthanc.upload(path)[1])
         files.append(path)
+    everything = sorted(_sop(p) for p in files)
     try:
         assert storescu(node, files).returncode == 0
         wait_until(lambda: node.events("assessed"), 60, "the first assessment")
         node.kill()
         logged = {e["sop"] for e in node.events("assessed")}
-        assessed_before = _ledger(spool, "assessed", "sent")
-        sent_before = _ledger(spool, "sent")
+        assessed_before = _ledger(spool, everything, "assessed", "sent")
+        sent_before = _ledger(spool, everything, "sent")
         assert logged <= assessed_before  # a logged assessment was committed first
         assert len(assessed_before) < 4, "the kill came too late to test anything"
         node.start()
         for study in studies:
             _wait_results(orthanc, study, (1, 1))
-        everything = sorted(_sop(p) for p in files)
 
         def all_sent() -> bool:  # the node logs "sent" just after Orthanc has the objects
             return (
@@ -380,7 +380,7 @@ def test_sigkill_mid_batch_then_restart_finishes_everything_once(
         assert not assessed_before & set(assessed_after) and not sent_before & set(sent_after)
         assert sorted(assessed_before | set(assessed_after)) == everything
         assert len(assessed_after) == len(set(assessed_after)) and len(sent_after) == len(set(sent_after))
-        assert _ledger(spool, "sent") == set(everything)
+        assert _ledger(spool, everything, "sent") == set(everything)
     finally:
         node.stop()
 

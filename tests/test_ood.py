@@ -210,6 +210,8 @@ def test_a_model_file_taps_the_texture_stage_its_density_was_fitted_on(
     """v0.12.0's texture density was fitted on stage 2; new fits tap ``TEXTURE_STAGE``. A file keeps its own
     stage (``facts.ood.texture_stage``) in both engines, so an older bundle's density still gets statistics
     of the width it was fitted on; a file that states none (a checkpoint) taps today's stage."""
+    import torch
+
     from boneage.modelfile import ModelFile, OodFacts
     from boneage.modelfile.format import write_model_file
     from boneage.ood import TEXTURE_STAGE
@@ -223,8 +225,6 @@ def test_a_model_file_taps_the_texture_stage_its_density_was_fitted_on(
     facts = source.facts.model_copy(update={"ood": OodFacts(texture_stage=other)})
     older = write_model_file(tmp_path / "older.safetensors", source.spec, facts, dict(net.state_dict()))
     images = np.random.default_rng(8).integers(0, 256, (2, 64, 64), dtype=np.uint8)
-    import torch
-
     with torch.no_grad():
         want = net.texture_statistics(torch.from_numpy(images[:, None] / 255.0).float(), other).numpy()
     assert want.shape[1] != torch_side.texture_statistics(images).shape[1]  # the stages differ in width

@@ -88,9 +88,7 @@ def fit_densities(
             ],
         },
     }
-    _fit_texture(density, texture, fit_images, cal_images, val_images, copy_recipe, report)
-    if "texture_threshold" in report:
-        report["texture_stage"] = texture_stage
+    _fit_texture(density, texture, fit_images, cal_images, val_images, copy_recipe, texture_stage, report)
     return density, report
 
 
@@ -101,6 +99,7 @@ def _fit_texture(
     cal_images: np.ndarray,
     val_images: np.ndarray,
     copy_recipe: tuple[int, int],
+    texture_stage: int,
     report: dict[str, Any],
 ) -> None:
     """The texture density: early-stage statistics of the same images, calibrated like the pooled one."""
@@ -115,6 +114,7 @@ def _fit_texture(
     tex.calibrate(np.concatenate([cal_stats, val_stats]), OOD_QUANTILE, OOD_MARGIN)
     density.copy_recipe = copy_recipe
     report.update(
+        texture_stage=texture_stage,
         texture_components=int(len(tex.variances)),
         texture_threshold=round(tex.threshold, 3),
         texture_copy_recipe=list(copy_recipe),
