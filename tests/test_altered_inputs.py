@@ -11,10 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from boneage.clinical import FLAG_WITHHELD, assess
+from boneage.data.preprocess import bright_objects
 from boneage.errors import BoneAgeInputError
-from boneage.ood.frame import cut_reasons, frame_measures
+from boneage.ood.frame import (
+    LARGEST_SHARE_LIMIT,
+    cut_reasons,
+    edge_contacts,
+    frame_measures,
+    frame_upright,
+)
 from boneage.ood.polarity import (
     POLARITY_CORRECT_LOG_RATIO,
     POLARITY_DOUBT_LOG_RATIO,
@@ -60,6 +68,41 @@ def test_frame_measures_tell_a_whole_hand_from_a_cut_off_or_shuffled_one() -> No
     assert cut_reasons(cut, 0.99) == []  # a cut frame alone: the probe must doubt too
     assert any("pieces" in r for r in cut_reasons(pieces, 0.99))
     assert frame_measures(np.zeros((50, 50), np.float32)) is None
+
+
+def test_a_film_border_is_no_piece_of_the_hand() -> None:
+    """A whole hand inside a thick bright film border: the border holds 42% of the bright area, yet the
+    frame is not "in pieces", since the share is also read without the edge bands."""
+    ringed = np.zeros((300, 240), np.float32)
+    ringed[60:270, 70:170] = 0.8
+    ringed[:15], ringed[-15:], ringed[:, :15], ringed[:, -15:] = 0.8, 0.8, 0.8, 0.8
+    objects, _ = bright_objects(ringed)
+    labels, count = ndimage.label(objects)
+    assert count == 2 and np.bincount(labels.ravel())[1:].max() / objects.sum() < LARGEST_SHARE_LIMIT
+    assert frame_measures(ringed)[1] == 1.0
+    assert cut_reasons(ringed, 0.1) == []
+
+
+def test_only_a_forearm_leaving_by_the_bottom_edge_makes_a_frame_upright() -> None:
+    """The veto on a turned-hand warning: the hand's object leaves by the bottom edge alone. Turned any way
+    it does not; a bright band across the bottom joined to the forearm is trimmed, not read as the exit; a
+    hand that also meets a side edge, or a flat frame, is not vouched for."""
+    whole = np.zeros((300, 240), np.float32)
+    whole[60:300, 70:170] = 0.8
+    assert frame_upright(whole)
+    assert edge_contacts(whole) == pytest.approx(
+        {"top": 0, "bottom": 100 / 240, "left": 0, "right": 0}, abs=0.01
+    )
+    for turned in (np.rot90(whole, 1), np.rot90(whole, 3), np.rot90(whole, 2), whole[::-1]):
+        assert not frame_upright(np.ascontiguousarray(turned))
+    banded = whole.copy()
+    banded[280:] = 1.0
+    assert frame_measures(banded)[0] == 0.0 and frame_upright(banded)
+    assert edge_contacts(banded)["bottom"] == pytest.approx(100 / 240, abs=0.02)
+    touching = whole.copy()
+    touching[100:200, 0:70] = 0.8
+    assert not frame_upright(touching)
+    assert not frame_upright(np.zeros((50, 50), np.float32))
 
 
 def test_a_caution_withholds_the_flag_but_keeps_the_sd_score_and_leads_the_warnings() -> None:
@@ -150,6 +193,29 @@ def test_negatives_and_unconverted_monochrome1_files_are_inverted_back_or_refuse
             assert abs(pred.bone_age_months - original.bone_age_months) < 3.0
             corrected += 1
     assert corrected >= 4  # most negatives are clear enough to correct, not only to refuse
+
+
+@pytest.mark.integration
+def test_an_upright_hand_taken_for_turned_is_not_warned_but_its_turns_are(
+    plain_model, shared_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out 6538 is an upright hand that the probe and the density of its turned image take for a
+    turned one (v0.12.0 warned it). Its forearm leaves by the bottom edge, so no turn is warned; without
+    that veto it is. Turned by 90 degrees or upside down it is still warned, or refused."""
+    img = np.asarray(Image.open(shared_sample / "images" / "6538.png").convert("L"))
+    path = _save(tmp_path, "6538", img)
+    assert plain_model.predict(path, "female").cautions == []
+    with monkeypatch.context() as m:
+        m.setattr("boneage.predict.predictor.frame_upright", lambda frame: False)
+        vetoless = plain_model.predict(path, "female")
+    assert any("rotated or upside down" in c for c in vetoless.cautions), vetoless.warnings
+    for name, turned in {"rot90": np.rot90(img), "upside-down": img[::-1]}.items():
+        try:
+            pred = plain_model.predict(_save(tmp_path, f"6538-{name}", turned), "female")
+        except BoneAgeInputError as exc:
+            assert "\n" not in str(exc)
+            continue
+        assert any("rotated or upside down" in c for c in pred.cautions), (name, pred.warnings)
 
 
 @pytest.mark.integration

@@ -12,7 +12,9 @@ bright objects (``boneage.data.preprocess.bright_objects``, the ones the hand cr
   fraction of the width. On a PA hand film the forearm leaves by the bottom edge and the fingers end inside
   the frame; a hand cut off above the wrist meets the top edge across its whole width.
 - ``largest_share``: the largest bright object's share of all bright pixels. A hand is one object beside
-  small markers; a hand cut into blocks and shuffled falls apart into several comparable pieces.
+  small markers; a hand cut into blocks and shuffled falls apart into several comparable pieces. It is the
+  larger of the share read on the whole frame and on the frame without its edge bands (``EDGE_BAND``
+  below): a thin film border is a bright object of its own and no piece of the hand.
 
 Every limit was chosen on training ids (never the held-out hands), on the 299 px training copies as the
 refusal check remakes an input, with altered copies as the cases to catch: wrist crops (the lower 38% of the
@@ -34,6 +36,28 @@ split ids (outside the densities' and the probe's fit) and of 1,200 random train
 - ``PIECES_ALONE_LIMIT`` = 0.3: a frame this fragmented is warned even when the probe does not doubt it (a
   shuffled held-out hand looked upright to it, 0.92). No real hand of the 1,769 above comes near: their
   smallest share is 0.38 (validation) and 0.50 (training); 41% of the validation shuffles are below it.
+- Edge bands (2026-12-07, the same kinds of copies: 569 validation and 1,200 other training ids, shuffles in
+  48 px blocks): real hands with a share below 0.6 fall from 0.53% to 0.18% (validation) and 0.42% to 0.08%
+  (training); shuffles below 0.6 stay 92.1% and 91.9%, below 0.3 44.5% and 44.8%. The share on the trimmed
+  frame alone would put one real training hand below 0.3 (a hand joined to a band): hence the larger of two.
+
+The same frame also vetoes a turned-hand warning (``frame_upright``): the probe and the density of the
+turned image can both prefer a turn for a real, upright hand (v0.12.0 warned 4 of the 1,001 held-out
+files as turned, 3 of them upright),
+but a turned hand cannot have its forearm leave by the bottom edge with nothing else meeting the frame.
+Limits chosen on the 299 px copies of the same 569 validation and 1,200 training ids, each also turned
+by 90, 180 and 270 degrees and upside down (7,076 turned copies):
+
+- ``UPRIGHT_EXIT_MIN`` = 0.15: the largest object meets the bottom edge over at least this fraction of
+  the width (upright copies: median 0.27, 5% quantile 0), below ``TOP_CONTACT_MAX`` (a border band).
+- ``UPRIGHT_OTHER_MAX`` = 0.1: and meets the top, left and right edges over less than this.
+- ``EDGE_BAND`` = 0.9: first, outer rows and columns this bright are trimmed (a film border or collimator
+  band joined to the wrist is not the forearm's exit), up to a quarter of the frame per side.
+- Upright copies that pass: 88.3% (85.9% without trimming). Turned copies that pass: 8 of 7,076 (the same
+  8 without trimming). Five are copies of three training files that are themselves turned (two upside
+  down, one by 90 degrees), so these copies are upright; three are copies of two files whose grey film
+  panel, not a forearm, meets one edge (0.72-0.93). An exit of 0.10 adds one turned copy; 0.20 passes
+  84.8% of the upright copies.
 """
 
 from __future__ import annotations
@@ -48,7 +72,10 @@ TOP_CONTACT_MAX = 0.95
 LARGEST_SHARE_LIMIT = 0.6
 WHOLE_HAND_UPRIGHT_LIMIT = 0.9
 PIECES_ALONE_LIMIT = 0.3
-_TOP_ROWS = 3
+UPRIGHT_EXIT_MIN = 0.15
+UPRIGHT_OTHER_MAX = 0.1
+EDGE_BAND = 0.9
+_TOP_ROWS = 3  # the rows (or columns) read as one edge
 
 
 def _longest_run(flags: np.ndarray) -> int:
@@ -58,18 +85,71 @@ def _longest_run(flags: np.ndarray) -> int:
     return int((edges[1::2] - edges[::2]).max()) if len(edges) else 0
 
 
-def frame_measures(pixels: np.ndarray) -> tuple[float, float] | None:
-    """(top_contact, largest_share) of a frame's bright objects; None for a flat frame."""
-    objects, _ = bright_objects(np.asarray(pixels, dtype=np.float32))
-    if objects is None:
-        return None
+def _trim_edge_bands(objects: np.ndarray) -> np.ndarray:
+    """The mask without the outer rows and columns that are bands (``EDGE_BAND`` bright: a film border, a
+    collimator band), up to a quarter of the frame per side: a band joined to the hand is not its edge."""
+    h, w = objects.shape
+    top, bottom, left, right = 0, h, 0, w
+    while top < h // 4 and objects[top, left:right].mean() >= EDGE_BAND:
+        top += 1
+    while h - bottom < h // 4 and objects[bottom - 1, left:right].mean() >= EDGE_BAND:
+        bottom -= 1
+    while left < w // 4 and objects[top:bottom, left].mean() >= EDGE_BAND:
+        left += 1
+    while w - right < w // 4 and objects[top:bottom, right - 1].mean() >= EDGE_BAND:
+        right -= 1
+    return objects[top:bottom, left:right]
+
+
+def _largest_object(objects: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The largest bright object's mask and its share of all bright pixels; None without objects."""
     labels, count = ndimage.label(objects)
     if count == 0:
         return None
     sizes = np.asarray(ndimage.sum(objects, labels, index=np.arange(1, count + 1)), dtype=np.float64)
-    largest = labels == int(np.argmax(sizes)) + 1
-    top = _longest_run(largest[:_TOP_ROWS].any(0)) / largest.shape[1]
-    return float(top), float(sizes.max() / sizes.sum())
+    return labels == int(np.argmax(sizes)) + 1, float(sizes.max() / sizes.sum())
+
+
+def edge_contacts(pixels: np.ndarray) -> dict[str, float] | None:
+    """The longest run of the largest bright object along each edge (top, bottom, left, right) once edge
+    bands are trimmed, as a fraction of that edge; None for a flat frame."""
+    objects, _ = bright_objects(np.asarray(pixels, dtype=np.float32))
+    found = None if objects is None else _largest_object(_trim_edge_bands(objects))
+    if found is None:
+        return None
+    largest, _ = found
+    k = _TOP_ROWS
+    h, w = largest.shape
+    return {
+        "top": _longest_run(largest[:k].any(0)) / w,
+        "bottom": _longest_run(largest[-k:].any(0)) / w,
+        "left": _longest_run(largest[:, :k].any(1)) / h,
+        "right": _longest_run(largest[:, -k:].any(1)) / h,
+    }
+
+
+def frame_measures(pixels: np.ndarray) -> tuple[float, float] | None:
+    """(top_contact, largest_share) of a frame's bright objects (the share: the larger of the whole frame's
+    and the frame's without edge bands); None for a flat frame."""
+    objects, _ = bright_objects(np.asarray(pixels, dtype=np.float32))
+    found = None if objects is None else _largest_object(objects)
+    if found is None:
+        return None
+    largest, share = found
+    trimmed = _largest_object(_trim_edge_bands(objects))
+    if trimmed is not None:
+        share = max(share, trimmed[1])
+    return _longest_run(largest[:_TOP_ROWS].any(0)) / largest.shape[1], share
+
+
+def frame_upright(pixels: np.ndarray) -> bool:
+    """Does the frame show an upright hand: the forearm leaving by the bottom edge and nothing else of the
+    hand meeting the frame? Vetoes a turned-hand warning (module docstring)."""
+    contacts = edge_contacts(pixels)
+    if contacts is None:
+        return False
+    others = max(contacts["top"], contacts["left"], contacts["right"])
+    return UPRIGHT_EXIT_MIN <= contacts["bottom"] < TOP_CONTACT_MAX and others < UPRIGHT_OTHER_MAX
 
 
 def cut_reasons(pixels: np.ndarray, upright: float | None) -> list[str]:

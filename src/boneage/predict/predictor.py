@@ -22,7 +22,7 @@ from boneage.data.preprocess import Preprocess, training_copy
 from boneage.errors import BoneAgeInputError
 from boneage.modelfile import ModelFacts
 from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
-from boneage.ood.frame import cut_reasons
+from boneage.ood.frame import cut_reasons, frame_upright
 from boneage.ood.polarity import (
     POLARITY_CORRECT_LOG_RATIO,
     POLARITY_CORRECTED_NOTE,
@@ -326,7 +326,8 @@ class Predictor:
         computed, and confirm a doubt with the density of the turned image (``ORIENTATION_CONFIRM_RATIO``);
         older ones compare the density score with that of the image turned each way. A doubt no turn
         explains is confirmed from the ``frame`` (the radiograph as a training copy) instead: a hand cut off
-        above the wrist or cut into pieces (``boneage.ood.frame``)."""
+        above the wrist or cut into pieces (``boneage.ood.frame``). A turn is not warned when the frame
+        shows the forearm leaving by the bottom edge (``frame_upright``): then only the frame rules speak."""
         if self.ood is None or ood_score is None:
             return []
         probe = self.ood.orientation
@@ -338,7 +339,7 @@ class Predictor:
             return self._whole_hand_warnings(frame, None)
         others = self.ood_scores(turned(prepared[None]))
         ratio = rotation_ratios(np.array([ood_score]), others)
-        if not self.ood.looks_turned(features[:1], ratio)[0]:
+        if not self.ood.looks_turned(features[:1], ratio)[0] or (frame is not None and frame_upright(frame)):
             return self._whole_hand_warnings(frame, upright if probe is not None else None)
         if probe is not None:
             return [
