@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLE = ROOT.parent / "shared" / "data" / "rsna-bone-age-sample"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "memory.json"
 LIMIT_PIXELS = 39_900_000  # just under the reader's 40 Mpx limit
-# one of the largest sample radiographs (1230 x 1485): the smallest upscaling factor. Until 2026-12-07 it was
-# 11880 (same size; results/memory.json was measured on it), which the blocks[1] texture density now refuses
+# one of the largest sample radiographs (1230 x 1485): the smallest upscaling factor. It was 11880 (same size)
+# until the blocks[1] texture density began to refuse it; results/memory.json was re-measured on 9224
 BIG_ID = "9224"
 
 PREDICT_SNIPPET = """
