@@ -26,6 +26,7 @@ from boneage.models.export import export_model_file_onnx
 from boneage.ood.fit import fit_densities
 from boneage.ood.polarity import polarity_verdict
 from boneage.predict import Predictor, load_predictor, oriented_pixels
+from boneage.predict.torch_engine import TorchEngine
 from boneage.release.runs import holdout_tables, run_config_for, run_split
 from boneage.train.runs import git_commit
 
@@ -85,6 +86,7 @@ def make_bundle(
     cfg = run_config_for(checkpoint)
     source = ModelFile.read(checkpoint)
     torch_side = load_predictor(checkpoint, engine="torch", tta=False, device="cpu")  # holds the network
+    assert isinstance(torch_side.engine, TorchEngine)
     predictor = load_predictor(checkpoint)  # measured on the engine clinicians run
     plain = load_predictor(checkpoint, tta=False)
     cache = cache_dir or cfg.data.cache_dir
@@ -114,7 +116,7 @@ def make_bundle(
         (dm.val_set.array(), dm.val_set.male.numpy() > 0.5),
         recipe,
         # the stage both engines' graphs tap: today's choice for a checkpoint, a bundle's own for a bundle
-        torch_side.engine.model.texture_stage,  # type: ignore[attr-defined]
+        torch_side.engine.model.texture_stage,
     )
     for p in (predictor, plain, torch_side):
         p.ood = density
@@ -174,12 +176,12 @@ def _native_refusals(
     scored as assessed)."""
     density = plain.ood
     assert density is not None
-    pooled, tex, polarity, doubted = [], [], [], []
+    pooled, tex, polarity, doubted = [], [], [], []  # a missing score (None) becomes NaN in the arrays below
     for path in native["path"]:
         screen = plain.polarity_check(oriented_pixels(read_radiograph(path)))
-        pooled.append(np.nan if screen.pooled is None else screen.pooled)
-        tex.append(np.nan if screen.texture is None else screen.texture)
-        polarity.append(np.nan if screen.polarity is None else screen.polarity)
+        pooled.append(screen.pooled)
+        tex.append(screen.texture)
+        polarity.append(screen.polarity)
         doubted.append(polarity_verdict(screen.polarity) == "in doubt")
     pooled_scores = np.asarray(pooled, dtype=float)
     flagged = density.refuses(pooled_scores)
