@@ -83,25 +83,40 @@ def test_a_film_border_is_no_piece_of_the_hand() -> None:
     assert cut_reasons(ringed, 0.1) == []
 
 
-def test_only_a_forearm_leaving_by_the_bottom_edge_makes_a_frame_upright() -> None:
-    """The veto on a turned-hand warning: the hand's object leaves by the bottom edge alone. Turned any way
-    it does not; a bright band across the bottom joined to the forearm is trimmed, not read as the exit; a
-    hand that also meets a side edge, or a flat frame, is not vouched for."""
-    whole = np.zeros((300, 240), np.float32)
-    whole[60:300, 70:170] = 0.8
-    assert frame_upright(whole)
-    assert edge_contacts(whole) == pytest.approx(
-        {"top": 0, "bottom": 100 / 240, "left": 0, "right": 0}, abs=0.01
+def _drawn_hand() -> np.ndarray:
+    """A bright hand on a dark frame: forearm leaving by the bottom edge, palm, four fingers apart."""
+    hand = np.zeros((300, 240), np.float32)
+    hand[200:300, 90:150] = 0.8  # forearm
+    hand[110:200, 60:180] = 0.8  # palm
+    for left in (62, 92, 122, 152):
+        hand[30:110, left : left + 14] = 0.8  # fingers
+    return hand
+
+
+def test_only_a_hand_leaving_by_the_bottom_edge_makes_a_frame_upright() -> None:
+    """The veto on a turned-hand warning: a hand-shaped object leaves by the bottom edge alone. Turned any
+    way it does not; a bright band across the bottom joined to the forearm is trimmed, not read as the exit;
+    a hand that also meets a side edge, a convex film panel meeting the bottom edge, or a flat frame is not
+    vouched for."""
+    hand = _drawn_hand()
+    contacts = edge_contacts(hand)
+    assert contacts is not None and contacts["solidity"] < 0.8
+    assert {k: contacts[k] for k in ("top", "bottom", "left", "right")} == pytest.approx(
+        {"top": 0, "bottom": 60 / 240, "left": 0, "right": 0}, abs=0.01
     )
-    for turned in (np.rot90(whole, 1), np.rot90(whole, 3), np.rot90(whole, 2), whole[::-1]):
+    assert frame_upright(hand)
+    for turned in (np.rot90(hand, 1), np.rot90(hand, 3), np.rot90(hand, 2), hand[::-1]):
         assert not frame_upright(np.ascontiguousarray(turned))
-    banded = whole.copy()
-    banded[280:] = 1.0
+    banded = hand.copy()
+    banded[285:] = 1.0
     assert frame_measures(banded)[0] == 0.0 and frame_upright(banded)
-    assert edge_contacts(banded)["bottom"] == pytest.approx(100 / 240, abs=0.02)
-    touching = whole.copy()
-    touching[100:200, 0:70] = 0.8
+    assert edge_contacts(banded)["bottom"] == pytest.approx(60 / 240, abs=0.02)
+    touching = hand.copy()
+    touching[130:190, 0:60] = 0.8  # the hand meets the left edge over 20% of it
     assert not frame_upright(touching)
+    panel = np.zeros((300, 240), np.float32)
+    panel[80:300, 50:190] = 0.8
+    assert edge_contacts(panel)["solidity"] > 0.95 and not frame_upright(panel)
     assert not frame_upright(np.zeros((50, 50), np.float32))
 
 
