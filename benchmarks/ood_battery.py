@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-bone-age-sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "rsna-bone-age-sample"
 
 
 def _u8(x: np.ndarray) -> np.ndarray:
@@ -128,7 +130,7 @@ ALTERATIONS = ("inverted", "monochrome1-unconverted", "wrist-crop", "shuffled-12
 
 def altered_hands(ids: list[str], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Each hand altered every way of ``ALTERATIONS`` (issue #43 item 5); the MONOCHROME1 case holds the
-    hand's own pixels, written by ``write_monochrome1`` to a file that says they are inverted."""
+    hand's own pixels, written by the tests' ``write_dicom`` to a file that says they are inverted."""
     out = {}
     for image_id in ids:
         img = _read_hand(image_id)
@@ -138,34 +140,6 @@ def altered_hands(ids: list[str], rng: np.random.Generator) -> dict[str, np.ndar
         out[f"altered-{image_id}-shuffled-128px"] = block_shuffle(img, rng)
         out[f"altered-{image_id}-transposed"] = np.ascontiguousarray(img.T)
     return out
-
-
-def write_monochrome1(path: Path, pixels: np.ndarray) -> Path:
-    """A DICOM file, written with pydicom as a modality would, whose header says MONOCHROME1 (0 = white)
-    while its pixels are stored bone-bright: a reader that honours the header shows a negative."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.PatientID = "OOD-BATTERY"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 def _kind(name: str) -> str:
@@ -229,6 +203,9 @@ def main() -> None:
     from boneage.errors import BoneAgeInputError
     from boneage.predict import load_predictor
 
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' DICOM writer, so both send the reader the same files
+    from conftest import write_dicom
+
     # the engine `boneage predict` and the web app use by default
     predictor = load_predictor(args.checkpoint)
     assert predictor.ood is not None, "this bundle has no OOD density"
@@ -244,7 +221,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, img in battery.items():
             if name.endswith("monochrome1-unconverted"):
-                path = write_monochrome1(Path(tmp) / f"{name}.dcm", img)
+                # the header says 0 = white while the pixels are stored bone-bright: a negative to the model
+                path = write_dicom(Path(tmp) / f"{name}.dcm", img, photometric="MONOCHROME1", PatientID="OOD")
             else:
                 path = Path(tmp) / f"{name}.png"
                 Image.fromarray(img).save(path)

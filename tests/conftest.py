@@ -138,42 +138,33 @@ def write_dicom(
     *,
     photometric: str = "MONOCHROME2",
     preamble: bool = True,
+    sop_class: str | None = None,
     **header: object,
 ) -> Path:
     """Write a DICOM file with pydicom's own writer, as a modality would (8/16-bit, RGB, multi-frame,
-    with or without the preamble); ``header`` sets any DICOM keyword, e.g. ``PatientSex="F"``."""
+    with or without the preamble); ``header`` sets any DICOM keyword, e.g. ``PatientSex="F"``.
+    Shared by the tests and ``benchmarks/ood_battery.py`` so that both send the reader the same files."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class or SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
     ds.PatientID = "TEST"
     for key, value in header.items():
         setattr(ds, key, value)
     if pixels is not None:
-        frames = pixels.shape[0] if pixels.ndim == 3 and photometric != "RGB" else 1
-        rows, cols = pixels.shape[-2:] if photometric != "RGB" else pixels.shape[:2]
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 3 if photometric == "RGB" else 1
-        ds.PhotometricInterpretation = photometric
-        bits = pixels.dtype.itemsize * 8
-        ds.BitsAllocated = bits
-        ds.BitsStored = bits if bits == 8 or photometric == "RGB" else 12
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 0
-        if photometric == "RGB":
-            ds.PlanarConfiguration = 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        # pydicom fills Rows, Columns, frames, samples and bit depths from the array; 16-bit grey is
+        # stored as 12 bits, as most CR detectors do (so a value above 4095 is refused here, not written)
+        bits = 8 if pixels.dtype.itemsize == 1 else 12
+        ds.set_pixel_data(np.ascontiguousarray(pixels), photometric, bits, generate_instance_uid=False)
     if preamble:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
     else:

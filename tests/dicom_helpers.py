@@ -63,11 +63,7 @@ def radiograph_dicom(path: Path, pixels: np.ndarray, **header: Any) -> Path:
         "BodyPartExamined": "HAND",
     }
     fields.update(header)
-    write_dicom(path, pixels, **fields)
-    ds = pydicom.dcmread(path)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CR
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, pixels, sop_class=CR, **fields)
 
 
 class Orthanc:
