@@ -21,6 +21,7 @@ from boneage.ood.frame import (
     cut_reasons,
     edge_contacts,
     frame_measures,
+    frame_sideways,
     frame_upright,
 )
 from boneage.ood.polarity import (
@@ -118,6 +119,25 @@ def test_only_a_hand_leaving_by_the_bottom_edge_makes_a_frame_upright() -> None:
     panel[80:300, 50:190] = 0.8
     assert edge_contacts(panel)["solidity"] > 0.95 and not frame_upright(panel)
     assert not frame_upright(np.zeros((50, 50), np.float32))
+
+
+def test_a_hand_leaving_by_a_side_edge_alone_shows_a_quarter_turn() -> None:
+    """The confirmation of a doubted turn: a hand-shaped object leaves by the right edge alone (turned 90
+    degrees, as np.rot90 turns) or the left (270). Upright, upside down or turned 180 degrees it does not; a
+    convex film panel, a hand also meeting the top edge, or a flat frame shows no turn."""
+    hand = _drawn_hand()
+    assert frame_sideways(np.ascontiguousarray(np.rot90(hand, 1))) == "turned 90 degrees"
+    assert frame_sideways(np.ascontiguousarray(np.rot90(hand, 3))) == "turned 270 degrees"
+    for same in (hand, np.rot90(hand, 2), hand[::-1]):
+        assert frame_sideways(np.ascontiguousarray(same)) is None
+    touching = np.rot90(hand, 1).copy()
+    touching[0:40, 100:140] = 0.8  # joined to the palm, meeting the top edge too
+    touching[40:80, 110:130] = 0.8
+    assert edge_contacts(touching)["top"] >= 0.1 and frame_sideways(touching) is None
+    panel = np.zeros((240, 300), np.float32)
+    panel[50:190, 80:300] = 0.8
+    assert edge_contacts(panel)["solidity"] > 0.95 and frame_sideways(panel) is None
+    assert frame_sideways(np.zeros((50, 50), np.float32)) is None
 
 
 def test_a_caution_withholds_the_flag_but_keeps_the_sd_score_and_leads_the_warnings() -> None:
@@ -231,6 +251,25 @@ def test_an_upright_hand_taken_for_turned_is_not_warned_but_its_turns_are(
             assert "\n" not in str(exc)
             continue
         assert any("rotated or upside down" in c for c in pred.cautions), (name, pred.warnings)
+
+
+@pytest.mark.integration
+def test_a_quarter_turned_hand_the_density_does_not_confirm_is_warned_from_its_frame(
+    plain_model, shared_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held-out 11838 turned by 90 degrees: the probe doubts it (upright 0.03) but the density scores it
+    better as given than turned back, so v0.12.0 gave a bone age with no caution. Its forearm leaves by the
+    right edge, which confirms the turn; without that confirmation it passes. Upright, it is not warned."""
+    img = np.asarray(Image.open(shared_sample / "images" / "11838.png").convert("L"))
+    turned = _save(tmp_path, "11838-rot90", np.ascontiguousarray(np.rot90(img)))
+    pred = plain_model.predict(turned, "female")
+    side = "the hand looks rotated or upside down (the forearm leaves by a side edge: most likely turned 90"
+    assert pred.cautions and pred.cautions[0].startswith(side), pred.warnings
+    assert "\n" not in pred.cautions[0]
+    assert plain_model.predict(_save(tmp_path, "11838", img), "female").cautions == []
+    with monkeypatch.context() as m:
+        m.setattr("boneage.predict.predictor.frame_sideways", lambda frame: None)
+        assert plain_model.predict(turned, "female").cautions == []
 
 
 @pytest.mark.integration

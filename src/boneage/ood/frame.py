@@ -62,6 +62,18 @@ by 90, 180 and 270 degrees and upside down (7,076 turned copies):
   that pass: 5 of 7,076, all copies of three training files that are themselves turned (two upside down,
   one by 90 degrees), so these copies are upright. An exit of 0.10 adds one turned copy; 0.20 passes fewer
   upright copies (84.8% on contacts alone).
+
+The mirror image confirms a turn (``frame_sideways``): the probe can doubt a hand turned by a quarter
+(upright probability 0.005-0.09) while the density scores it better as given than turned back, and v0.12.0
+then gave a bone age with no caution (held-out 11838, 12329 turned by 90 degrees, 13189 by 270). A
+hand-shaped object leaving by the left or right edge alone, with the veto's limits (``UPRIGHT_EXIT_MIN``,
+``UPRIGHT_OTHER_MAX``, ``UPRIGHT_SOLIDITY_MAX``) but no upper limit on the exit, confirms a doubt as the
+cut-frame rules take it (upright probability under ``WHOLE_HAND_UPRIGHT_LIMIT``). Measured 2026-12-07 on the
+299 px copies of 2,000 random training ids outside the held-out sample: a sideways frame in 1 of 2,000
+upright copies (1488, a hand tilted about 45 degrees, its forearm leaving by the right edge near the
+corner), in 3,498 of 4,000 quarter-turned copies (87.5%), always on the side that matches the turn; without
+an upper limit on the exit, one more turned copy and no upright one. Of the 1,001 held-out hands one
+upright frame is sideways (10338), and the probe does not doubt it (1.00).
 """
 
 from __future__ import annotations
@@ -82,6 +94,8 @@ UPRIGHT_OTHER_MAX = 0.1
 UPRIGHT_SOLIDITY_MAX = 0.9
 EDGE_BAND = 0.9
 _TOP_ROWS = 3  # the rows (or columns) read as one edge
+#: The forearm's exit edge → the turn (``boneage.ood.density.ORIENTATIONS``) that puts it there.
+SIDE_EXITS = {"right": "turned 90 degrees", "left": "turned 270 degrees"}
 
 
 def _longest_run(flags: np.ndarray) -> int:
@@ -168,6 +182,20 @@ def frame_upright(pixels: np.ndarray) -> bool:
     others = max(contacts["top"], contacts["left"], contacts["right"])
     exits = UPRIGHT_EXIT_MIN <= contacts["bottom"] < TOP_CONTACT_MAX and others < UPRIGHT_OTHER_MAX
     return exits and contacts["solidity"] < UPRIGHT_SOLIDITY_MAX
+
+
+def frame_sideways(pixels: np.ndarray) -> str | None:
+    """The turn a frame shows when a hand-shaped object leaves by the left or right edge alone, as the
+    forearm of a hand turned by a quarter does ("turned 90 degrees" for the right edge, as ``np.rot90``
+    turns), else None. Confirms the probe's doubt where the density does not (module docstring)."""
+    contacts = edge_contacts(pixels)
+    if contacts is None or contacts["solidity"] >= UPRIGHT_SOLIDITY_MAX:
+        return None
+    for edge, turn in SIDE_EXITS.items():
+        others = max(v for k, v in contacts.items() if k not in (edge, "solidity"))
+        if contacts[edge] >= UPRIGHT_EXIT_MIN and others < UPRIGHT_OTHER_MAX:  # a whole edge too
+            return turn
+    return None
 
 
 def cut_reasons(pixels: np.ndarray, upright: float | None) -> list[str]:

@@ -22,7 +22,7 @@ from boneage.data.preprocess import Preprocess, training_copy
 from boneage.errors import BoneAgeInputError
 from boneage.modelfile import ModelFacts
 from boneage.ood import FeatureDensity, image_checks, rotation_ratios, turned
-from boneage.ood.frame import cut_reasons, frame_upright
+from boneage.ood.frame import WHOLE_HAND_UPRIGHT_LIMIT, cut_reasons, frame_sideways, frame_upright
 from boneage.ood.polarity import (
     POLARITY_CORRECT_LOG_RATIO,
     POLARITY_CORRECTED_NOTE,
@@ -327,12 +327,22 @@ class Predictor:
         older ones compare the density score with that of the image turned each way. A doubt no turn
         explains is confirmed from the ``frame`` (the radiograph as a training copy) instead: a hand cut off
         above the wrist or cut into pieces (``boneage.ood.frame``). A turn is not warned when the frame
-        shows the forearm leaving by the bottom edge (``frame_upright``): then only the frame rules speak."""
+        shows the forearm leaving by the bottom edge (``frame_upright``): then only the frame rules speak.
+        A frame showing it leave by a side edge (``frame_sideways``) confirms a doubt instead of the density
+        (a doubt as the cut-frame rules take it, ``WHOLE_HAND_UPRIGHT_LIMIT``): a hand turned by a quarter
+        can still score better as given than turned back."""
         if self.ood is None or ood_score is None:
             return []
         probe = self.ood.orientation
         if probe is not None:
             upright = float(probe.upright_probability(features[:1])[0])
+            side = frame_sideways(frame) if frame is not None and upright < WHOLE_HAND_UPRIGHT_LIMIT else None
+            if side is not None:
+                return [
+                    "the hand looks rotated or upside down (the forearm leaves by a side edge: most likely "
+                    f"{side}; upright probability {upright:.2f}): check the orientation, the bone age may be "
+                    "wrong"
+                ]
             if upright >= probe.limit:  # the common case: no extra forward passes
                 return self._whole_hand_warnings(frame, upright)
         elif not np.isfinite(self.ood.rotation_ratio):
