@@ -173,29 +173,34 @@ def frame_measures(pixels: np.ndarray) -> tuple[float, float] | None:
     return _longest_run(largest[:_TOP_ROWS].any(0)) / largest.shape[1], share
 
 
+def _exit_edge(contacts: dict[str, float] | None) -> str | None:
+    """The one edge a hand-shaped object (not a film panel) leaves by, meeting over ``UPRIGHT_EXIT_MIN`` of
+    it and every other edge under ``UPRIGHT_OTHER_MAX``; None when there is no such edge. The upright veto
+    and the quarter-turn confirmation read the same exit, at the bottom or at a side."""
+    if contacts is None or contacts["solidity"] >= UPRIGHT_SOLIDITY_MAX:
+        return None
+    edges = {k: contacts[k] for k in ("top", "bottom", "left", "right")}
+    for edge, value in edges.items():
+        if value >= UPRIGHT_EXIT_MIN and max(v for k, v in edges.items() if k != edge) < UPRIGHT_OTHER_MAX:
+            return edge  # at most one: the others are under UPRIGHT_OTHER_MAX < UPRIGHT_EXIT_MIN
+    return None
+
+
 def frame_upright(pixels: np.ndarray) -> bool:
     """Does the frame show an upright hand: a hand-shaped object (not a film panel) leaving by the bottom
-    edge and meeting no other? Vetoes a turned-hand warning (module docstring)."""
+    edge and meeting no other? Vetoes a turned-hand warning (module docstring). An exit across the whole
+    bottom edge is a border band, not a forearm (``TOP_CONTACT_MAX``)."""
     contacts = edge_contacts(pixels)
-    if contacts is None:
-        return False
-    others = max(contacts["top"], contacts["left"], contacts["right"])
-    exits = UPRIGHT_EXIT_MIN <= contacts["bottom"] < TOP_CONTACT_MAX and others < UPRIGHT_OTHER_MAX
-    return exits and contacts["solidity"] < UPRIGHT_SOLIDITY_MAX
+    return _exit_edge(contacts) == "bottom" and contacts is not None and contacts["bottom"] < TOP_CONTACT_MAX
 
 
 def frame_sideways(pixels: np.ndarray) -> str | None:
     """The turn a frame shows when a hand-shaped object leaves by the left or right edge alone, as the
     forearm of a hand turned by a quarter does ("turned 90 degrees" for the right edge, as ``np.rot90``
-    turns), else None. Confirms the probe's doubt where the density does not (module docstring)."""
-    contacts = edge_contacts(pixels)
-    if contacts is None or contacts["solidity"] >= UPRIGHT_SOLIDITY_MAX:
-        return None
-    for edge, turn in SIDE_EXITS.items():
-        others = max(v for k, v in contacts.items() if k not in (edge, "solidity"))
-        if contacts[edge] >= UPRIGHT_EXIT_MIN and others < UPRIGHT_OTHER_MAX:  # a whole edge too
-            return turn
-    return None
+    turns), else None; a whole side edge counts too. Confirms the probe's doubt where the density does not
+    (module docstring)."""
+    edge = _exit_edge(edge_contacts(pixels))
+    return SIDE_EXITS.get(edge) if edge is not None else None
 
 
 def cut_reasons(pixels: np.ndarray, upright: float | None) -> list[str]:
